@@ -1,0 +1,1 @@
+"""What neuronserve knows about model families and tasks, and the artifact contract."""

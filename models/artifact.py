@@ -1,0 +1,206 @@
+"""The artifact: the contract between `compile/` (which writes it) and `serve/` (which loads it).
+
+An artifact is a directory::
+
+    manifest.json          this module's `Manifest`
+    tokenizer/             the tokenizer files, copied from the model
+    graphs/<file>.pt       compiled graphs (TorchScript); see `BucketEntry.file`
+
+Nothing here imports torch: the manifest is read by tools (deploy, metrics) that never run a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+Task = Literal["embed", "classify"]
+Target = Literal["cpu", "inf2", "trn1", "trn2"]
+Precision = Literal["fp32", "bf16"]
+TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2")
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, unreadable or does not fit the machine or the request."""
+
+
+class BucketSpecError(ValueError):
+    """A bucket list could not be parsed; the message names the bad item and the expected form."""
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """One compiled shape: `batch_size` rows of `seq_len` tokens. Ordered by (batch, seq)."""
+
+    batch_size: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.seq_len < 1:
+            raise BucketSpecError(f"bucket {self.batch_size}x{self.seq_len}: batch and sequence length must be >= 1")
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def __str__(self) -> str:
+        return f"{self.batch_size}x{self.seq_len}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Bucket":
+        """Parse ``"8x128"`` (batch x seq_len).
+
+        >>> Bucket.parse("8x128")
+        Bucket(batch_size=8, seq_len=128)
+        """
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+        if not m:
+            raise BucketSpecError(f"bad bucket {text!r}: expected BATCHxSEQ_LEN, e.g. 8x128")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+
+def parse_buckets(spec: str) -> list[Bucket]:
+    """Parse a comma-separated bucket list into sorted, de-duplicated buckets.
+
+    >>> [str(b) for b in parse_buckets("8x128, 1x32,8x32")]
+    ['1x32', '8x32', '8x128']
+    """
+    items = [s for s in spec.split(",") if s.strip()]
+    if not items:
+        raise BucketSpecError("empty bucket list: expected e.g. 1x32,8x32,8x128")
+    return sorted(set(Bucket.parse(s) for s in items))
+
+
+def parse_int_list(spec: str, what: str) -> list[int]:
+    """Parse ``"1,8,32"``; the error names `what`.
+
+    >>> parse_int_list("32, 8,1", "batch sizes")
+    [1, 8, 32]
+    """
+    try:
+        values = sorted(set(int(s) for s in spec.split(",") if s.strip()))
+    except ValueError:
+        raise BucketSpecError(f"bad {what} {spec!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if not values or values[0] < 1:
+        raise BucketSpecError(f"bad {what} {spec!r}: expected integers >= 1")
+    return values
+
+
+def bucket_grid(batch_sizes: list[int], seq_lens: list[int]) -> list[Bucket]:
+    """Every (batch, seq_len) pair.
+
+    >>> [str(b) for b in bucket_grid([1, 8], [32, 128])]
+    ['1x32', '1x128', '8x32', '8x128']
+    """
+    return sorted(Bucket(b, s) for b in batch_sizes for s in seq_lens)
+
+
+class Pooling(BaseModel):
+    """How token vectors become one vector, as the model's sentence-transformers config says."""
+
+    mode: Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken"] = "mean"
+    normalize: bool = True
+
+
+class ModelInfo(BaseModel):
+    source: str = Field(description="what the user passed: a path, or 'default'")
+    name: str = Field(description="the served model name (OpenAI `model` field)")
+    family: str = Field(description="model_type from config.json, e.g. bert, roberta, distilbert")
+    sha256: str = Field(description="content hash of config, weights and tokenizer files")
+    max_position_embeddings: int
+    max_seq_length: int = Field(description="the model's own truncation length (sentence-transformers max_seq_length)")
+    hidden_size: int
+    output_dim: int = Field(description="width of one output row: embedding size or number of labels")
+
+
+class Parity(BaseModel):
+    """A bucket's output against the eager fp32 reference on sample inputs."""
+
+    min_cosine: float
+    max_abs_err: float
+    samples: int
+    passed: bool
+
+
+class BucketEntry(BaseModel):
+    batch_size: int
+    seq_len: int
+    file: str = Field(description="graph file relative to the artifact dir; buckets may share a file on CPU")
+    sha256: str
+    compile_seconds: float
+    parity: Parity | None = None
+
+    @property
+    def bucket(self) -> Bucket:
+        return Bucket(self.batch_size, self.seq_len)
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    model: ModelInfo
+    task: Task
+    inputs: list[str] = Field(description="graph input names in call order")
+    pooling: Pooling | None = None
+    labels: dict[int, str] | None = Field(default=None, description="classify: index -> label")
+    tokenizer_dir: str = "tokenizer"
+    tokenizer_files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    pad_token_id: int = 0
+    target: Target
+    precision: Precision = "fp32"
+    compiler_args: list[str] = Field(default_factory=list)
+    versions: dict[str, str] = Field(default_factory=dict, description="library and SDK versions used")
+    buckets: list[BucketEntry]
+    cache_key: str = ""
+    created_at: str = ""
+
+    def bucket_list(self) -> list[Bucket]:
+        return sorted(e.bucket for e in self.buckets)
+
+    def entry(self, bucket: Bucket) -> BucketEntry:
+        for e in self.buckets:
+            if e.bucket == bucket:
+                return e
+        raise ArtifactError(f"bucket {bucket} is not in this artifact; it has {', '.join(map(str, self.bucket_list()))}")
+
+
+def load_manifest(artifact_dir: str | Path) -> Manifest:
+    path = Path(artifact_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"no {MANIFEST_NAME} in {artifact_dir}: not an artifact directory; create one with `neuronserve compile --out {artifact_dir}`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path} has schema_version {version}; this neuronserve reads {SCHEMA_VERSION}: recompile with `neuronserve compile`"
+        )
+    return Manifest.model_validate(data)
+
+
+def save_manifest(manifest: Manifest, artifact_dir: str | Path) -> Path:
+    path = Path(artifact_dir) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2))
+    tmp.replace(path)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

