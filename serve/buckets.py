@@ -1,0 +1,350 @@
+"""Bucket planning: which compiled shape serves which rows, and padding rows to that shape.
+
+Every compiled graph has a fixed ``(batch_size, seq_len)`` (a `Bucket`). A request's rows are
+token-id lists of varying length, so they are grouped by the smallest compiled ``seq_len`` that
+holds them, cut into runs, and each run is padded to the smallest compiled batch size that holds
+it. This module is pure (numpy only, no I/O) so it can be tested exhaustively.
+
+>>> bs = BucketSet([Bucket(1, 32), Bucket(8, 32), Bucket(8, 128)])
+>>> [(str(r.bucket), r.rows) for r in bs.plan([10, 100, 20])]
+[('1x32', (0,)), ('8x128', (1,)), ('1x32', (2,))]
+
+Two 1x32 runs pad 64 tokens where one 8x32 run would pad 256: padding decides, not the
+number of forward calls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from models.artifact import Bucket
+
+__all__ = [
+    "BucketSet",
+    "Run",
+    "TooLongError",
+    "count_tokens",
+    "pad_rows",
+    "split_rows",
+    "truncate",
+    "unpad",
+]
+
+
+class TooLongError(ValueError):
+    """An input is longer than the largest compiled sequence length.
+
+    >>> e = TooLongError(700, 512)
+    >>> str(e), e.length, e.limit
+    ('input has 700 tokens; largest compiled bucket is 512 tokens', 700, 512)
+    """
+
+    def __init__(self, length: int, limit: int) -> None:
+        self.length = length
+        self.limit = limit
+        super().__init__(f"input has {length} tokens; largest compiled bucket is {limit} tokens")
+
+    def __reduce__(self):  # keep the attributes when pickled (e.g. across Ray workers)
+        return (type(self), (self.length, self.limit))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One forward call: the rows (indices into the planned lengths) padded into `bucket`."""
+
+    bucket: Bucket
+    rows: tuple[int, ...]
+    real_tokens: int
+    padded_tokens: int
+
+    @property
+    def padding_ratio(self) -> float:
+        """Padded over real tokens (1.0 means no padding at all).
+
+        >>> Run(Bucket(2, 8), (0, 1), real_tokens=8, padded_tokens=16).padding_ratio
+        2.0
+        """
+        return self.padded_tokens / self.real_tokens if self.real_tokens else float("inf")
+
+
+def _check_length(length: int, what: str = "input") -> int:
+    n = int(length)
+    if n < 1:
+        raise ValueError(f"{what} has {n} tokens; every row needs at least 1 token")
+    return n
+
+
+class BucketSet:
+    """The compiled buckets of one artifact, and how rows are assigned to them.
+
+    The set need not be a full grid: each sequence length has its own batch sizes.
+
+    >>> bs = BucketSet([Bucket(8, 128), Bucket(1, 32), Bucket(8, 32), Bucket(32, 32)])
+    >>> bs.seq_lens, bs.max_seq_len, bs.batch_sizes(32)
+    ((32, 128), 128, (1, 8, 32))
+    >>> bs.seq_len_for(33), bs.bucket_for(3, 32), bs.bucket_for(50, 32)
+    (128, Bucket(batch_size=8, seq_len=32), Bucket(batch_size=32, seq_len=32))
+    """
+
+    def __init__(self, buckets: Iterable[Bucket]) -> None:
+        unique = set()
+        for b in buckets:
+            if not isinstance(b, Bucket):
+                raise TypeError(f"expected Bucket, got {type(b).__name__} {b!r}")
+            unique.add(b)
+        if not unique:
+            raise ValueError("no buckets: a BucketSet needs at least one compiled bucket, e.g. 1x32")
+        self.buckets: tuple[Bucket, ...] = tuple(sorted(unique))
+        by_seq: dict[int, list[int]] = {}
+        for b in self.buckets:
+            by_seq.setdefault(b.seq_len, []).append(b.batch_size)
+        self._batch_sizes: dict[int, tuple[int, ...]] = {s: tuple(sorted(v)) for s, v in by_seq.items()}
+        self.seq_lens: tuple[int, ...] = tuple(sorted(by_seq))
+        self.max_seq_len: int = self.seq_lens[-1]
+
+    def __repr__(self) -> str:
+        return f"BucketSet({', '.join(map(str, self.buckets))})"
+
+    def __iter__(self):
+        return iter(self.buckets)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __contains__(self, bucket: object) -> bool:
+        return isinstance(bucket, Bucket) and bucket.batch_size in self._batch_sizes.get(bucket.seq_len, ())
+
+    def batch_sizes(self, seq_len: int) -> tuple[int, ...]:
+        """Compiled batch sizes at exactly `seq_len`, ascending; ValueError if none is compiled."""
+        try:
+            return self._batch_sizes[seq_len]
+        except KeyError:
+            raise ValueError(
+                f"no bucket is compiled for seq_len {seq_len}; compiled seq_lens are "
+                f"{', '.join(map(str, self.seq_lens))}"
+            ) from None
+
+    def max_batch_size(self, seq_len: int) -> int:
+        return self.batch_sizes(seq_len)[-1]
+
+    def seq_len_for(self, length: int) -> int:
+        """The smallest compiled seq_len >= `length`; `TooLongError` if there is none."""
+        n = _check_length(length)
+        i = bisect.bisect_left(self.seq_lens, n)
+        if i == len(self.seq_lens):
+            raise TooLongError(n, self.max_seq_len)
+        return self.seq_lens[i]
+
+    def bucket_for(self, n_rows: int, seq_len: int) -> Bucket:
+        """At exactly `seq_len`: the smallest batch size >= `n_rows`, else the largest.
+
+        When even the largest is too small the caller must split the rows (`plan` does).
+        """
+        if n_rows < 1:
+            raise ValueError(f"n_rows is {n_rows}; a bucket holds at least 1 row")
+        sizes = self.batch_sizes(seq_len)
+        i = bisect.bisect_left(sizes, n_rows)
+        return Bucket(sizes[min(i, len(sizes) - 1)], seq_len)
+
+    def _allowed_sizes(self, seq_len: int, max_batch_tokens: int | None) -> tuple[int, ...]:
+        """Batch sizes at `seq_len` whose padded tokens fit the budget (always at least the smallest)."""
+        sizes = self.batch_sizes(seq_len)
+        if max_batch_tokens is None:
+            return sizes
+        k = bisect.bisect_right(sizes, max_batch_tokens // seq_len)
+        return sizes[: max(k, 1)]
+
+    def plan(self, lengths: Sequence[int], max_batch_tokens: int | None = None) -> list[Run]:
+        """Partition rows (given by their token counts) into runs, one forward call each.
+
+        1. Each row goes to the group of ``seq_len_for(length)``; a row longer than every
+           compiled seq_len raises `TooLongError` before anything is planned.
+        2. Allowed batch sizes at that seq_len are those whose bucket has ``padded_tokens <=
+           max_batch_tokens`` (all of them without a budget). If none fits the budget, only the
+           smallest batch size is allowed: a run still holds at least one row (and up to that
+           smallest batch size, which costs no more tokens than one row in the same bucket).
+        3. A group of ``n`` rows is cut with `split_rows` (see its rule), so padding is never
+           more than cutting runs of the largest allowed size and padding the last one to the
+           smallest fitting bucket.
+        4. Each run's bucket is ``bucket_for(len(rows), seq_len)``.
+
+        Rows keep arrival order: a group is cut into consecutive slices of its rows sorted by
+        index. Runs are returned ordered by their first row index (the oldest work first). The
+        result depends only on the arguments.
+
+        >>> bs = BucketSet([Bucket(1, 16), Bucket(8, 16), Bucket(32, 16)])
+        >>> [(str(r.bucket), r.rows) for r in bs.plan([5] * 9)]
+        [('8x16', (0, 1, 2, 3, 4, 5, 6, 7)), ('1x16', (8,))]
+        >>> [str(r.bucket) for r in bs.plan([5] * 40, max_batch_tokens=128)]
+        ['8x16', '8x16', '8x16', '8x16', '8x16']
+        """
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens is {max_batch_tokens}; it must be >= 1 (or None for no budget)")
+        lens = [_check_length(n, f"row {i}") for i, n in enumerate(lengths)]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lens):
+            groups.setdefault(self.seq_len_for(n), []).append(i)
+
+        runs: list[Run] = []
+        for seq_len, rows in groups.items():
+            start = 0
+            for count in split_rows(len(rows), self._allowed_sizes(seq_len, max_batch_tokens)):
+                chunk = tuple(rows[start : start + count])
+                start += count
+                bucket = self.bucket_for(count, seq_len)
+                runs.append(Run(bucket, chunk, sum(lens[i] for i in chunk), bucket.padded_tokens))
+        runs.sort(key=lambda r: r.rows[0])
+        return runs
+
+
+@functools.lru_cache(maxsize=256)
+def _first_run_table(sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """For each remainder ``r < max(sizes)``: how many rows the next run takes (``r`` = all)."""
+    top = sizes[-1]
+    cost = [0] * top  # padded slots the rule spends on r rows
+    take = [0] * top
+    for r in range(1, top):
+        i = bisect.bisect_left(sizes, r)
+        cost[r], take[r] = sizes[i], r  # one run padded to the smallest fitting size
+        if sizes[i] != r and i > 0:
+            below = sizes[i - 1]
+            split = below + cost[r - below]
+            if split < cost[r]:  # strictly: on a tie one forward call beats two
+                cost[r], take[r] = split, below
+    return tuple(take)
+
+
+def split_rows(n: int, sizes: Sequence[int]) -> list[int]:
+    """Row counts of consecutive runs for `n` rows, given the allowed batch sizes.
+
+    Each run is later padded to the smallest size that holds it.
+
+    The rule: while at least ``max(sizes)`` rows remain, take a full run of that size. For a
+    remainder ``r`` below it, let ``fit`` be the smallest size >= r and ``below`` the largest
+    size < r. Take a full run of ``below`` (then apply the rule to ``r - below``) if that spends
+    strictly fewer padded slots than one run padded to ``fit``; otherwise finish with one run of
+    all ``r`` rows.
+
+    Never worse than the naive cut (full runs of ``max(sizes)``, the remainder padded to ``fit``):
+    both take the same full runs, and by induction on ``r`` the rule spends at most ``fit`` slots on
+    the remainder, because it only departs from the single ``fit`` run when that costs less.
+
+    >>> split_rows(9, [1, 8, 32])
+    [8, 1]
+    >>> split_rows(20, [8, 32])  # runs of 8, 8 and 4 rows: 24 slots instead of 32
+    [8, 8, 4]
+    >>> split_rows(28, [8, 32])
+    [28]
+    >>> split_rows(70, [4, 32])
+    [32, 32, 4, 2]
+    >>> split_rows(0, [4])
+    []
+    """
+    if n < 0:
+        raise ValueError(f"cannot split {n} rows")
+    sizes = tuple(sorted(set(int(s) for s in sizes)))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"batch sizes {list(sizes)}: need at least one size >= 1")
+    top = sizes[-1]
+    full, r = divmod(n, top)
+    counts = [top] * full
+    take = _first_run_table(sizes)
+    while r:
+        counts.append(take[r])
+        r -= take[r]
+    return counts
+
+
+def _check_fits(lengths: Sequence[int], bucket: Bucket) -> None:
+    if len(lengths) > bucket.batch_size:
+        raise ValueError(
+            f"{len(lengths)} rows do not fit bucket {bucket} (batch size {bucket.batch_size}); "
+            f"split them into runs with BucketSet.plan"
+        )
+    for i, n in enumerate(lengths):
+        _check_length(n, f"row {i}")
+        if n > bucket.seq_len:
+            raise ValueError(
+                f"row {i} has {n} tokens; bucket {bucket} holds {bucket.seq_len} per row: "
+                f"choose the bucket with BucketSet.seq_len_for or truncate the row"
+            )
+
+
+def pad_rows(rows: Sequence[Sequence[int]], bucket: Bucket, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token-id rows to `bucket`: ``(input_ids, attention_mask)``, both int64 ``[B, S]``.
+
+    Real rows are right-padded with `pad_id` (mask 1 on real tokens, 0 on padding). Rows added
+    to fill the batch are all `pad_id` with a mask of 1 on the first token only: an all-zero mask
+    would make mean pooling divide by zero (NaN/inf in the graph's output, which some runtimes
+    trap on). Those rows are dropped by `unpad`, so their values never reach a caller.
+
+    >>> ids, mask = pad_rows([[101, 7, 102], [101, 102]], Bucket(3, 4), pad_id=0)
+    >>> ids.tolist()
+    [[101, 7, 102, 0], [101, 102, 0, 0], [0, 0, 0, 0]]
+    >>> mask.tolist()
+    [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    """
+    _check_fits([len(r) for r in rows], bucket)
+    shape = (bucket.batch_size, bucket.seq_len)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    for i, row in enumerate(rows):
+        n = len(row)
+        input_ids[i, :n] = np.asarray(row, dtype=np.int64)
+        attention_mask[i, :n] = 1
+    attention_mask[len(rows) :, 0] = 1
+    return input_ids, attention_mask
+
+
+def unpad(outputs: np.ndarray, n_rows: int) -> np.ndarray:
+    """Drop the batch-padding rows: the first `n_rows` rows of `outputs`.
+
+    >>> unpad(np.arange(8).reshape(4, 2), 3).tolist()
+    [[0, 1], [2, 3], [4, 5]]
+    """
+    if not 0 <= n_rows <= len(outputs):
+        raise ValueError(f"n_rows is {n_rows}; outputs have {len(outputs)} rows")
+    return outputs[:n_rows]
+
+
+def count_tokens(lengths: Sequence[int], bucket: Bucket) -> tuple[int, int]:
+    """``(real, padded)`` tokens when rows of `lengths` run in `bucket`.
+
+    >>> count_tokens([3, 2], Bucket(4, 8))
+    (5, 32)
+    """
+    _check_fits(lengths, bucket)
+    return sum(int(n) for n in lengths), bucket.padded_tokens
+
+
+def truncate(ids: list[int], max_len: int, keep_last: int | None = None) -> list[int]:
+    """Cut `ids` to at most `max_len` tokens, keeping the last `keep_last` tokens.
+
+    `keep_last` is a count: the special tokens a tokenizer appends (1 for BERT's ``[SEP]`` or
+    RoBERTa's ``</s>``). Like Hugging Face tokenizers with special tokens, the content is cut
+    and the trailing specials survive; the leading ones (``[CLS]``) survive because the cut is
+    from the right.
+
+    >>> truncate([101, 7, 8, 9, 102], 4, keep_last=1)
+    [101, 7, 8, 102]
+    >>> truncate([101, 7, 8, 9, 102], 4)
+    [101, 7, 8, 9]
+    >>> truncate([101, 7, 102], 4, keep_last=1)
+    [101, 7, 102]
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len is {max_len}; it must be >= 1")
+    keep = keep_last or 0
+    if not 0 <= keep <= max_len:
+        raise ValueError(f"keep_last is {keep_last}; it must be between 0 and max_len ({max_len})")
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids
+    if keep == 0:
+        return ids[:max_len]
+    return ids[: max_len - keep] + ids[-keep:]
