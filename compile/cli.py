@@ -1,0 +1,74 @@
+"""`neuronserve compile`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compile",
+        help="trace a model into one graph per (batch, seq_len) bucket, validate it, write an artifact",
+        description=(
+            "Trace a Hugging Face encoder for a target into one graph per bucket, check every bucket against "
+            "the eager fp32 model, and write an artifact directory (manifest.json, tokenizer/, graphs/). "
+            "An unchanged compile is a cache hit and returns at once."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--task", default="embed", choices=["embed", "classify"])
+    p.add_argument("--target", default="cpu", choices=["cpu", "inf2", "trn1", "trn2"])
+    p.add_argument("--buckets", help="BATCHxSEQ list, e.g. 1x32,8x32,8x128 (default: a grid sized for the target)")
+    p.add_argument("--batch-sizes", help="grid form: batch sizes, e.g. 1,8,32 (with --seq-lens)")
+    p.add_argument("--seq-lens", help="grid form: sequence lengths, e.g. 32,128,256 (with --batch-sizes)")
+    p.add_argument("--out", type=Path, help="artifact directory (default: the cache, ~/.cache/neuronserve)")
+    p.add_argument("--auto-cast", default="none", choices=["none", "bf16"],
+                   help="bf16: Neuron --auto-cast matmult --auto-cast-type bf16; CPU bf16 autocast. Parity is measured.")
+    p.add_argument("--optlevel", type=int, default=2, choices=[1, 2, 3], help="neuronx-cc --optlevel (1 compiles fastest)")
+    p.add_argument("--compiler-arg", action="append", default=[], dest="extra_compiler_args", metavar="FLAG",
+                   help="extra neuronx-cc flag (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompile even when the cache holds this compile")
+    p.set_defaults(func=run)
+
+
+def buckets_from_args(args):
+    from models.artifact import bucket_grid, parse_buckets, parse_int_list
+
+    if args.buckets and (args.batch_sizes or args.seq_lens):
+        raise ValueError("give either --buckets or --batch-sizes/--seq-lens, not both")
+    if args.buckets:
+        return parse_buckets(args.buckets)
+    if args.batch_sizes or args.seq_lens:
+        if not (args.batch_sizes and args.seq_lens):
+            raise ValueError("--batch-sizes and --seq-lens go together (their grid is the bucket list)")
+        return bucket_grid(parse_int_list(args.batch_sizes, "batch sizes"), parse_int_list(args.seq_lens, "sequence lengths"))
+    return None
+
+
+def run(args) -> int:
+    from serve.console import err, fail
+
+    try:
+        buckets = buckets_from_args(args)
+    except ValueError as e:
+        return fail(str(e), code=2)
+    from compile.compiler import CompileError, CompileOptions, compile_artifact
+    from models.families import UnsupportedModelError
+    from models.loading import ModelError
+
+    opts = CompileOptions(
+        model=args.model, task=args.task, target=args.target, buckets=buckets, out=args.out,
+        auto_cast=args.auto_cast, optlevel=args.optlevel, force=args.force,
+        extra_compiler_args=args.extra_compiler_args,
+    )
+    try:
+        result = compile_artifact(opts, log=err)
+    except (CompileError, ModelError, UnsupportedModelError) as e:
+        return fail(str(e))
+    status = "cache hit" if result.cache_hit else "compiled"
+    print(result.out_dir)
+    err(f"{status}: {result.out_dir} ({len(result.manifest.buckets)} buckets, {result.seconds:.1f}s)")
+    return 0
+

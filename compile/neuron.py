@@ -1,0 +1,249 @@
+"""The Neuron side of compiling: neuronx-cc flags, the `torch_neuronx.trace` call, SDK versions.
+
+`torch_neuronx` is imported only inside functions, through `import_torch_neuronx()`, so this module
+imports on any machine; the serving backend uses the same guarded import. Every call here follows
+the torch-neuronx API reference for SDK 2.31 (see `shared/reference/NEURON.md`); tests run it
+against the stand-in in `tests/doubles/torch_neuronx`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from types import ModuleType
+
+    import torch
+
+NEURON_TARGETS: tuple[str, ...] = ("inf2", "trn1", "trn2")
+AUTO_CASTS: tuple[str, ...] = ("none", "bf16")
+OPTLEVELS: tuple[int, ...] = (1, 2, 3)
+
+# The device node of the first Neuron device; a module constant so tests can point it elsewhere.
+NEURON_DEVICE = Path("/dev/neuron0")
+
+SDK_RELEASE = "2.31"
+NEURON_INDEX_URL = "https://pip.repos.neuron.amazonaws.com"
+INSTALL_HINT = (
+    f"install the Neuron SDK {SDK_RELEASE} toolchain: "
+    f"pip install --extra-index-url {NEURON_INDEX_URL} 'neuronserve[neuron]'"
+)
+
+# Which Neuron SDK release a (torch-neuronx, neuronx-cc) pair belongs to, from the release notes'
+# component index. The pair, not torch-neuronx alone, names the release: the same torch-neuronx
+# 2.9.0.2.15.32035 is listed as the current PyTorch NeuronX in more than one release while the
+# compiler that writes the NEFF changes. A pair missing here is reported as release "unknown";
+# the exact package versions are recorded either way and are what a loader compares.
+SDK_RELEASES: dict[tuple[str, str], str] = {
+    ("2.9.0.2.15.32035", "2.26.6360.0"): "2.31",
+}
+
+# Keys of `sdk_versions()`; the ones a loader compares are the package versions and the double flag.
+KEY_TORCH_NEURONX = "torch_neuronx"
+KEY_NEURONX_CC = "neuronx_cc"
+KEY_SDK = "neuron_sdk"
+KEY_TEST_DOUBLE = "neuron_test_double"
+COMPARED_KEYS: tuple[str, ...] = (KEY_TORCH_NEURONX, KEY_NEURONX_CC, KEY_TEST_DOUBLE)
+
+
+class NeuronSDKMissing(RuntimeError):
+    """torch-neuronx is not importable here, or what is installed is PyPI's empty placeholder."""
+
+
+class NeuronCompileError(RuntimeError):
+    """`torch_neuronx.trace` (neuronx-cc) failed; the message names the shapes and the work dir."""
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def import_torch_neuronx() -> "ModuleType":
+    """Import `torch_neuronx` or raise `NeuronSDKMissing` with the install command.
+
+    PyPI's `torch-neuronx` (1.0) is an empty name placeholder: `pip install torch-neuronx` without
+    the Neuron repository "succeeds" and leaves either nothing importable or a module without
+    `trace`. Both are told apart from a plain absence so the fix is clear.
+    """
+    try:
+        import torch_neuronx
+    except ImportError as e:
+        installed = _dist_version("torch-neuronx")
+        if installed is not None and (e.name in (None, "torch_neuronx")):
+            raise NeuronSDKMissing(
+                f"torch-neuronx {installed} is installed but has no importable torch_neuronx module: "
+                f"it is PyPI's empty placeholder, not the AWS Neuron SDK; uninstall it and {INSTALL_HINT}"
+            ) from e
+        if e.name not in (None, "torch_neuronx"):
+            # torch_neuronx exists but one of its own dependencies does not (e.g. libneuronxla).
+            raise NeuronSDKMissing(
+                f"torch_neuronx is installed but cannot be imported ({e}); the Neuron toolchain is "
+                f"incomplete: {INSTALL_HINT}"
+            ) from e
+        raise NeuronSDKMissing(f"torch-neuronx is not installed; {INSTALL_HINT}") from e
+    if not callable(getattr(torch_neuronx, "trace", None)):
+        installed = _dist_version("torch-neuronx") or getattr(torch_neuronx, "__version__", "?")
+        raise NeuronSDKMissing(
+            f"the installed torch-neuronx {installed} has no `trace`: it is PyPI's empty placeholder, "
+            f"not the AWS Neuron SDK; uninstall it and {INSTALL_HINT}"
+        )
+    return torch_neuronx
+
+
+def neuron_device_present() -> bool:
+    """True when this host has a Neuron device (`/dev/neuron0`)."""
+    return NEURON_DEVICE.exists()
+
+
+def compiler_args(
+    target: str,
+    auto_cast: str = "none",
+    optlevel: int = 2,
+    extra: Sequence[str] = (),
+    *,
+    fast_loading: bool = False,
+) -> list[str]:
+    """neuronx-cc flags for one model, in a fixed order (they are part of the cache key).
+
+    >>> compiler_args("inf2", "bf16", 1)
+    ['--target', 'inf2', '--model-type', 'transformer', '--optlevel', '1', '--auto-cast', 'matmult', '--auto-cast-type', 'bf16']
+    >>> compiler_args("trn1")
+    ['--target', 'trn1', '--model-type', 'transformer', '--optlevel', '2', '--auto-cast', 'none']
+    """
+    if target not in NEURON_TARGETS:
+        hint = " (cpu artifacts are not compiled by neuronx-cc)" if target == "cpu" else ""
+        raise ValueError(f"unknown Neuron target {target!r}{hint}: expected one of {', '.join(NEURON_TARGETS)}")
+    if isinstance(optlevel, bool) or optlevel not in OPTLEVELS:
+        raise ValueError(f"optlevel {optlevel!r} is not supported by neuronx-cc: expected 1, 2 or 3 (1 compiles fastest)")
+    if auto_cast not in AUTO_CASTS:
+        raise ValueError(f"unknown auto_cast {auto_cast!r}: expected 'none' (fp32) or 'bf16' (matmuls in bf16)")
+    if isinstance(extra, str):
+        raise TypeError("extra compiler flags must be a list of strings, e.g. ['--verbose', 'info'], not one string")
+    args = ["--target", target, "--model-type", "transformer", "--optlevel", str(optlevel)]
+    if auto_cast == "bf16":
+        args += ["--auto-cast", "matmult", "--auto-cast-type", "bf16"]
+    else:
+        # Explicit although it is the default since SDK 2.27: the flags in the manifest then say
+        # what the graph computes, whatever a given compiler release defaults to.
+        args += ["--auto-cast", "none"]
+    # `--enable-fast-loading-neuron-binaries` stores the NEFF uncompressed so it loads faster. It is
+    # off unless asked for: it grows every bucket's file (an artifact holds one NEFF per bucket and
+    # every replica pulls all of them), its effect on load time could not be measured without
+    # hardware, and a replica loads its buckets once before it reports ready, so load time is not
+    # on the request path. Turning it on changes the flags and therefore the cache key.
+    if fast_loading:
+        args.append("--enable-fast-loading-neuron-binaries")
+    args += [str(a) for a in extra]
+    return args
+
+
+def trace_bucket(
+    module: "torch.nn.Module",
+    example_inputs: tuple["torch.Tensor", ...],
+    *,
+    compiler_args: list[str],
+    workdir: Path,
+) -> "torch.jit.ScriptModule":
+    """Compile `module` for the exact shapes of `example_inputs` (one bucket) with neuronx-cc.
+
+    Without a Neuron device the compile runs with `cpu_backend=True`, which needs `--target`; the
+    result still only runs on Neuron. Save the result with `torch.jit.save`.
+    """
+    tnx = import_torch_neuronx()
+    args = list(compiler_args)
+    cpu_backend = not neuron_device_present()
+    if cpu_backend and "--target" not in args and not any(a.startswith("--target=") for a in args):
+        raise ValueError(
+            f"no Neuron device ({NEURON_DEVICE} absent): compiling here needs a --target flag "
+            f"(one of {', '.join(NEURON_TARGETS)}); build the flags with compiler_args(target, ...)"
+        )
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    inputs = tuple(example_inputs)
+    try:
+        return tnx.trace(
+            module,
+            inputs,
+            compiler_workdir=str(workdir),
+            compiler_args=args,
+            cpu_backend=cpu_backend,
+        )
+    except Exception as e:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise NeuronCompileError(
+            f"neuronx-cc failed for input shapes {shapes} with flags {' '.join(args)}: {e}; "
+            f"the compiler's logs are in {workdir}"
+        ) from e
+
+
+def sdk_versions() -> dict[str, str]:
+    """The Neuron toolchain installed here, for the manifest and for the load-time check.
+
+    Versions come from the installed distributions (importlib.metadata). A `torch_neuronx` module
+    with no distribution behind it is either a source checkout (its `__version__` is used) or the
+    test stand-in, which says so with `NEURONSERVE_TEST_DOUBLE = True`; then the result carries
+    `neuron_test_double: "true"`, so an artifact built with the stand-in never loads on a real SDK.
+
+    Raises NeuronSDKMissing when torch-neuronx is not importable.
+    """
+    tnx = import_torch_neuronx()
+    torch_neuronx_version = _dist_version("torch-neuronx")
+    neuronx_cc_version = _dist_version("neuronx-cc")
+    test_double = False
+    if torch_neuronx_version is None:
+        test_double = bool(getattr(tnx, "NEURONSERVE_TEST_DOUBLE", False))
+        torch_neuronx_version = str(getattr(tnx, "__version__", "unknown"))
+        if neuronx_cc_version is None and test_double:
+            neuronx_cc_version = str(getattr(tnx, "NEURONX_CC_VERSION", "unknown"))
+    if neuronx_cc_version is None:
+        neuronx_cc_version = "not installed"
+    versions = {
+        KEY_TORCH_NEURONX: torch_neuronx_version,
+        KEY_NEURONX_CC: neuronx_cc_version,
+        KEY_SDK: SDK_RELEASES.get((torch_neuronx_version, neuronx_cc_version), "unknown"),
+    }
+    if test_double:
+        versions[KEY_TEST_DOUBLE] = "true"
+    return versions
+
+
+def describe_sdk(versions: Mapping[str, str]) -> str:
+    """One phrase naming a toolchain, e.g. 'Neuron SDK 2.31 (torch-neuronx 2.9.0.2.15.32035, neuronx-cc 2.26.6360.0)'.
+
+    >>> describe_sdk({"torch_neuronx": "1.2", "neuronx_cc": "3.4", "neuron_sdk": "unknown"})
+    'Neuron SDK unknown (torch-neuronx 1.2, neuronx-cc 3.4)'
+    """
+    text = (
+        f"Neuron SDK {versions.get(KEY_SDK, 'unknown')} "
+        f"(torch-neuronx {versions.get(KEY_TORCH_NEURONX, 'not recorded')}, "
+        f"neuronx-cc {versions.get(KEY_NEURONX_CC, 'not recorded')}"
+    )
+    if versions.get(KEY_TEST_DOUBLE) == "true":
+        text += ", test stand-in"
+    return text + ")"
+
+
+def sdk_mismatch(recorded: Mapping[str, str], installed: Mapping[str, str]) -> str | None:
+    """Why an artifact compiled with `recorded` cannot run on `installed`, or None if it can.
+
+    NEFFs are not portable across SDK releases, and a release cannot always be named from the
+    versions alone, so the exact package versions must match (and both sides must agree on
+    whether the test stand-in compiled it).
+
+    >>> same = {"torch_neuronx": "2.9.0.2.15.32035", "neuronx_cc": "2.26.6360.0", "neuron_sdk": "2.31"}
+    >>> sdk_mismatch(same, dict(same)) is None
+    True
+    >>> sdk_mismatch({}, same)
+    'the artifact records no Neuron SDK versions'
+    """
+    if not any(k in recorded for k in (KEY_TORCH_NEURONX, KEY_NEURONX_CC)):
+        return "the artifact records no Neuron SDK versions"
+    if any(recorded.get(k) != installed.get(k) for k in COMPARED_KEYS):
+        return f"the artifact was compiled with {describe_sdk(recorded)}; this machine has {describe_sdk(installed)}"
+    return None

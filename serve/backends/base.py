@@ -1,0 +1,71 @@
+"""The backend contract: run one compiled bucket on one device.
+
+A backend loads the graphs an artifact lists and runs them. It never compiles (that is
+`neuronserve compile`'s job) and knows nothing of HTTP, Ray or batching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from models.artifact import Bucket, Manifest
+
+
+class BackendError(Exception):
+    """The backend cannot load or run: wrong target, wrong SDK, missing device or file."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    kind: str  # "cpu" or "neuron"
+    manifest: Manifest
+
+    def forward(self, bucket: Bucket, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Run the graph compiled for `bucket`.
+
+        `inputs` are int64 tensors of shape exactly (bucket.batch_size, bucket.seq_len), in the
+        order of `manifest.inputs`. Returns float32 (bucket.batch_size, manifest.model.output_dim)
+        on CPU: pooled (not yet normalised) embeddings for `embed`, logits for `classify`.
+        A shape other than the bucket's raises BackendError.
+        """
+        ...
+
+    def warmup(self) -> dict[str, float]:
+        """Run every bucket once; returns seconds per bucket (keyed by str(bucket))."""
+        ...
+
+    def health(self) -> dict:
+        """Cheap status for readiness and metrics, e.g. {"ok": True, "device": "cpu", "cores": [..]}."""
+        ...
+
+
+def check_shape(bucket: Bucket, inputs: tuple[torch.Tensor, ...], n_inputs: int) -> None:
+    if len(inputs) != n_inputs:
+        raise BackendError(f"expected {n_inputs} input tensors, got {len(inputs)}")
+    for t in inputs:
+        if tuple(t.shape) != (bucket.batch_size, bucket.seq_len):
+            raise BackendError(
+                f"input shape {tuple(t.shape)} does not match bucket {bucket} "
+                f"({bucket.batch_size}, {bucket.seq_len}); pad to the bucket first"
+            )
+
+
+def load_backend(artifact_dir: str | Path, kind: str = "auto", **options) -> Backend:
+    """Load the backend an artifact's target calls for (`auto`), or the one named."""
+    from models.artifact import load_manifest
+
+    manifest = load_manifest(artifact_dir)
+    if kind == "auto":
+        kind = "cpu" if manifest.target == "cpu" else "neuron"
+    if kind == "cpu":
+        from serve.backends.cpu import CpuBackend
+
+        return CpuBackend(artifact_dir, manifest, **options)
+    if kind == "neuron":
+        from serve.backends.neuron import NeuronBackend
+
+        return NeuronBackend(artifact_dir, manifest, **options)
+    raise BackendError(f"unknown backend {kind!r}: expected cpu, neuron or auto")

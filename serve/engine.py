@@ -1,0 +1,148 @@
+"""Engine: texts in, vectors or labels out, through one backend. Synchronous; no Ray, no HTTP.
+
+The serving layer uses the pieces (tokenize, run_bucket, postprocess) so it can batch rows from
+many requests; offline tools use `embed` / `classify`, which plan their own batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.artifact import Bucket, Manifest, load_manifest
+from models.tasks import normalize_rows, softmax
+from serve.backends.base import Backend, load_backend
+from serve.buckets import BucketSet, Run, pad_rows, unpad
+
+
+class InputError(ValueError):
+    """A request's input cannot be served as given; the message names the value, limit and fix."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class InputTooLong(InputError):
+    def __init__(self, index: int, tokens: int, limit: int):
+        super().__init__(
+            f"input {index} has {tokens} tokens; the largest compiled bucket is {limit} tokens; "
+            "send shorter text or set truncate=true",
+            param="input",
+        )
+        self.index, self.tokens, self.limit = index, tokens, limit
+
+
+@dataclass
+class BatchStats:
+    bucket: Bucket
+    rows: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+
+
+class Engine:
+    def __init__(self, artifact_dir: str | Path, backend: str = "auto", *, backend_options: dict | None = None):
+        from tokenizers import Tokenizer
+
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest: Manifest = load_manifest(self.artifact_dir)
+        self.backend: Backend = load_backend(self.artifact_dir, backend, **(backend_options or {}))
+        self.buckets = BucketSet(self.manifest.bucket_list())
+        # Truncate as sentence-transformers does, at the model's max_seq_length, unless the largest
+        # compiled bucket is shorter.
+        self.max_len = min(self.buckets.max_seq_len, self.manifest.model.max_seq_length)
+        tok_file = self.artifact_dir / self.manifest.tokenizer_dir / "tokenizer.json"
+        self._tok = Tokenizer.from_file(str(tok_file))
+        self._tok.no_padding()
+        self._tok.enable_truncation(self.max_len)
+        self._tok_full = Tokenizer.from_file(str(tok_file))
+        self._tok_full.no_padding()
+        self._tok_full.no_truncation()
+        specials = self._tok_full.encode("").ids
+        self._prefix, self._suffix = specials[:1], specials[1:]
+        self.vocab_size = self._tok_full.get_vocab_size()
+        self.pad_id = self.manifest.pad_token_id
+        self.model_name = self.manifest.model.name
+        self.task = self.manifest.task
+        self.output_dim = self.manifest.model.output_dim
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        encodings = self._tok.encode_batch(texts)
+        if not truncate:
+            for i, enc in enumerate(encodings):
+                if enc.overflowing:
+                    raise InputTooLong(i, len(self._tok_full.encode(texts[i]).ids), self.max_len)
+        return [enc.ids for enc in encodings]
+
+    def rows_from_token_ids(self, ids_list: list[list[int]], truncate: bool = True) -> list[list[int]]:
+        """Token ids as the OpenAI API sends them (no special tokens): wrap them as the tokenizer would."""
+        room = self.max_len - len(self._prefix) - len(self._suffix)
+        rows = []
+        for i, ids in enumerate(ids_list):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise InputError(f"input {i}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "input")
+            if len(ids) > room:
+                if not truncate:
+                    raise InputTooLong(i, len(ids) + len(self._prefix) + len(self._suffix), self.max_len)
+                ids = ids[:room]
+            rows.append(self._prefix + list(ids) + self._suffix)
+        return rows
+
+    # -- execution ------------------------------------------------------------------------------
+    def run_bucket(self, bucket: Bucket, rows: list[list[int]]) -> np.ndarray:
+        """Pad `rows` (which fit `bucket`) to the bucket, run it, return (len(rows), output_dim)."""
+        ids, mask = pad_rows(rows, bucket, self.pad_id)
+        tensors = {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(mask),
+            "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
+        }
+        out = self.backend.forward(bucket, tuple(tensors[name] for name in self.manifest.inputs))
+        return unpad(out.numpy(), len(rows))
+
+    def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:
+        return self.buckets.plan([len(r) for r in rows], max_batch_tokens)
+
+    def run_rows(self, rows: list[list[int]], max_batch_tokens: int | None = None, stats: list | None = None) -> np.ndarray:
+        import time
+
+        out = np.empty((len(rows), self.output_dim), dtype=np.float32)
+        for run in self.plan(rows, max_batch_tokens):
+            t0 = time.perf_counter()
+            out[list(run.rows)] = self.run_bucket(run.bucket, [rows[i] for i in run.rows])
+            if stats is not None:
+                stats.append(BatchStats(run.bucket, len(run.rows), run.real_tokens, run.padded_tokens, time.perf_counter() - t0))
+        return out
+
+    # -- outputs --------------------------------------------------------------------------------
+    def postprocess_embeddings(self, raw: np.ndarray, dimensions: int | None = None) -> np.ndarray:
+        if dimensions is not None:
+            if not 1 <= dimensions <= raw.shape[1]:
+                raise InputError(f"dimensions must be between 1 and {raw.shape[1]}, got {dimensions}", "dimensions")
+            raw = raw[:, :dimensions]
+        pooling = self.manifest.pooling
+        return normalize_rows(raw) if pooling is None or pooling.normalize else raw
+
+    def postprocess_labels(self, raw: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per row, every (label, probability), best first."""
+        probs = softmax(raw.astype(np.float64))
+        labels = self.manifest.labels or {}
+        result = []
+        for row in probs:
+            order = np.argsort(-row)
+            result.append([(labels.get(int(j), f"LABEL_{int(j)}"), float(row[j])) for j in order])
+        return result
+
+    # -- convenience ----------------------------------------------------------------------------
+    def embed(self, texts: list[str], truncate: bool = True, dimensions: int | None = None) -> np.ndarray:
+        return self.postprocess_embeddings(self.run_rows(self.tokenize(texts, truncate)), dimensions)
+
+    def classify(self, texts: list[str], truncate: bool = True) -> list[tuple[str, float]]:
+        return [ranked[0] for ranked in self.postprocess_labels(self.run_rows(self.tokenize(texts, truncate)))]
