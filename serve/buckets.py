@@ -151,7 +151,7 @@ class BucketSet:
         i = bisect.bisect_left(sizes, n_rows)
         return Bucket(sizes[min(i, len(sizes) - 1)], seq_len)
 
-    def _allowed_sizes(self, seq_len: int, max_batch_tokens: int | None) -> tuple[int, ...]:
+    def allowed_sizes(self, seq_len: int, max_batch_tokens: int | None) -> tuple[int, ...]:
         """Batch sizes at `seq_len` whose padded tokens fit the budget (always at least the smallest)."""
         sizes = self.batch_sizes(seq_len)
         if max_batch_tokens is None:
@@ -193,7 +193,7 @@ class BucketSet:
         runs: list[Run] = []
         for seq_len, rows in groups.items():
             start = 0
-            for count in split_rows(len(rows), self._allowed_sizes(seq_len, max_batch_tokens)):
+            for count in split_rows(len(rows), self.allowed_sizes(seq_len, max_batch_tokens)):
                 chunk = tuple(rows[start : start + count])
                 start += count
                 bucket = self.bucket_for(count, seq_len)

@@ -1,0 +1,64 @@
+"""Errors that carry their HTTP status. One handler per route family maps them to a body."""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ServeError):
+    status, type = 400, "invalid_request_error"
+
+
+class NotFound(ServeError):
+    status, type = 404, "not_found_error"
+
+
+class PayloadTooLarge(ServeError):
+    status, type = 413, "invalid_request_error"
+
+
+class UnsupportedMediaType(ServeError):
+    status, type = 415, "invalid_request_error"
+
+
+class Overloaded(ServeError):
+    status, type = 429, "overloaded_error"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+class NotReady(ServeError):
+    status, type = 503, "unavailable_error"
+
+
+class RequestTimeout(ServeError):
+    status, type = 504, "timeout_error"
+
+
+class BackendFailure(ServeError):
+    """Never carries the underlying exception text to the client: it is logged instead."""
+
+    status, type = 500, "server_error"
+
+
+def openai_body(e: ServeError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
+
+
+def v2_body(e: ServeError) -> dict:
+    return {"error": e.message}
+
+
+def tei_body(e: ServeError) -> dict:
+    return {"error": e.message, "error_type": e.type}
