@@ -58,6 +58,10 @@ class NeuronServe:
         self.batcher = None
         self.metrics = None
         self.replica_started = time.time()
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (unit use)
+            self.replica_id = str(os.getpid())
         # Loading and warm-up run in the background so liveness answers at once and readiness
         # can say 503 until every bucket is warm; requests that arrive meanwhile wait for it.
         self._startup = asyncio.get_running_loop().create_task(self._start())
@@ -330,7 +334,7 @@ class NeuronServe:
     @api.get("/v2/health/ready")
     async def ready_route(self) -> Response:
         if self.ready.is_set():
-            return JSONResponse({"ready": True})
+            return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health()})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
 

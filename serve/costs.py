@@ -1,40 +1,19 @@
-"""Price resolution and the replica's metrics facade."""
+"""The replica's metrics facade, with the instance it runs on (for cost)."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 from serve.settings import AppArgs
 
-log = logging.getLogger("neuronserve.costs")
-
 
 def make_metrics(args: AppArgs, model_name: str, engine):
-    """The replica's metrics facade; None when the metrics module is unavailable."""
-    try:
-        from serve.metrics import ServeMetrics
-    except ImportError:
-        return None
-    cores = args.cores_per_replica if engine.backend.kind == "neuron" else (args.threads_per_replica or os.cpu_count() or 1)
-    price, per_instance = resolve_price(args)
-    return ServeMetrics(model_name, engine.backend.kind, cores, args.instance_type or "unknown", price, per_instance)
+    """ServeMetrics for this replica. Price and cores per instance come from `deploy.pricing`
+    (settings and NEURONSERVE_PRICES_JSON override it); without an instance type, cost is off."""
+    from deploy.pricing import detect_instance_type
+    from serve.metrics import ServeMetrics
 
-
-def resolve_price(args: AppArgs) -> tuple[float | None, int | None]:
-    """$/hour and cores per instance from settings, else from the price table; (None, None) if unknown."""
-    try:
-        from deploy.pricing import get_instance, price_per_hour
-    except ImportError:
-        return args.price_per_hour_usd, None
-    per_instance = None
-    price = args.price_per_hour_usd
-    if args.instance_type:
-        try:
-            inst = get_instance(args.instance_type)
-            per_instance = getattr(inst, "neuron_cores", None) or getattr(inst, "vcpus", None)
-            if price is None:
-                price = price_per_hour(args.instance_type)
-        except ValueError:
-            log.warning("instance type %s is not in the price table; set price_per_hour_usd", args.instance_type)
-    return price, per_instance
+    kind = engine.backend.kind
+    cores = args.cores_per_replica if kind == "neuron" else (args.threads_per_replica or os.cpu_count() or 1)
+    instance_type = args.instance_type or detect_instance_type()
+    return ServeMetrics(model_name, kind, cores, instance_type or "unknown", args.price_per_hour_usd, None)

@@ -131,10 +131,12 @@ def run(args) -> int:
     try:
         if metrics_dir:
             exporter = _start_exporter(metrics_dir, app_args.metrics_port, args.host)
-        if args.address:
-            ray.init(address=args.address, logging_level="WARNING")
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level="WARNING")
         else:
-            ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            # "local" always starts a fresh Ray for this server instead of joining a stray one.
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             started_ray = True
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
         app = build_app(app_args)
@@ -165,11 +167,10 @@ def run(args) -> int:
 
 
 def _start_exporter(metrics_dir: str, port: int, host: str):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    try:
-        from serve.exporter import start_exporter
-    except ImportError:
-        return None
+    from serve.exporter import start_exporter
+    from serve.metrics import ensure_multiproc_dir
+
+    ensure_multiproc_dir(metrics_dir, clean=True)
     return start_exporter(metrics_dir, port, host=host)
 
 

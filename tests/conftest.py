@@ -1,1 +1,27 @@
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `neuron` need a NeuronCore: skip them, saying why, where there is none."""
+    if pathlib.Path("/dev/neuron0").exists():
+        return
+    skip = pytest.mark.skip(reason="no NeuronCore (/dev/neuron0 absent)")
+    for item in items:
+        if item.get_closest_marker("neuron") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(tmp_path_factory):
+    """The default model compiled for CPU with a few buckets (about 10 s), shared by the session."""
+    from compile.compiler import CompileOptions, compile_artifact
+    from models.artifact import parse_buckets
+
+    out = tmp_path_factory.mktemp("minilm")
+    return compile_artifact(CompileOptions(model="default", buckets=parse_buckets("1x16,4x16,8x16,4x32,4x64,2x128,2x256"), out=out)).out_dir

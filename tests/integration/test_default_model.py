@@ -7,8 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-from compile.compiler import CompileOptions, compile_artifact
-from models.artifact import parse_buckets
 from serve.engine import Engine, InputTooLong
 
 WORDS = ("serving transformer encoders on inferentia means padding every batch to a compiled shape "
@@ -21,13 +19,6 @@ def text_of(n_words: int) -> str:
 
 # From one word to well past the model's 256-token max_seq_length (truncated by both sides).
 TEXTS = [text_of(n) for n in (1, 2, 5, 12, 30, 60, 120, 200, 400)] + ["", "Ünïcödé text, emoji 🚀 and punctuation!?"]
-
-
-@pytest.fixture(scope="session")
-def minilm_artifact(tmp_path_factory):
-    out = tmp_path_factory.mktemp("minilm")
-    result = compile_artifact(CompileOptions(model="default", buckets=parse_buckets("1x16,4x32,4x64,2x128,2x256"), out=out))
-    return result.out_dir
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +54,7 @@ def test_manifest_records_parity_versions_and_hashes(minilm_artifact):
     assert manifest["pooling"] == {"mode": "mean", "normalize": True}
     assert manifest["model"]["max_seq_length"] == 256
     assert {"torch", "transformers", "neuronserve"} <= set(manifest["versions"])
-    assert [f"{b['batch_size']}x{b['seq_len']}" for b in manifest["buckets"]] == ["1x16", "2x128", "2x256", "4x32", "4x64"]
+    assert [f"{b['batch_size']}x{b['seq_len']}" for b in manifest["buckets"]] == ["1x16", "2x128", "2x256", "4x16", "4x32", "4x64", "8x16"]
     for b in manifest["buckets"]:
         assert b["parity"]["passed"] and b["parity"]["min_cosine"] >= 0.9999
         assert len(b["sha256"]) == 64

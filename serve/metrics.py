@@ -1,0 +1,418 @@
+"""Every Prometheus metric neuronserve exports, declared once, and the facade replicas call.
+
+Two modes, chosen by the environment when prometheus_client is first imported:
+
+* multiprocess (`PROMETHEUS_MULTIPROC_DIR` set): each replica process writes its values to
+  memory-mapped files in that directory; the per-node exporter (`serve.exporter`) serves the sum.
+  Counters of processes that died stay in the files, so aggregated counters never go down when a
+  replica restarts. Gauges that describe live state use the `livesum` mode and are dropped by the
+  exporter once their process is gone (see `write_heartbeat` and `serve.exporter`).
+* in-process (variable unset): a private registry in this process, for offline tools and tests;
+  `exposition()` renders it.
+
+Names follow `neuronserve_<what>_<unit>`; counters end in `_total`, durations in `_seconds`.
+Ray Serve's own `ray_serve_*` metrics are not repeated here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import generate_latest
+
+log = logging.getLogger(__name__)
+
+PREFIX = "neuronserve"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+HEARTBEAT_PREFIX = "heartbeat_"
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+def _geometric_buckets(start: float, stop: float, factor: float) -> tuple[float, ...]:
+    """start, start*factor, ... up to the first value >= stop, rounded to 3 significant digits."""
+    out = []
+    v = start
+    while True:
+        out.append(float(f"{v:.3g}"))
+        if v >= stop:
+            break
+        v *= factor
+    return tuple(out)
+
+
+# x1.5 steps from 50 us to ~30 s: 34 buckets. Encoders answer in 1-50 ms, so the resolution sits
+# where the traffic is (each bucket is 50% wider than the last, a quantile error below 25%), while
+# a stuck request still lands below +Inf.
+LATENCY_BUCKETS: tuple[float, ...] = _geometric_buckets(50e-6, 30.0, 1.5)
+# Rows per batch: bucket batch sizes are usually powers of two; the half-steps show partial fills.
+BATCH_ROWS_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192,
+                                         256, 384, 512, 1024)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def multiproc_env(directory: str | os.PathLike) -> dict[str, str]:
+    """Environment for a process that must write into `directory` (Ray runtime_env env_vars).
+
+    Ray sets these before the worker process starts, so prometheus_client sees them at import.
+    """
+    return {MULTIPROC_ENV: str(Path(directory).resolve())}
+
+
+def ensure_multiproc_dir(path: str | os.PathLike, clean: bool) -> Path:
+    """Create the multiprocess directory; with `clean`, delete what earlier runs left there.
+
+    Clean only before any writer of this run started (files of a running writer are mapped into
+    it: deleting them loses its values). The KubeRay sidecar gets a fresh emptyDir per pod and
+    must not clean; `neuronserve serve` cleans once at start-up, before Ray starts replicas.
+    """
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is not a directory")
+    if clean:
+        for f in p.iterdir():
+            if f.is_file() and (f.suffix == ".db" or f.name.startswith(HEARTBEAT_PREFIX)):
+                f.unlink(missing_ok=True)
+    return p
+
+
+def _ensure_value_class() -> None:
+    # prometheus_client picks its value storage when first imported. If the variable was set
+    # later (e.g. by code that imported prometheus_client early), switch now, before any metric
+    # child exists, rather than silently keeping values in this process where nobody scrapes them.
+    if multiprocess_enabled() and not getattr(values.ValueClass, "_multiprocess", False):
+        log.warning("%s was set after prometheus_client was imported; switching to multiprocess "
+                    "values now. Set it in the process environment before start-up.", MULTIPROC_ENV)
+        values.ValueClass = values.MultiProcessValue()
+
+
+class Metrics:
+    """The declarations. One instance per process (`get_metrics()`), or per test registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry
+        p = PREFIX
+        self.requests = Counter(
+            f"{p}_requests_total", "Requests answered by a replica, by HTTP status.",
+            ["model", "route", "status"], registry=r)
+        self.request_duration = Histogram(
+            f"{p}_request_duration_seconds",
+            "End-to-end request time inside the replica: parse, tokenize, queue, infer, respond.",
+            ["model", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(
+            f"{p}_queue_wait_seconds", "Time a row waited in the batcher before its batch ran.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram(
+            f"{p}_inference_seconds", "Backend forward time of one batch, by compiled bucket.",
+            ["model", "bucket"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            f"{p}_batch_rows", "Real (non-padding) rows per batch.",
+            ["model", "bucket"], buckets=BATCH_ROWS_BUCKETS, registry=r)
+        self.tokens_real = Counter(
+            f"{p}_tokens_real_total", "Tokens of real input the device processed.",
+            ["model", "bucket"], registry=r)
+        self.tokens_padded = Counter(
+            f"{p}_tokens_padded_total",
+            "Tokens the device computed including padding (bucket batch x seq_len per batch).",
+            ["model", "bucket"], registry=r)
+        self.rows = Counter(f"{p}_rows_total", "Rows (inputs) processed.", ["model"], registry=r)
+        self.batches = Counter(f"{p}_batches_total", "Batches run.", ["model", "bucket"],
+                               registry=r)
+        self.inflight_rows = Gauge(
+            f"{p}_inflight_rows", "Rows in batches running on the device now.", ["model"],
+            multiprocess_mode="livesum", registry=r)
+        self.queued_rows = Gauge(
+            f"{p}_queued_rows", "Rows waiting in the batcher now.", ["model"],
+            multiprocess_mode="livesum", registry=r)
+        self.replica_info = Gauge(
+            f"{p}_replica_info", "Live replicas (value = count) with their placement.",
+            ["model", "backend", "instance_type", "cores"], multiprocess_mode="livesum",
+            registry=r)
+        self.cores_in_use = Gauge(
+            f"{p}_cores_in_use",
+            "Cores held by live replicas (NeuronCores, or vCPUs/threads on cpu).", ["backend"],
+            multiprocess_mode="livesum", registry=r)
+        self.price_per_hour = Gauge(
+            f"{p}_price_per_hour_usd", "Instance price used for the cost counters, USD/hour.",
+            ["instance_type"], multiprocess_mode="mostrecent", registry=r)
+        self.cost_allocated = Counter(
+            f"{p}_cost_allocated_usd_total",
+            "USD of instance time held by replicas: cores x price per core-second x seconds held.",
+            ["model"], registry=r)
+        self.cost_busy = Counter(
+            f"{p}_cost_busy_usd_total",
+            "USD of instance time the replica's device was busy: busy seconds x price per "
+            "core-second x cores of the replica.", ["model"], registry=r)
+        self.device_busy = Counter(
+            f"{p}_device_busy_seconds_total",
+            "Sum of batch inference times (can exceed wall time when batches overlap).",
+            ["model"], registry=r)
+        # Live replicas of this process, so the livesum gauges are set (idempotent) rather than
+        # incremented: a process that reuses a dead one's pid reopens its files and would
+        # otherwise add to the stale value.
+        self.replica_counts: dict[tuple[str, str, str, str], int] = {}
+        self.core_counts: dict[str, int] = {}
+
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+_local_registry: CollectorRegistry | None = None
+_heartbeat: "_Heartbeat | None" = None
+
+
+def get_metrics() -> Metrics:
+    """The process-wide declarations (created on first use, not at import)."""
+    global _metrics, _local_registry
+    with _lock:
+        if _metrics is None:
+            _ensure_value_class()
+            if multiprocess_enabled():
+                # Values go to files; the exporter aggregates them. No registry needed here.
+                _metrics = Metrics(registry=None)
+            else:
+                _local_registry = CollectorRegistry(auto_describe=True)
+                _metrics = Metrics(registry=_local_registry)
+        return _metrics
+
+
+def registry() -> CollectorRegistry:
+    """A registry to render: the directory's aggregate in multiprocess mode, else this process'."""
+    if multiprocess_enabled():
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        reg = CollectorRegistry()
+        MultiProcessCollector(reg, path=os.environ[MULTIPROC_ENV])
+        return reg
+    get_metrics()
+    assert _local_registry is not None
+    return _local_registry
+
+
+def exposition() -> bytes:
+    """Prometheus text format of `registry()`."""
+    return generate_latest(registry())
+
+
+# --------------------------------------------------------------------------- liveness heartbeat
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def heartbeat_path(directory: str | os.PathLike, pid: int) -> Path:
+    return Path(directory) / f"{HEARTBEAT_PREFIX}{pid}.json"
+
+
+def write_heartbeat(directory: str | os.PathLike, pid: int | None = None) -> Path:
+    """Create or refresh this process' heartbeat file in the multiprocess directory.
+
+    The exporter uses it to tell live writers from dead ones: by pid when it shares the writer's
+    pid namespace, else by the file's age (a KubeRay sidecar does not see the Ray container's pids).
+    """
+    pid = os.getpid() if pid is None else pid
+    path = heartbeat_path(directory, pid)
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": pid, "pid_namespace": _pid_namespace(),
+                                   "host": socket.gethostname()}))
+        os.replace(tmp, path)
+    return path
+
+
+class _Heartbeat(threading.Thread):
+    # A thread, not an asyncio task: it must keep beating while a long batch blocks the loop.
+    def __init__(self, directory: str, interval_s: float) -> None:
+        super().__init__(name="neuronserve-metrics-heartbeat", daemon=True)
+        self.directory = directory
+        self.interval_s = interval_s
+        self.pid = os.getpid()
+
+    def run(self) -> None:
+        while True:
+            try:
+                write_heartbeat(self.directory, self.pid)
+            except OSError as e:  # the directory vanished; keep serving, say why once a while
+                log.warning("metrics heartbeat failed: %s", e)
+            time.sleep(self.interval_s)
+
+
+def _start_heartbeat() -> None:
+    global _heartbeat
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return
+    with _lock:
+        if _heartbeat is None or _heartbeat.pid != os.getpid() or not _heartbeat.is_alive():
+            write_heartbeat(directory)
+            _heartbeat = _Heartbeat(directory, HEARTBEAT_INTERVAL_S)
+            _heartbeat.start()
+
+
+# --------------------------------------------------------------------------- the facade
+
+class ServeMetrics:
+    """What a replica records. Cheap calls; safe from several threads.
+
+    Cost: the replica holds `cores` of an instance with `cores_per_instance` cores that costs
+    `price_per_hour_usd`; one core-second costs price / 3600 / cores_per_instance.
+    `price_per_hour_usd=None` looks the price up in `deploy.pricing` (with `NEURONSERVE_PRICES_JSON`
+    overrides); `cores_per_instance=None` takes the table's cores. If either stays unknown the cost
+    counters are not written and one warning says what to set.
+    """
+
+    def __init__(self, model: str, backend: str, cores: int, instance_type: str,
+                 price_per_hour_usd: float | None, cores_per_instance: int | None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Metrics | None = None) -> None:
+        if cores < 0:
+            raise ValueError(f"cores must be >= 0, got {cores}")
+        self.model = model
+        self.backend = backend
+        self.cores = cores
+        self.instance_type = instance_type or "unknown"
+        self._clock = clock
+        self._m = metrics or get_metrics()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._warned_padding = False
+
+        self.price_per_hour_usd, self.cores_per_instance = _resolve_price(
+            self.instance_type, price_per_hour_usd, cores_per_instance)
+        if self.price_per_hour_usd is not None and self.cores_per_instance:
+            self.price_per_core_second = self.price_per_hour_usd / 3600.0 / self.cores_per_instance
+        else:
+            self.price_per_core_second = None
+
+        m = self._m
+        self._rows = m.rows.labels(model)
+        self._queue_wait = m.queue_wait.labels(model)
+        self._queued = m.queued_rows.labels(model)
+        self._inflight = m.inflight_rows.labels(model)
+        self._device_busy = m.device_busy.labels(model)
+        self._cost_alloc = m.cost_allocated.labels(model) if self.price_per_core_second is not None else None
+        self._cost_busy = m.cost_busy.labels(model) if self.price_per_core_second is not None else None
+        self._per_bucket: dict[str, tuple] = {}
+        self._per_route: dict[str, object] = {}
+
+        if self.price_per_hour_usd is not None:
+            m.price_per_hour.labels(self.instance_type).set(self.price_per_hour_usd)
+        self._info_key = (model, backend, self.instance_type, str(cores))
+        with _lock:
+            m.replica_counts[self._info_key] = m.replica_counts.get(self._info_key, 0) + 1
+            m.core_counts[backend] = m.core_counts.get(backend, 0) + cores
+            m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
+            m.cores_in_use.labels(backend).set(m.core_counts[backend])
+        _start_heartbeat()
+        self._last_tick = self._clock()
+
+    # -- calls from the serving code
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """One answered request. `route` is the route template (e.g. "/v1/embeddings")."""
+        self._m.requests.labels(self.model, route, str(int(status))).inc()
+        hist = self._per_route.get(route)
+        if hist is None:
+            hist = self._per_route[route] = self._m.request_duration.labels(self.model, route)
+        hist.observe(max(0.0, seconds))
+
+    def batch(self, bucket: str, rows: int, real_tokens: int, padded_tokens: int,
+              inference_seconds: float, queue_waits: Sequence[float]) -> None:
+        """One batch ran. `padded_tokens` counts every token the device computed, padding included
+        (bucket batch_size x seq_len), so padded >= real; their ratio is the padding overhead."""
+        if padded_tokens < real_tokens and not self._warned_padding:
+            self._warned_padding = True
+            log.warning("batch reported padded_tokens=%d < real_tokens=%d; padded_tokens must "
+                        "count all computed tokens, padding included", padded_tokens, real_tokens)
+        children = self._per_bucket.get(bucket)
+        if children is None:
+            m = self._m
+            children = self._per_bucket[bucket] = (
+                m.inference.labels(self.model, bucket), m.batch_rows.labels(self.model, bucket),
+                m.tokens_real.labels(self.model, bucket), m.tokens_padded.labels(self.model, bucket),
+                m.batches.labels(self.model, bucket))
+        inference, batch_rows, tok_real, tok_padded, batches = children
+        seconds = max(0.0, inference_seconds)
+        inference.observe(seconds)
+        batch_rows.observe(rows)
+        tok_real.inc(real_tokens)
+        tok_padded.inc(padded_tokens)
+        batches.inc()
+        self._rows.inc(rows)
+        for w in queue_waits:
+            self._queue_wait.observe(max(0.0, w))
+        self._device_busy.inc(seconds)
+        if self._cost_busy is not None and seconds > 0:
+            self._cost_busy.inc(seconds * self.price_per_core_second * self.cores)
+        self.tick()
+
+    def set_queue(self, queued_rows: int, inflight_rows: int) -> None:
+        self._queued.set(queued_rows)
+        self._inflight.set(inflight_rows)
+
+    def tick(self) -> None:
+        """Accrue allocated cost for the time since the last tick."""
+        with self._lock:
+            now = self._clock()
+            elapsed = now - self._last_tick
+            if elapsed <= 0 or self._closed:
+                return
+            self._last_tick = now
+        if self._cost_alloc is not None:
+            self._cost_alloc.inc(elapsed * self.price_per_core_second * self.cores)
+
+    def close(self) -> None:
+        """The replica is shutting down: final tick, and it no longer counts as live."""
+        self.tick()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        m = self._m
+        with _lock:
+            m.replica_counts[self._info_key] -= 1
+            m.core_counts[self.backend] -= self.cores
+            m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
+            m.cores_in_use.labels(self.backend).set(m.core_counts[self.backend])
+        self._queued.set(0)
+        self._inflight.set(0)
+
+
+def _resolve_price(instance_type: str, price: float | None,
+                   cores_per_instance: int | None) -> tuple[float | None, int | None]:
+    from deploy import pricing
+
+    if price is not None and (math.isnan(price) or price < 0):
+        raise ValueError(f"price_per_hour_usd must be a non-negative number, got {price}")
+    if price is None:
+        try:
+            price = pricing.price_per_hour(instance_type, pricing.load_overrides())
+        except (pricing.UnknownInstanceError, pricing.MissingPriceError, ValueError) as e:
+            log.warning("cost metrics disabled: %s", e)
+            return None, cores_per_instance
+    if cores_per_instance is None:
+        try:
+            cores_per_instance = pricing.get_instance(instance_type).cores
+        except pricing.UnknownInstanceError:
+            log.warning("cost metrics disabled: instance type %r is not in the table, so the "
+                        "price cannot be split per core; set cores_per_instance", instance_type)
+            return price, None
+    if cores_per_instance <= 0:
+        raise ValueError(f"cores_per_instance must be positive, got {cores_per_instance}")
+    return price, cores_per_instance

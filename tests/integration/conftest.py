@@ -1,0 +1,64 @@
+"""Real processes on loopback: a local Ray with Serve, isolated from the user's Ray files."""
+
+import os
+import socket
+import tempfile
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_home():
+    """Ray 2.60 writes ~/.ray/auth_token: give the session its own HOME and a short temp dir
+    (Ray's socket paths must stay under 107 bytes)."""
+    home = tempfile.mkdtemp(prefix="nsh-")
+    old = os.environ.get("HOME")
+    os.environ["HOME"] = home
+    yield home
+    if old is not None:
+        os.environ["HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_home):
+    """One local Ray (2 CPUs, 4 declared NeuronCores) and Serve on a free port for the session."""
+    import ray
+    from ray import serve
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ["NEURONSERVE_EXTRA_PYTHONPATH"] = f"{repo}:{repo}/tests/doubles"
+    ray.init(address="local", num_cpus=2, resources={"neuron_cores": 4}, include_dashboard=False,
+             _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": f"{repo}:{repo}/tests/doubles"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(url: str, args, name: str = "neuronserve", timeout_s: float = 180) -> None:
+    """Deploy the real application and wait until every replica reports ready."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=10) as c:
+        while time.monotonic() < deadline:
+            try:
+                if c.get(f"{url}/v2/health/ready").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"app not ready within {timeout_s} s")

@@ -1,0 +1,208 @@
+"""The batcher with a fake device: coalescing, grouping by bucket, budget, cancellation, overload."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from models.artifact import Bucket, parse_buckets
+from serve.batcher import Batcher
+from serve.buckets import BucketSet
+from serve.errors import BackendFailure, Overloaded
+
+BUCKETS = BucketSet(parse_buckets("1x16,2x16,4x16,8x16,1x64,2x64,4x64,8x64"))
+
+
+class FakeDevice:
+    """Records each batch; blocks each forward until released, so tests control timing."""
+
+    def __init__(self, gated: bool = False, fail: bool = False):
+        self.calls: list[tuple[Bucket, list[list[int]]]] = []
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.fail = fail
+
+    def __call__(self, bucket: Bucket, rows: list[list[int]]) -> np.ndarray:
+        assert len(rows) <= bucket.batch_size and all(len(r) <= bucket.seq_len for r in rows)
+        self.calls.append((bucket, [list(r) for r in rows]))
+        self.started.set()
+        assert self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("device exploded")
+        # Output row = (first token id, length) so each caller can check it got its own row back.
+        return np.array([[r[0], len(r)] for r in rows], dtype=np.float32)
+
+
+def row(tag: int, length: int) -> list[int]:
+    return [tag] + [7] * (length - 1)
+
+
+def make(device, **kw) -> Batcher:
+    kw.setdefault("max_batch_tokens", 512)
+    records = []
+    b = Batcher(BUCKETS, device, on_batch=records.append, **kw)
+    b.records = records
+    return b
+
+
+async def wait_until(pred, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def test_idle_device_dispatches_a_lone_row_at_once():
+    async def main():
+        dev = FakeDevice()
+        b = make(dev, batch_wait_ms=0)
+        out = await asyncio.wait_for(b.submit([row(5, 3)]), 2)
+        assert out[0].tolist() == [5, 3]
+        assert [c[0] for c in dev.calls] == [Bucket(1, 16)]
+
+    asyncio.run(main())
+
+
+def test_rows_from_concurrent_requests_coalesce_by_bucket_while_busy():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev)
+        first = asyncio.create_task(b.submit([row(1, 5)]))
+        await wait_until(dev.started.is_set)  # device now busy with the first row
+        shorts = [asyncio.create_task(b.submit([row(10 + i, 4)])) for i in range(5)]
+        longs = [asyncio.create_task(b.submit([row(20 + i, 40)])) for i in range(3)]
+        await wait_until(lambda: b.queued_rows == 8)
+        dev.gate.set()
+        results = await asyncio.gather(first, *shorts, *longs)
+        # every caller gets its own row back
+        assert [r[0].tolist() for r in results] == [[1, 5]] + [[10 + i, 4] for i in range(5)] + [[20 + i, 40] for i in range(3)]
+        buckets = [c[0] for c in dev.calls]
+        assert buckets[0] == Bucket(1, 16)
+        # short rows were never padded to the long rows' length, and were batched together
+        # oldest group first; 5 rows split 4 + 1 and 3 rows 2 + 1 so the batch dimension is not padded
+        assert [str(bk) for bk in buckets[1:]] == ["4x16", "1x16", "2x64", "1x64"]
+        for bucket, rows in dev.calls:
+            assert all(bucket.seq_len == BUCKETS.seq_len_for(len(r)) for r in rows)
+        assert sum(len(rows) for _, rows in dev.calls) == 9
+
+    asyncio.run(main())
+
+
+def test_batch_never_exceeds_token_budget_and_pads_batch_dimension_minimally():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev, max_batch_tokens=128)  # at seq 64 at most 2 rows; at seq 16 at most 8
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        tasks = [asyncio.create_task(b.submit([row(i, 50)])) for i in range(5)]
+        tasks += [asyncio.create_task(b.submit([row(i, 10)])) for i in range(9)]
+        await wait_until(lambda: b.queued_rows == 14)
+        dev.gate.set()
+        await asyncio.gather(blocker, *tasks)
+        for bucket, rows in dev.calls:
+            assert bucket.padded_tokens <= 128
+        long_batches = [len(rows) for bucket, rows in dev.calls if bucket.seq_len == 64]
+        assert long_batches == [2, 2, 1]
+        short_batches = [(str(bk), len(rows)) for bk, rows in dev.calls[1:] if bk.seq_len == 16]
+        assert short_batches == [("8x16", 8), ("1x16", 1)]  # 9 rows: 8 + 1, not padded to 16
+        rec = b.records
+        assert sum(r.rows for r in rec) == 15
+        assert sum(r.real_tokens for r in rec) == 3 + 5 * 50 + 9 * 10
+
+    asyncio.run(main())
+
+
+def test_cancelled_rows_are_dropped_before_execution():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev)
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        gone = asyncio.create_task(b.submit([row(99, 5), row(98, 5)]))
+        kept = asyncio.create_task(b.submit([row(1, 5)]))
+        await wait_until(lambda: b.queued_rows == 3)
+        gone.cancel()
+        dev.gate.set()
+        assert (await kept)[0].tolist() == [1, 5]
+        await blocker
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        executed = [r[0] for _, rows in dev.calls for r in rows]
+        assert 99 not in executed and 98 not in executed
+        assert b.queued_rows == 0
+
+    asyncio.run(main())
+
+
+def test_overload_refuses_whole_requests_and_loses_no_accepted_row():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev, max_queued_rows=4)
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        accepted = [asyncio.create_task(b.submit([row(i, 5), row(i, 5)])) for i in (1, 2)]
+        await wait_until(lambda: b.queued_rows == 4)
+        with pytest.raises(Overloaded) as e:
+            await b.submit([row(3, 5)])
+        assert e.value.status == 429 and int(e.value.headers["Retry-After"]) >= 1
+        assert "4 rows queued" in e.value.message
+        assert b.queued_rows == 4  # the refused request left nothing behind
+        dev.gate.set()
+        results = await asyncio.gather(blocker, *accepted)
+        assert [len(r) for r in results] == [1, 2, 2]
+
+    asyncio.run(main())
+
+
+def test_backend_failure_reaches_every_caller_without_internals():
+    async def main():
+        b = make(FakeDevice(fail=True))
+        with pytest.raises(BackendFailure) as e:
+            await b.submit([row(1, 4), row(2, 4)])
+        assert "exploded" not in e.value.message
+        assert b.inflight_batches == 0 and b.queued_rows == 0
+        # the batcher keeps serving after a failure
+        b.run_bucket = FakeDevice()
+        assert (await b.submit([row(3, 4)]))[0].tolist() == [3, 4]
+
+    asyncio.run(main())
+
+
+def test_batch_wait_holds_a_partial_batch_until_the_wait_expires_or_it_fills():
+    async def main():
+        dev = FakeDevice()
+        b = make(dev, batch_wait_ms=150, max_batch_tokens=64)  # full batch at seq 16: 4 rows
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks = [asyncio.create_task(b.submit([row(i, 5)])) for i in range(2)]
+        await asyncio.gather(*tasks)
+        assert loop.time() - t0 >= 0.14  # waited for more rows
+        assert [(str(bk), len(r)) for bk, r in dev.calls] == [("2x16", 2)]
+        dev.calls.clear()
+        t0 = loop.time()
+        await asyncio.gather(*(b.submit([row(i, 5)]) for i in range(4)))
+        assert loop.time() - t0 < 0.14  # a full batch goes at once
+        assert [(str(bk), len(r)) for bk, r in dev.calls] == [("4x16", 4)]
+
+    asyncio.run(main())
+
+
+def test_reconfigure_changes_budget_live():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev, max_batch_tokens=512)
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        b.configure(max_batch_tokens=32, batch_wait_ms=0, max_concurrent_batches=1, max_queued_rows=100)
+        tasks = [asyncio.create_task(b.submit([row(i, 5)])) for i in range(4)]
+        await wait_until(lambda: b.queued_rows == 4)
+        dev.gate.set()
+        await asyncio.gather(blocker, *tasks)
+        assert all(bk.padded_tokens <= 32 for bk, _ in dev.calls[1:])
+        assert [len(r) for _, r in dev.calls[1:]] == [2, 2]
+
+    asyncio.run(main())
