@@ -119,8 +119,6 @@ def run(args) -> int:
         return fail("invalid setting: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()), code=2)
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
 
     import ray
     from ray import serve
@@ -138,6 +136,9 @@ def run(args) -> int:
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             started_ray = True
+        # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
         app = build_app(app_args)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
