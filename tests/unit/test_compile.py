@@ -1,0 +1,183 @@
+"""Compile on tiny random-weight models: every family and task against the eager model, the cache,
+and the errors a user can make."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compile.compiler import CompileError, CompileOptions, compile_artifact, default_buckets
+from models.artifact import ArtifactError, Bucket, BucketSpecError, load_manifest, parse_buckets
+from models.families import UnsupportedModelError
+from models.loading import ModelError
+from serve.engine import Engine
+from tests.fixtures.tiny_models import make_tiny_model
+
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a",
+         "model serving on inferentia keeps padding low " * 3]
+BUCKETS = parse_buckets("1x8,2x8,4x16,2x32,1x64")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+def eager_outputs(model_dir, task, texts):
+    """The reference: transformers on each text alone, no padding at all."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cls = AutoModelForSequenceClassification if task == "classify" else AutoModel
+    model = cls.from_pretrained(str(model_dir)).eval()
+    outs = []
+    for t in texts:
+        enc = tok(t, return_tensors="pt", truncation=True, max_length=64)
+        with torch.no_grad():
+            out = model(**enc)
+        if task == "classify":
+            outs.append(out.logits[0].softmax(-1).numpy())
+        else:
+            outs.append(out.last_hidden_state[0].mean(0).numpy())  # tiny models use mean pooling
+    return np.stack(outs)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("task", ["embed", "classify"])
+def test_compiled_artifact_matches_eager_model(models_dir, tmp_path, family, task):
+    model = make_tiny_model(models_dir, family=family, task=task)
+    result = compile_artifact(CompileOptions(model=str(model), task=task, buckets=BUCKETS, out=tmp_path / "art"))
+    m = result.manifest
+    assert not result.cache_hit and m.task == task and m.model.family == family
+    assert m.inputs[-1] == ("token_type_ids" if family == "bert" else "attention_mask")
+    assert [str(e.bucket) for e in m.buckets] == [str(b) for b in BUCKETS]
+    assert all(e.parity.passed and e.parity.min_cosine >= 0.9999 for e in m.buckets)
+    engine = Engine(result.out_dir, "cpu")
+    want = eager_outputs(model, task, TEXTS)
+    if task == "embed":
+        got = engine.embed(TEXTS)
+        want = want / np.linalg.norm(want, axis=1, keepdims=True)
+        assert np.abs(got - want).max() < 1e-4
+    else:
+        labels = engine.classify(TEXTS)
+        assert [lab for lab, _ in labels] == [f"label_{i}" for i in want.argmax(1)]
+        assert np.allclose([s for _, s in labels], want.max(1), atol=1e-4)
+        assert set(m.labels.values()) == {"label_0", "label_1", "label_2"}
+
+
+def test_every_bucket_matches_for_classification(models_dir, tmp_path):
+    """Each bucket, run alone with rows that fill it, agrees with the eager model."""
+    model = make_tiny_model(models_dir, family="bert", task="classify")
+    out = compile_artifact(CompileOptions(model=str(model), task="classify", buckets=BUCKETS, out=tmp_path / "a")).out_dir
+    engine = Engine(out, "cpu")
+    for bucket in BUCKETS:
+        texts = [("word " * max(1, bucket.seq_len - 3)).strip()[: 4 * bucket.seq_len]] * bucket.batch_size
+        rows = [r[: bucket.seq_len] for r in engine.tokenize(texts)]
+        rows = [r[:-1][: bucket.seq_len - 1] + r[-1:] for r in rows]
+        got = engine.postprocess_labels(engine.run_bucket(bucket, rows))
+        want = eager_outputs(model, "classify", [engine._tok.decode(r, skip_special_tokens=True) for r in rows[:1]])[0]
+        assert got[0][0][0] == f"label_{want.argmax()}"
+        assert abs(got[0][0][1] - want.max()) < 1e-3
+
+
+def test_unchanged_compile_is_a_cache_hit(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    opts = CompileOptions(model=str(model), buckets=BUCKETS, out=tmp_path / "art")
+    first = compile_artifact(opts)
+    graph = first.out_dir / first.manifest.buckets[0].file
+    mtime = graph.stat().st_mtime_ns
+    again = compile_artifact(opts)
+    assert again.cache_hit and again.manifest.cache_key == first.manifest.cache_key
+    assert graph.stat().st_mtime_ns == mtime
+    changed = compile_artifact(CompileOptions(model=str(model), buckets=parse_buckets("1x8"), out=tmp_path / "art"))
+    assert not changed.cache_hit and len(changed.manifest.buckets) == 1
+    forced = compile_artifact(CompileOptions(model=str(model), buckets=parse_buckets("1x8"), out=tmp_path / "art", force=True))
+    assert not forced.cache_hit
+
+
+def test_cache_dir_is_used_without_out(models_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    model = make_tiny_model(models_dir)
+    first = compile_artifact(CompileOptions(model=str(model), buckets=BUCKETS))
+    assert first.out_dir.parent == tmp_path / "cache" / "artifacts"
+    assert compile_artifact(CompileOptions(model=str(model), buckets=BUCKETS)).cache_hit
+
+
+def test_tampered_graph_is_not_a_cache_hit(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    opts = CompileOptions(model=str(model), buckets=BUCKETS, out=tmp_path / "art")
+    first = compile_artifact(opts)
+    (first.out_dir / first.manifest.buckets[0].file).write_bytes(b"corrupt")
+    assert not compile_artifact(opts).cache_hit
+
+
+def test_bf16_parity_is_measured_and_recorded(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    m = compile_artifact(CompileOptions(model=str(model), buckets=BUCKETS, out=tmp_path / "a", auto_cast="bf16")).manifest
+    assert m.precision == "bf16"
+    assert all(e.parity.passed and e.parity.min_cosine >= 0.999 for e in m.buckets)
+    assert max(e.parity.max_abs_err for e in m.buckets) > 0  # bf16 really ran: measured, not assumed
+
+
+def test_errors_name_the_problem(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    with pytest.raises(CompileError, match=r"bucket 1x256 is longer than the model's max positions \(128"):
+        compile_artifact(CompileOptions(model=str(model), buckets=[Bucket(1, 256)], out=tmp_path / "a"))
+    with pytest.raises(ModelError, match="does not exist"):
+        compile_artifact(CompileOptions(model=str(tmp_path / "nope"), out=tmp_path / "a"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        compile_artifact(CompileOptions(model=str(tmp_path / "empty"), out=tmp_path / "a"))
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (gpt / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UnsupportedModelError, match="bert, distilbert, roberta, xlm-roberta"):
+        compile_artifact(CompileOptions(model=str(gpt), out=tmp_path / "a"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CompileError, match="cannot write to output directory"):
+        compile_artifact(CompileOptions(model=str(model), buckets=BUCKETS, out=blocker / "sub"))
+    with pytest.raises(CompileError, match="unknown target 'gpu'"):
+        compile_artifact(CompileOptions(model=str(model), target="gpu", out=tmp_path / "a"))
+    with pytest.raises(BucketSpecError, match="expected BATCHxSEQ_LEN"):
+        parse_buckets("8by128")
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        load_manifest(tmp_path)
+
+
+def test_cli_errors_are_one_line_without_traceback(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    for argv, code, needle in (
+        (["--buckets", "8x"], 2, "expected BATCHxSEQ_LEN"),
+        (["--buckets", "1x8", "--seq-lens", "8"], 2, "either --buckets"),
+        (["--batch-sizes", "1,8"], 2, "go together"),
+        (["--buckets", "1x4096"], 1, "max positions"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "serve.cli", "compile", "--model", str(model), "--out",
+                               str(tmp_path / "o"), *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_compile_reports_progress_and_cache_hit(models_dir, tmp_path):
+    model = make_tiny_model(models_dir)
+    argv = [sys.executable, "-m", "serve.cli", "compile", "--model", str(model), "--batch-sizes", "1,2",
+            "--seq-lens", "8,16", "--out", str(tmp_path / "o")]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "[4/4] 2x16" in first.stderr and "min cosine" in first.stderr
+    assert first.stdout.strip() == str(tmp_path / "o")
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "cache hit" in second.stderr
+
+
+def test_default_buckets_fit_the_model_and_target():
+    cpu = default_buckets("cpu", 256)
+    assert max(b.seq_len for b in cpu) == 256 and all(b.batch_size == 1 or b.padded_tokens <= 4096 for b in cpu)
+    assert {b.seq_len for b in cpu if b.batch_size == 1} == {b.seq_len for b in cpu}
+    neuron = default_buckets("inf2", 512)
+    assert len(neuron) == 15 and max(b.seq_len for b in neuron) == 512
