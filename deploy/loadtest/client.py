@@ -1,0 +1,354 @@
+"""The load generator: one httpx.AsyncClient, closed-loop workers or an open-loop arrival schedule.
+
+A request counts in a step if it is *issued* inside the step's measurement window (after the
+warm-up); it is timed with time.perf_counter from just before sending until the whole response
+body has arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from deploy.loadtest.config import LoadtestError
+from deploy.loadtest.schedule import iter_arrival_times
+from deploy.loadtest.stats import StepRecorder
+
+if TYPE_CHECKING:  # pragma: no cover
+    import httpx
+
+    from deploy.loadtest.workload import Workload
+
+
+@dataclass
+class Target:
+    """How to turn a text into a request for one route, and read tokens back from the response."""
+
+    url: str
+    route: str
+    model: str | None
+
+    @property
+    def path(self) -> str:
+        if self.route == "embeddings":
+            return "/v1/embeddings"
+        if self.route == "classify":
+            return "/predict"
+        return f"/v2/models/{self.model}/infer"
+
+    @property
+    def endpoint(self) -> str:
+        return self.url + self.path
+
+    def body(self, text: str) -> bytes:
+        if self.route == "embeddings":
+            payload: object = {"input": text, "model": self.model}
+        elif self.route == "classify":
+            payload = {"inputs": text}
+        else:
+            payload = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        return json.dumps(payload).encode()
+
+
+def error_kind(exc: BaseException) -> str:
+    """`ConnectError` -> `connect_error`, `ReadTimeout` -> `read_timeout`; asyncio timeouts -> `timeout`."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def server_tokens(payload: object) -> int | None:
+    """`usage.prompt_tokens` from an OpenAI-shaped response, if present."""
+    if isinstance(payload, dict):
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            tokens = usage.get("prompt_tokens")
+            if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+                return tokens
+    return None
+
+
+def make_client(pool_size: int, timeout_s: float, headers: dict[str, str] | None = None) -> "httpx.AsyncClient":
+    import httpx
+
+    # A pool smaller than the number of concurrent requests makes requests wait for a
+    # connection (and can starve one forever): size it to the concurrency.
+    limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+    return httpx.AsyncClient(
+        limits=limits,
+        timeout=httpx.Timeout(timeout_s),
+        headers={"content-type": "application/json", **(headers or {})},
+    )
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Best effort: a large open-loop pool needs one file descriptor per connection."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = needed + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _refused(exc: BaseException) -> bool:
+    """httpx words a refused connection as "All connection attempts failed"; look at the cause."""
+    seen = 0
+    while exc is not None and seen < 10:  # bounded walk down the exception chain
+        if isinstance(exc, ConnectionRefusedError) or "refused" in str(exc).lower():
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED,):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def _unreachable(url: str, exc: BaseException, timeout_s: float) -> LoadtestError:
+    import httpx
+
+    if isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError, TimeoutError)):
+        return LoadtestError(f"no response from {url} within {timeout_s:g} s; is the server running and healthy?")
+    if isinstance(exc, httpx.ConnectError):
+        reason = str(exc) or "connection failed"
+        if _refused(exc):
+            reason = "connection refused"
+        return LoadtestError(f"cannot connect to {url} ({reason}); is the server running?")
+    return LoadtestError(f"request to {url} failed ({error_kind(exc)}: {exc}); is the server running?")
+
+
+async def discover_model(client: "httpx.AsyncClient", url: str, timeout_s: float) -> str:
+    """The first model id from GET {url}/v1/models."""
+    import httpx
+
+    models_url = url + "/v1/models"
+    try:
+        resp = await asyncio.wait_for(client.get(models_url), timeout_s)
+    except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+        raise _unreachable(models_url, exc, timeout_s) from None
+    if resp.status_code != 200:
+        raise LoadtestError(
+            f"GET {models_url} returned HTTP {resp.status_code}; pass --model to name the model"
+        )
+    try:
+        data = resp.json()["data"]
+        model = data[0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LoadtestError(f"GET {models_url} listed no models; pass --model to name the model") from None
+    if not isinstance(model, str) or not model:
+        raise LoadtestError(f"GET {models_url} returned an empty model id; pass --model")
+    return model
+
+
+async def preflight(client: "httpx.AsyncClient", target: Target, body: bytes, timeout_s: float) -> str | None:
+    """One unrecorded request: fail fast if nothing listens; return a warning for an HTTP error."""
+    import httpx
+
+    try:
+        resp = await asyncio.wait_for(client.post(target.endpoint, content=body), timeout_s)
+    except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+        raise _unreachable(target.endpoint, exc, timeout_s) from None
+    # 429 on one request is ordinary shedding, not a sign the route or model is wrong.
+    if resp.status_code >= 300 and resp.status_code != 429:
+        snippet = resp.text[:200].replace("\n", " ")
+        return f"first request to {target.endpoint} returned HTTP {resp.status_code}: {snippet}"
+    return None
+
+
+class _Progress:
+    """A per-step bar on stderr (tqdm), ticking on wall time; silent when not a terminal."""
+
+    def __init__(self, label: str, total_s: float, enabled: bool | None):
+        self._bar = None
+        if enabled is False:
+            return
+        if enabled is None and not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=round(total_s, 1), desc=label, unit="s", file=sys.stderr, leave=True,
+                         bar_format="{desc}: {bar} {n:.1f}/{total:.1f} s{postfix}", dynamic_ncols=True)
+
+    async def run(self, start: float, warmup_s: float, total_s: float, rec: StepRecorder,
+                  stop: asyncio.Event) -> None:
+        if self._bar is None:
+            return
+        # Bounded: at most total/0.25 ticks plus the drain, and it stops on the event.
+        for _ in range(int(total_s / 0.25) + 400):
+            elapsed = min(time.perf_counter() - start, total_s)
+            self._bar.n = round(elapsed, 1)
+            phase = "warm-up" if elapsed < warmup_s else "measure"
+            self._bar.set_postfix_str(f"{phase} sent={rec.sent} ok={rec.succeeded} err={rec.failed}", refresh=False)
+            self._bar.refresh()
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+                break
+            except asyncio.TimeoutError:
+                continue
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass
+class StepResult:
+    recorder: StepRecorder
+    cpu_s: float
+    wall_s: float
+
+
+class StepRunner:
+    """Runs one sweep step against a target with a shared client."""
+
+    def __init__(self, client: "httpx.AsyncClient", target: Target, workload: "Workload", *,
+                 timeout_s: float, max_requests: int, progress: bool | None = None):
+        self.client = client
+        self.target = target
+        self.workload = workload
+        self.timeout_s = timeout_s
+        self.max_requests = max_requests
+        self.progress = progress
+        self._bodies = [target.body(t) for t in workload.texts]
+
+    async def _one(self, index: int, rec: StepRecorder | None, window_start: float) -> None:
+        """Send request `index`; record it only if rec is given (i.e. it was issued in the window)."""
+        import httpx
+
+        body = self._bodies[index % len(self._bodies)]
+        t0 = time.perf_counter()
+        try:
+            resp = await asyncio.wait_for(self.client.post(self.target.endpoint, content=body), self.timeout_s)
+        except asyncio.CancelledError:
+            if rec is not None:
+                rec.transport_error("cancelled")
+                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            raise
+        except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+            if rec is not None:
+                rec.transport_error(error_kind(exc))
+                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            return
+        t1 = time.perf_counter()
+        if rec is None:
+            return
+        rec.last_end_s = max(rec.last_end_s, t1 - window_start)
+        status = resp.status_code
+        if not 200 <= status < 300:
+            rec.http_error(status)
+            return
+        try:
+            payload = json.loads(resp.content)
+        except ValueError:
+            rec.transport_error("invalid_response_body")
+            return
+        tokens = server_tokens(payload)
+        if tokens is not None:
+            rec.ok((t1 - t0) * 1000.0, tokens, True)
+        else:
+            rec.ok((t1 - t0) * 1000.0, self.workload.estimated_tokens(index), False)
+
+    async def closed_loop(self, concurrency: int, warmup_s: float, duration_s: float, label: str) -> StepResult:
+        rec = StepRecorder()
+        start = time.perf_counter()
+        window_start = start + warmup_s
+        window_end = window_start + duration_s
+        counter = iter(range(10**12))
+
+        async def worker() -> None:
+            # Each iteration sends one request; the window end and --max-requests bound it.
+            while True:
+                now = time.perf_counter()
+                if now >= window_end:
+                    return
+                in_window = now >= window_start
+                if in_window:
+                    if rec.sent >= self.max_requests:
+                        rec.stop_issuing(now - window_start)
+                        return
+                    rec.sent += 1
+                await self._one(next(counter), rec if in_window else None, window_start)
+
+        return await self._run(rec, start, warmup_s, duration_s, label,
+                               [worker() for _ in range(int(concurrency))], drain=None)
+
+    async def open_loop(self, rate: float, arrival: str, seed: int, max_outstanding: int,
+                        warmup_s: float, duration_s: float, label: str) -> StepResult:
+        rec = StepRecorder()
+        schedule = iter_arrival_times(rate, warmup_s + duration_s, arrival=arrival, seed=seed)
+        outstanding: set[asyncio.Task] = set()
+        start = time.perf_counter()
+        window_start = start + warmup_s
+
+        async def dispatcher() -> None:
+            issued_in_window = 0
+            for index, due in enumerate(schedule):
+                delay = start + due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    await asyncio.sleep(0)  # behind schedule: still let responses be read
+                in_window = due >= warmup_s
+                if in_window and issued_in_window >= self.max_requests:
+                    rec.stop_issuing(time.perf_counter() - window_start)
+                    return
+                if len(outstanding) >= max_outstanding:
+                    # A stalled server must not grow client memory without bound.
+                    if in_window:
+                        rec.dropped_by_client += 1
+                        issued_in_window += 1
+                    continue
+                if in_window:
+                    rec.sent += 1
+                    issued_in_window += 1
+                    rec.send_lags_ms.append(max(0.0, (time.perf_counter() - start - due) * 1000.0))
+                task = asyncio.ensure_future(self._one(index, rec if in_window else None, window_start))
+                outstanding.add(task)
+                task.add_done_callback(outstanding.discard)
+
+        return await self._run(rec, start, warmup_s, duration_s, label, [dispatcher()], drain=outstanding)
+
+    async def _run(self, rec: StepRecorder, start: float, warmup_s: float, duration_s: float, label: str,
+                   coros: list, drain: set | None) -> StepResult:
+        total_s = warmup_s + duration_s
+        cpu0 = time.process_time()
+        stop = asyncio.Event()
+        progress = _Progress(label, total_s, self.progress)
+        ticker = asyncio.ensure_future(progress.run(start, warmup_s, total_s, rec, stop))
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            # Hard bound on the step: the window plus one request timeout plus a margin.
+            deadline = total_s + self.timeout_s + 5.0
+            done, pending = await asyncio.wait(tasks, timeout=deadline)
+            for t in pending:
+                t.cancel()
+            if drain:
+                left = max(0.5, start + deadline - time.perf_counter())
+                await asyncio.wait(set(drain), timeout=left)
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
+        finally:
+            # Also on Ctrl-C (this task cancelled): no request may outlive the step or the client.
+            stragglers = [t for t in (*tasks, *(drain or ())) if not t.done()]
+            for t in stragglers:
+                t.cancel()
+            if stragglers:
+                await asyncio.wait(stragglers, timeout=2.0)
+            stop.set()
+            await asyncio.wait([ticker], timeout=1.0)
+            progress.close()
+        wall = time.perf_counter() - start
+        return StepResult(recorder=rec, cpu_s=time.process_time() - cpu0, wall_s=wall)

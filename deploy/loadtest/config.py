@@ -1,0 +1,180 @@
+"""Validated settings of one loadtest run, built from argparse values.
+
+Validation happens here rather than in argparse `type=` callbacks so that both the
+`neuronserve loadtest` subcommand and the standalone parser report a bad value as one line
+(argparse would print its whole multi-line usage first).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROUTES = ("embeddings", "classify", "v2")
+ARRIVALS = ("poisson", "constant")
+BUILTIN_WORKLOADS = ("short", "mixed", "long")
+
+# Safety net for "bounded in count" when --max-requests is not given: far above what one
+# asyncio client can send in a step, so it only ever stops a runaway loop.
+HARD_MAX_REQUESTS_PER_STEP = 2_000_000
+
+
+class UsageError(Exception):
+    """A value the user can fix on the command line (exit code 2)."""
+
+
+class LoadtestError(Exception):
+    """The run could not proceed, e.g. the server is unreachable (exit code 1)."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str | float | int, *, name: str = "duration", allow_zero: bool = False) -> float:
+    """Seconds from `30s`, `2m`, `500ms`, `1h` or plain seconds (`45`, `2.5`).
+
+    >>> parse_duration("500ms"), parse_duration("2m"), parse_duration("7")
+    (0.5, 120.0, 7.0)
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match:
+            raise UsageError(
+                f"{name} {text!r} is not a duration; use e.g. 30s, 2m, 500ms or plain seconds like 45"
+            )
+        unit = match.group(2).lower() if match.group(2) else None
+        seconds = float(match.group(1)) * _UNIT_SECONDS[unit]
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        limit = ">= 0" if allow_zero else "> 0"
+        raise UsageError(f"{name} {text!r} must be {limit} seconds")
+    return seconds
+
+
+def parse_values(text: str, *, name: str, integer: bool) -> list[float]:
+    """A comma-separated sweep such as `1,8,32` (integers) or `50,100,200` (rates, may be fractional)."""
+    values: list[float] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = int(part) if integer else float(part)
+        except ValueError:
+            kind = "whole numbers" if integer else "numbers"
+            raise UsageError(f"{name} {text!r}: {part!r} is not a number; give {kind} like 1,8,32") from None
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{name} {text!r}: every value must be > 0 (got {part})")
+        values.append(value)
+    if not values:
+        raise UsageError(f"{name} is empty; give values like 1,8,32")
+    return values
+
+
+def normalise_url(url: str) -> str:
+    """Base URL without a trailing slash; an OpenAI-style `.../v1` base is accepted too."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--url {url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000")
+    base = url.strip().rstrip("/")
+    if base.endswith("/v1"):
+        base = base[: -len("/v1")]
+    return base
+
+
+@dataclass
+class LoadtestConfig:
+    url: str
+    model: str | None
+    route: str
+    mode: str  # "concurrency" (closed loop) or "rate" (open loop)
+    values: list[float]
+    arrival: str
+    duration_s: float
+    warmup_s: float
+    workload: str  # a built-in name or a path
+    seed: int
+    slo_p99_ms: float | None
+    instance_type: str | None
+    price_per_hour_usd: float | None
+    max_requests: int
+    timeout_s: float
+    max_outstanding: int
+    out: Path
+    progress: bool | None = None  # None: only when stderr is a terminal
+
+    def step_name(self, value: float) -> str:
+        return f"step-{self.mode}-{format_value(value)}"
+
+
+def format_value(value: float) -> str:
+    """`8` for 8.0, `12.5` for 12.5: used in step names and file names."""
+    return f"{value:g}"
+
+
+def config_from_args(args) -> LoadtestConfig:
+    """Validate an argparse namespace; raises UsageError with a one-line message."""
+    if not getattr(args, "url", None):
+        raise UsageError("--url is required (or use --compare A.json B.json)")
+    url = normalise_url(args.url)
+    if args.route not in ROUTES:
+        raise UsageError(f"--route {args.route!r} is not one of {', '.join(ROUTES)}")
+    if args.concurrency is not None and args.rate is not None:
+        raise UsageError("give either --concurrency (closed loop) or --rate (open loop), not both")
+    if args.rate is not None:
+        mode, values = "rate", parse_values(args.rate, name="--rate", integer=False)
+    else:
+        mode = "concurrency"
+        values = parse_values(args.concurrency or "1,8,32", name="--concurrency", integer=True)
+    if args.arrival not in ARRIVALS:
+        raise UsageError(f"--arrival {args.arrival!r} is not one of {', '.join(ARRIVALS)}")
+    duration_s = parse_duration(args.duration, name="--duration")
+    warmup_s = parse_duration(args.warmup, name="--warmup", allow_zero=True)
+    timeout_s = parse_duration(args.timeout_s, name="--timeout-s")
+    if args.slo_p99_ms is not None and not args.slo_p99_ms > 0:
+        raise UsageError(f"--slo-p99-ms must be > 0 (got {args.slo_p99_ms})")
+    if args.instance_type and args.price_per_hour_usd is not None:
+        raise UsageError("give either --instance-type or --price-per-hour-usd, not both")
+    if args.price_per_hour_usd is not None and not args.price_per_hour_usd > 0:
+        raise UsageError(f"--price-per-hour-usd must be > 0 (got {args.price_per_hour_usd})")
+    if args.max_requests is not None and args.max_requests <= 0:
+        raise UsageError(f"--max-requests must be > 0 (got {args.max_requests})")
+    if args.max_outstanding is not None and args.max_outstanding <= 0:
+        raise UsageError(f"--max-outstanding must be > 0 (got {args.max_outstanding})")
+    workload = args.workload
+    if workload not in BUILTIN_WORKLOADS and not Path(workload).is_file():
+        raise UsageError(
+            f"--workload {workload!r} is neither one of {', '.join(BUILTIN_WORKLOADS)} nor an existing .jsonl file"
+        )
+    out = Path(args.out) if args.out else None
+    if out is None:
+        import time
+
+        out = Path(time.strftime("loadtest-%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+    return LoadtestConfig(
+        url=url,
+        model=args.model,
+        route=args.route,
+        mode=mode,
+        values=values,
+        arrival=args.arrival,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        workload=workload,
+        seed=args.seed,
+        slo_p99_ms=args.slo_p99_ms,
+        instance_type=args.instance_type,
+        price_per_hour_usd=args.price_per_hour_usd,
+        max_requests=args.max_requests or HARD_MAX_REQUESTS_PER_STEP,
+        timeout_s=timeout_s,
+        max_outstanding=args.max_outstanding or 1024,
+        out=out,
+        progress=False if args.no_progress else None,
+    )

@@ -1,0 +1,161 @@
+"""Percentiles and the per-step summary (pure Python: no numpy needed at import)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile of already sorted values (numpy's default method).
+
+    >>> percentile([1.0, 2.0, 3.0, 4.0], 50)
+    2.5
+    """
+    if not sorted_values:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def _r(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+@dataclass
+class StepRecorder:
+    """Everything measured in one step's window (warm-up traffic never reaches it)."""
+
+    sent: int = 0
+    dropped_by_client: int = 0
+    latencies_ms: list[float] = field(default_factory=list)  # successful requests only
+    tokens_server: float = 0.0
+    tokens_estimated: float = 0.0
+    n_server_tokens: int = 0
+    n_estimated_tokens: int = 0
+    throttled: int = 0
+    errors_by_status: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    last_end_s: float = 0.0  # latest completion, seconds after the window start
+    send_lags_ms: list[float] = field(default_factory=list)  # open loop: actual send - scheduled time
+    stopped_s: float | None = None  # when --max-requests ended issuing early, seconds into the window
+
+    def stop_issuing(self, at_s: float) -> None:
+        if self.stopped_s is None:
+            self.stopped_s = max(at_s, 1e-6)
+
+    def ok(self, latency_ms: float, tokens: float, from_server: bool) -> None:
+        self.latencies_ms.append(latency_ms)
+        if from_server:
+            self.tokens_server += tokens
+            self.n_server_tokens += 1
+        else:
+            self.tokens_estimated += tokens
+            self.n_estimated_tokens += 1
+
+    def http_error(self, status: int) -> None:
+        if status == 429:
+            self.throttled += 1
+        else:
+            key = str(status)
+            self.errors_by_status[key] = self.errors_by_status.get(key, 0) + 1
+
+    def transport_error(self, kind: str) -> None:
+        self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+
+    @property
+    def succeeded(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def failed(self) -> int:
+        return self.throttled + sum(self.errors_by_status.values()) + sum(self.errors_by_kind.values())
+
+
+def cost_per_million(rps: float | None, price_per_hour_usd: float | None) -> float | None:
+    """$ per 1M requests (or tokens, given tokens/s) = 1e6 / rps * price_per_hour / 3600.
+
+    >>> round(cost_per_million(100.0, 0.7582), 4)
+    2.1061
+    """
+    if not rps or rps <= 0 or price_per_hour_usd is None:
+        return None
+    return 1e6 / rps * price_per_hour_usd / 3600.0
+
+
+def summarize(rec: StepRecorder, *, mode: str, value: float, arrival: str | None, warmup_s: float,
+              duration_s: float, slo_p99_ms: float | None, price_per_hour_usd: float | None,
+              client_cpu_s: float, client_wall_s: float) -> dict:
+    """The step's report record (latencies in ms with 2 decimals, rates per second)."""
+    lat = sorted(rec.latencies_ms)
+    # Requests issued in the window may finish after it; count the time they took. A step cut
+    # short by --max-requests issued only until `stopped_s`.
+    issue_s = min(duration_s, rec.stopped_s) if rec.stopped_s is not None else duration_s
+    elapsed_s = max(issue_s, rec.last_end_s)
+    ok = len(lat)
+    achieved = ok / elapsed_s
+    responses = (ok + rec.throttled + sum(rec.errors_by_status.values())) / elapsed_s
+    tokens = rec.tokens_server + rec.tokens_estimated
+    if rec.n_server_tokens and not rec.n_estimated_tokens:
+        tokens_source = "server"
+    elif rec.n_estimated_tokens and not rec.n_server_tokens:
+        tokens_source = "estimate"
+    elif ok:
+        tokens_source = "mixed"
+    else:
+        tokens_source = "none"
+    tokens_per_s = tokens / elapsed_s
+    cpu_percent = 100.0 * client_cpu_s / client_wall_s if client_wall_s > 0 else 0.0
+    record = {
+        "mode": mode,
+        "value": value,
+        "arrival": arrival if mode == "rate" else None,
+        "warmup_s": warmup_s,
+        "duration_s": duration_s,
+        "elapsed_s": round(elapsed_s, 3),
+        "target_rps": value if mode == "rate" else None,
+        "issue_s": round(issue_s, 3),
+        "offered_rps": round((rec.sent + rec.dropped_by_client) / issue_s, 2),
+        "sent": rec.sent,
+        "succeeded": ok,
+        "failed": rec.failed,
+        "throttled": rec.throttled,
+        "errors_by_status": dict(sorted(rec.errors_by_status.items())),
+        "errors_by_kind": dict(sorted(rec.errors_by_kind.items())),
+        "dropped_by_client": rec.dropped_by_client,
+        "achieved_rps": round(achieved, 2),
+        "responses_rps": round(responses, 2),
+        "latency_ms": {
+            **{f"p{q}": _r(percentile(lat, q)) for q in PERCENTILES},
+            "mean": _r(sum(lat) / ok) if ok else None,
+            "min": _r(lat[0]) if ok else None,
+            "max": _r(lat[-1]) if ok else None,
+        },
+        # Open loop: how late the client issued requests against the schedule. A large lag means
+        # the generator, not the server, limited the offered rate (latency is timed from the send).
+        "send_lag_ms": ({"p99": _r(percentile(sorted(rec.send_lags_ms), 99)),
+                         "max": _r(max(rec.send_lags_ms))} if rec.send_lags_ms else None),
+        "tokens_per_s": round(tokens_per_s, 2),
+        "tokens_source": tokens_source,
+        "slo_p99_ms": slo_p99_ms,
+        "goodput_rps": None,
+        "slo_met": None,
+        "price_per_hour_usd": price_per_hour_usd,
+        "usd_per_1m_requests": _r(cost_per_million(achieved, price_per_hour_usd), 4),
+        "usd_per_1m_tokens": _r(cost_per_million(tokens_per_s, price_per_hour_usd), 4),
+        "client_cpu_percent": round(cpu_percent, 1),
+        "client_saturated": cpu_percent > 80.0,
+    }
+    if slo_p99_ms is not None:
+        within = sum(1 for x in lat if x <= slo_p99_ms)
+        record["goodput_rps"] = round(within / elapsed_s, 2)
+        p99 = record["latency_ms"]["p99"]
+        record["slo_met"] = p99 is not None and p99 <= slo_p99_ms
+    return record

@@ -1,0 +1,39 @@
+import asyncio
+import json
+import py_compile
+from pathlib import Path
+
+import httpx
+
+from deploy.loadtest.client import Target, error_kind, server_tokens
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_request_bodies_per_route():
+    assert json.loads(Target("http://h", "embeddings", "m").body("hi")) == {"input": "hi", "model": "m"}
+    assert Target("http://h", "embeddings", "m").endpoint == "http://h/v1/embeddings"
+    assert json.loads(Target("http://h", "classify", None).body("hi")) == {"inputs": "hi"}
+    assert Target("http://h", "classify", None).endpoint == "http://h/predict"
+    v2 = Target("http://h", "v2", "m")
+    assert v2.endpoint == "http://h/v2/models/m/infer"
+    assert json.loads(v2.body("hi")) == {
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+
+
+def test_error_kinds():
+    assert error_kind(httpx.ConnectError("refused")) == "connect_error"
+    assert error_kind(httpx.ReadTimeout("slow")) == "read_timeout"
+    assert error_kind(httpx.RemoteProtocolError("bad")) == "remote_protocol_error"
+    assert error_kind(asyncio.TimeoutError()) == "timeout"
+
+
+def test_server_tokens():
+    assert server_tokens({"usage": {"prompt_tokens": 7, "total_tokens": 7}}) == 7
+    assert server_tokens([{"label": "a", "score": 1.0}]) is None
+    assert server_tokens({"usage": {"prompt_tokens": "7"}}) is None
+    assert server_tokens({"usage": None}) is None
+
+
+def test_locustfile_compiles():
+    py_compile.compile(str(REPO / "deploy" / "locustfile.py"), doraise=True)
