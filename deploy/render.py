@@ -1,0 +1,803 @@
+"""Render Kubernetes manifests (a KubeRay RayService and its metrics Service) from an artifact.
+
+The artifact manifest decides the sizing: which instance family it runs on (`Manifest.target`), how
+many NeuronCores one replica takes, and how many rows a replica holds in flight (from its largest
+bucket). The instance type decides how many replicas fit on a node and how much CPU and memory a
+pod may take. Everything here is pure: no cluster access, no Ray, no torch.
+
+How artifacts reach the pods (a serving pod never compiles):
+
+- ``--artifacts DIR`` (a local artifact directory): the artifact is baked into the image at
+  ``/opt/neuronserve/artifacts`` (see deploy/docker/); the manifest is read from DIR to size things.
+- ``--artifacts s3://bucket/prefix``: an init container (aws-cli image) syncs the prefix into an
+  emptyDir mounted at ``/mnt/neuronserve/artifacts`` before Ray starts. Sizing then needs a local
+  copy of the manifest (``--manifest FILE``) or ``--target`` (and optionally ``--cores-per-replica``).
+
+>>> objs = render_objects(RenderOptions(artifacts="s3://b/a", instance_type="inf2.xlarge",
+...                                     image="neuronserve:1", target="inf2"))
+>>> [o["kind"] for o in objs]
+['RayService', 'Service']
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# --- fixed names and ports ------------------------------------------------------------------------
+APP_NAME = "neuronserve"
+DEPLOYMENT_NAME = "NeuronServe"
+IMPORT_PATH = "serve.app:build_app"
+RAY_VERSION = "2.60.0"
+
+IMAGE_ARTIFACTS_DIR = "/opt/neuronserve/artifacts"  # baked into the image (Dockerfile COPY)
+S3_ARTIFACTS_DIR = "/mnt/neuronserve/artifacts"  # emptyDir filled by the init container
+METRICS_DIR = "/tmp/neuronserve-metrics"  # PROMETHEUS_MULTIPROC_DIR, shared with the sidecar
+
+SERVE_PORT = 8000
+DASHBOARD_PORT = 8265
+GCS_PORT = 6379
+CLIENT_PORT = 10001
+RAY_METRICS_PORT = 8080
+METRICS_PORT = 9400
+# KubeRay adds a port named "metrics" (8080) to the Ray container unless one exists, so the Ray
+# container keeps that name for Ray's own metrics. The exporter sidecar's port needs another name:
+# Kubernetes warns about, and Services resolve ambiguously, a port name used by two containers.
+RAY_METRICS_PORT_NAME = "metrics"
+METRICS_PORT_NAME = "nserve-metrics"  # what k8s/monitoring/podmonitor.yaml scrapes
+
+NEURON_CORE_RESOURCE = "aws.amazon.com/neuroncore"
+NEURON_TAINT_KEY = "aws.amazon.com/neuron"
+NEURON_SCHEDULER = "my-scheduler"  # the Neuron scheduler extension's scheduler on EKS
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+DEFAULT_AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.15.0"
+
+BACKENDS = ("auto", "cpu", "neuron")
+NEURON_TARGETS = ("inf2", "trn1", "trn2")
+
+# Head pod: GCS, dashboard, Serve controller and the autoscaler's bookkeeping; no replicas.
+HEAD_CPU = 2
+HEAD_MEMORY_GIB = 8
+# Exporter sidecar (one per pod): reads the multiprocess files, serves /metrics.
+SIDECAR_CPU_MILLI = 250
+SIDECAR_MEMORY_MIB = 256
+
+
+NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+MAX_NAME_LEN = 40
+
+
+class RenderError(ValueError):
+    """Input that cannot produce a valid deployment; the message says the value, the limit and the fix."""
+
+
+# --- instance facts -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    target: str  # "cpu", "inf2", "trn1", "trn2"
+    neuron_cores: int
+    vcpus: int
+    memory_gib: int
+    price_per_hour_usd: float | None
+    arch: str = "x86_64"
+
+
+def known_instances() -> list[str]:
+    from deploy import pricing
+
+    return sorted(n for n, i in pricing.INSTANCES.items() if not i.gpus)
+
+
+def get_instance(name: str) -> Instance:
+    """Facts about an instance type from `deploy.pricing` (GPU instances are not a deploy target).
+
+    >>> get_instance("inf2.48xlarge").neuron_cores
+    24
+    """
+    from deploy import pricing
+
+    try:
+        inst = pricing.get_instance(name)
+    except pricing.UnknownInstanceError:
+        raise RenderError(f"unknown instance type {name!r}; known: {', '.join(known_instances())}") from None
+    if inst.gpus:
+        raise RenderError(
+            f"{inst.name} is a GPU instance; neuronserve deploys to Neuron (inf2/trn1/trn2) or CPU "
+            f"instances: {', '.join(known_instances())}"
+        )
+    return Instance(
+        name=inst.name,
+        target=inst.family or "cpu",
+        neuron_cores=inst.neuron_cores,
+        vcpus=inst.vcpus,
+        memory_gib=inst.memory_gib,
+        price_per_hour_usd=inst.price_per_hour_usd,
+        arch=inst.arch,
+    )
+
+
+def allocatable(inst: Instance) -> tuple[int, int]:
+    """(whole vCPUs, GiB) one Ray pod may take on a node of this type.
+
+    Leaves headroom for the kubelet's reservation (EKS reserves about 6% of the first core and
+    255 MiB + 11 MiB per pod of memory), the node daemonsets (VPC CNI, kube-proxy, the Neuron
+    device plugin, log and metrics agents) and the pod's exporter sidecar.
+
+    >>> allocatable(get_instance("inf2.xlarge"))
+    (3, 13)
+    >>> allocatable(get_instance("inf2.48xlarge"))
+    (188, 719)
+    """
+    cpu = inst.vcpus - 1 - inst.vcpus // 64
+    memory = math.floor(inst.memory_gib - 2 - 0.06 * inst.memory_gib)
+    return max(cpu, 1), max(memory, 1)
+
+
+# --- what the artifact tells us -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArtifactFacts:
+    """The few manifest facts sizing needs; from a manifest or, for remote artifacts, from flags."""
+
+    target: str
+    max_batch_rows: int  # largest compiled batch size
+    max_bucket_tokens: int  # largest compiled batch_size * seq_len
+    model_name: str | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest) -> "ArtifactFacts":
+        buckets = manifest.bucket_list()
+        if not buckets:
+            raise RenderError("the artifact manifest lists no buckets: recompile with `neuronserve compile`")
+        return cls(
+            target=manifest.target,
+            max_batch_rows=max(b.batch_size for b in buckets),
+            max_bucket_tokens=max(b.padded_tokens for b in buckets),
+            model_name=manifest.model.name,
+        )
+
+
+# Assumed when only --target is known (an s3:// artifact without --manifest): the compiler's default
+# grids (compile.compiler.default_buckets) for a 256-token model.
+ASSUMED_FACTS = {
+    "cpu": ArtifactFacts(target="cpu", max_batch_rows=64, max_bucket_tokens=4096),
+    "neuron": ArtifactFacts(target="inf2", max_batch_rows=16, max_bucket_tokens=4096),
+}
+
+
+def assumed_facts(target: str) -> ArtifactFacts:
+    base = ASSUMED_FACTS["cpu" if target == "cpu" else "neuron"]
+    return replace(base, target=target)
+
+
+# --- options and plan -----------------------------------------------------------------------------
+@dataclass
+class RenderOptions:
+    artifacts: str
+    instance_type: str
+    image: str
+    min_replicas: int | None = None  # default: one node's worth
+    max_replicas: int | None = None  # default: two nodes' worth
+    cores_per_replica: int | None = None  # Neuron only; default 1
+    threads_per_replica: int | None = None  # CPU: torch threads and num_cpus per replica
+    name: str = APP_NAME
+    namespace: str | None = None
+    backend: str = "auto"
+    manifest_file: str | None = None  # local manifest.json for an s3:// artifact
+    target: str | None = None  # for an s3:// artifact without --manifest
+    max_batch_tokens: int | None = None  # default: the largest bucket's padded tokens
+    batch_wait_ms: float = 2.0
+    max_concurrent_batches: int = 2
+    max_queued_rows: int | None = None  # default: 8 full batches
+    price_per_hour_usd: float | None = None  # default: deploy.pricing
+    metrics_port: int = METRICS_PORT
+    service_account: str | None = None
+    aws_cli_image: str = DEFAULT_AWS_CLI_IMAGE
+    facts: ArtifactFacts | None = None  # given directly (tests, overlays): skips reading artifacts
+
+
+@dataclass
+class Plan:
+    instance: Instance
+    facts: ArtifactFacts
+    neuron: bool
+    cores_per_replica: int  # NeuronCores (0 on CPU)
+    replicas_per_node: int
+    cores_per_pod: int  # NeuronCores the worker pod asks for (0 on CPU)
+    pod_cpus: int
+    pod_memory_gib: int
+    cpus_per_replica: int
+    threads_per_replica: int
+    min_replicas: int
+    max_replicas: int
+    min_workers: int
+    max_workers: int
+    max_batch_tokens: int
+    max_queued_rows: int
+    max_ongoing_requests: int
+    target_ongoing_requests: int
+    pod_artifacts_dir: str
+    s3_uri: str | None
+    price_per_hour_usd: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_remote(artifacts: str) -> bool:
+    return "://" in artifacts
+
+
+def _facts(opts: RenderOptions) -> ArtifactFacts:
+    from models.artifact import ArtifactError, Manifest, load_manifest
+
+    if opts.facts is not None:
+        return opts.facts
+    if _is_remote(opts.artifacts):
+        if not opts.artifacts.startswith("s3://"):
+            raise RenderError(f"--artifacts {opts.artifacts!r}: only local directories and s3:// URIs are supported")
+        if opts.manifest_file:
+            path = Path(opts.manifest_file)
+            if not path.is_file():
+                raise RenderError(f"--manifest {path}: no such file; pass the artifact's manifest.json")
+            try:
+                return ArtifactFacts.from_manifest(Manifest.model_validate_json(path.read_text()))
+            except ValueError as e:
+                raise RenderError(f"--manifest {path} is not a neuronserve manifest: {str(e).splitlines()[0]}") from None
+        if not opts.target:
+            raise RenderError(
+                f"--artifacts {opts.artifacts} is remote, so its manifest cannot be read: pass --manifest "
+                "(a local copy of its manifest.json) or --target (cpu|inf2|trn1|trn2)"
+            )
+        return assumed_facts(opts.target)
+    try:
+        return ArtifactFacts.from_manifest(load_manifest(opts.artifacts))
+    except ArtifactError as e:
+        raise RenderError(str(e)) from None
+
+
+def plan(opts: RenderOptions) -> Plan:
+    """Check the inputs against each other and size pods, replicas and batching."""
+    if not NAME_RE.fullmatch(opts.name or "") or len(opts.name) > MAX_NAME_LEN:
+        raise RenderError(
+            f"--name {opts.name!r}: use lowercase letters, digits and '-', starting with a letter, at most "
+            f"{MAX_NAME_LEN} characters (KubeRay appends suffixes to build pod and service names)"
+        )
+    inst = get_instance(opts.instance_type)
+    facts = _facts(opts)
+    if opts.target and facts.target != opts.target:
+        raise RenderError(f"--target {opts.target} contradicts the manifest's target {facts.target}")
+    if opts.backend not in BACKENDS:
+        raise RenderError(f"--backend {opts.backend!r}: expected one of {', '.join(BACKENDS)}")
+    if facts.target != inst.target:
+        fix = (
+            f"compile with `neuronserve compile --target {inst.target}`"
+            if inst.target != "cpu"
+            else "compile with `neuronserve compile --target cpu`"
+        )
+        raise RenderError(
+            f"the artifact is built for {facts.target} but {inst.name} is a {inst.target} instance: "
+            f"{fix}, or pick a {facts.target} instance type"
+        )
+    neuron = inst.target in NEURON_TARGETS
+    if neuron and opts.backend == "cpu" or not neuron and opts.backend == "neuron":
+        raise RenderError(f"--backend {opts.backend} cannot serve a {facts.target} artifact on {inst.name}")
+    pod_cpus, pod_memory = allocatable(inst)
+
+    if neuron:
+        if opts.threads_per_replica is not None and opts.threads_per_replica < 1:
+            raise RenderError(f"--threads-per-replica {opts.threads_per_replica}: must be >= 1")
+        cores = 1 if opts.cores_per_replica is None else opts.cores_per_replica
+        if cores < 1:
+            raise RenderError(f"--cores-per-replica {cores}: must be >= 1")
+        if cores > inst.neuron_cores:
+            raise RenderError(
+                f"--cores-per-replica {cores} is more than the {inst.neuron_cores} NeuronCores of one "
+                f"{inst.name}: use at most {inst.neuron_cores}, or a larger instance type"
+            )
+        per_node = inst.neuron_cores // cores
+        cores_per_pod = per_node * cores
+        # One CPU stays with the raylet and the Serve proxy; the rest is split between replicas
+        # (tokenising and batching run on the host).
+        cpus = max(1, (pod_cpus - 1) // per_node)
+        threads = opts.threads_per_replica or cpus
+    else:
+        if opts.cores_per_replica is not None:
+            raise RenderError(
+                f"--cores-per-replica is for Neuron instances; {inst.name} is a CPU instance: "
+                "use --threads-per-replica"
+            )
+        cores = cores_per_pod = 0
+        threads = opts.threads_per_replica or min(4, max(1, pod_cpus - 1))
+        if threads < 1:
+            raise RenderError(f"--threads-per-replica {threads}: must be >= 1")
+        if threads > pod_cpus - 1 and pod_cpus > 1:
+            raise RenderError(
+                f"--threads-per-replica {threads} does not fit {inst.name}: a pod there gets {pod_cpus} "
+                f"vCPUs, one of which the raylet and proxy keep; use at most {max(1, pod_cpus - 1)}"
+            )
+        cpus = threads
+        per_node = max(1, (pod_cpus - 1) // threads)
+
+    min_r = per_node if opts.min_replicas is None else opts.min_replicas
+    max_r = max(min_r, 2 * per_node) if opts.max_replicas is None else opts.max_replicas
+    if min_r < 0:
+        raise RenderError(f"--min-replicas {min_r}: must be >= 0")
+    if max_r < 1:
+        raise RenderError(f"--max-replicas {max_r}: must be >= 1")
+    if min_r > max_r:
+        raise RenderError(f"--min-replicas {min_r} is greater than --max-replicas {max_r}: make min <= max")
+
+    max_batch_tokens = opts.max_batch_tokens or facts.max_bucket_tokens
+    if max_batch_tokens < 1:
+        raise RenderError(f"--max-batch-tokens {max_batch_tokens}: must be >= 1")
+    if opts.max_concurrent_batches < 1:
+        raise RenderError(f"--max-concurrent-batches {opts.max_concurrent_batches}: must be >= 1")
+    in_flight = facts.max_batch_rows * opts.max_concurrent_batches
+    max_queued = opts.max_queued_rows if opts.max_queued_rows is not None else 8 * facts.max_batch_rows
+    if max_queued < 1:
+        raise RenderError(f"--max-queued-rows {max_queued}: must be >= 1")
+    # Serve's default max_ongoing_requests (5) would starve a batching replica. Admit twice what the
+    # replica can batch and queue, so overload reaches the replica and is answered by its own 429
+    # (queue full, with Retry-After) instead of piling up unseen in Serve's router.
+    max_ongoing = 2 * (in_flight + max_queued)
+    # Scale out when a replica holds more than its in-flight capacity on average.
+    target_ongoing = max(1, in_flight)
+
+    price = opts.price_per_hour_usd if opts.price_per_hour_usd is not None else inst.price_per_hour_usd
+    s3 = opts.artifacts if _is_remote(opts.artifacts) else None
+    return Plan(
+        instance=inst,
+        facts=facts,
+        neuron=neuron,
+        cores_per_replica=cores,
+        replicas_per_node=per_node,
+        cores_per_pod=cores_per_pod,
+        pod_cpus=pod_cpus,
+        pod_memory_gib=pod_memory,
+        cpus_per_replica=cpus,
+        threads_per_replica=threads,
+        min_replicas=min_r,
+        max_replicas=max_r,
+        min_workers=math.ceil(min_r / per_node),
+        max_workers=max(1, math.ceil(max_r / per_node)),
+        max_batch_tokens=max_batch_tokens,
+        max_queued_rows=max_queued,
+        max_ongoing_requests=max_ongoing,
+        target_ongoing_requests=target_ongoing,
+        pod_artifacts_dir=S3_ARTIFACTS_DIR if s3 else IMAGE_ARTIFACTS_DIR,
+        s3_uri=s3,
+        price_per_hour_usd=price,
+    )
+
+
+# --- Serve config ---------------------------------------------------------------------------------
+def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    """The typed arguments of `serve.app:build_app` (serve.app.AppArgs)."""
+    return {
+        "artifacts": p.pod_artifacts_dir,
+        "backend": opts.backend,
+        "cores_per_replica": p.cores_per_replica if p.neuron else 1,
+        "threads_per_replica": p.threads_per_replica,
+        "max_batch_tokens": p.max_batch_tokens,
+        "batch_wait_ms": float(opts.batch_wait_ms),
+        "max_queued_rows": p.max_queued_rows,
+        "instance_type": p.instance.name,
+        "price_per_hour_usd": p.price_per_hour_usd,
+        "metrics_port": opts.metrics_port,
+        "metrics_dir": METRICS_DIR,
+    }
+
+
+def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    """The Serve config (ServeDeploySchema) KubeRay submits to the cluster."""
+    if p.neuron:
+        actor_options: dict[str, Any] = {"num_cpus": p.cpus_per_replica, "resources": {"neuron_cores": p.cores_per_replica}}
+    else:
+        actor_options = {"num_cpus": p.cpus_per_replica}
+    deployment = {
+        "name": DEPLOYMENT_NAME,
+        "max_ongoing_requests": p.max_ongoing_requests,
+        # Live-tunable batching knobs (the replica's reconfigure()); the same values as the args.
+        "user_config": {
+            "max_batch_tokens": p.max_batch_tokens,
+            "batch_wait_ms": float(opts.batch_wait_ms),
+            "max_concurrent_batches": opts.max_concurrent_batches,
+            "max_queued_rows": p.max_queued_rows,
+        },
+        "ray_actor_options": actor_options,
+        "autoscaling_config": {
+            "min_replicas": p.min_replicas,
+            "initial_replicas": max(p.min_replicas, 1),
+            "max_replicas": p.max_replicas,
+            "target_ongoing_requests": p.target_ongoing_requests,
+            # Replicas of compiled models load in tens of seconds and nodes take minutes: react to
+            # load quickly, give capacity back slowly.
+            "upscale_delay_s": 15.0,
+            "downscale_delay_s": 300.0,
+        },
+        # Loading and warming every bucket on a NeuronCore takes a while.
+        "graceful_shutdown_timeout_s": 30.0,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 60.0,
+    }
+    return {
+        "proxy_location": "EveryNode",
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": app_args(p, opts),
+                # Serve's per-request access log costs about 12% throughput (measured).
+                "logging_config": {"enable_access_log": False},
+                "deployments": [deployment],
+            }
+        ],
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2, patches) as readable literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+# --- Kubernetes objects ---------------------------------------------------------------------------
+def _labels(opts: RenderOptions, component: str | None = None) -> dict[str, str]:
+    labels = {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/instance": opts.name}
+    if component:
+        labels["app.kubernetes.io/component"] = component
+    return labels
+
+
+def _metadata(opts: RenderOptions, name: str, component: str | None = None) -> dict[str, Any]:
+    md: dict[str, Any] = {"name": name}
+    if opts.namespace:
+        md["namespace"] = opts.namespace
+    md["labels"] = _labels(opts, component)
+    return md
+
+
+def _resources(cpu: int | str, memory: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # requests == limits: Guaranteed QoS, so the kubelet never evicts a serving pod first.
+    amounts = {"cpu": str(cpu), "memory": memory, **(extra or {})}
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _sidecar(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    return {
+        "name": "metrics-exporter",
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", str(opts.metrics_port)],
+        "env": [
+            {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
+            {"name": "NEURONSERVE_INSTANCE_TYPE", "value": p.instance.name},
+        ],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": opts.metrics_port, "protocol": "TCP"}],
+        "resources": _resources(f"{SIDECAR_CPU_MILLI}m", f"{SIDECAR_MEMORY_MIB}Mi"),
+        "volumeMounts": [{"name": "metrics", "mountPath": METRICS_DIR}],
+    }
+
+
+def _init_containers(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
+    if not p.s3_uri:
+        return []
+    return [
+        {
+            "name": "fetch-artifacts",
+            "image": opts.aws_cli_image,
+            "imagePullPolicy": "IfNotPresent",
+            # Credentials come from the pod's service account (IRSA / EKS Pod Identity).
+            "command": ["aws"],
+            "args": ["s3", "sync", "--only-show-errors", p.s3_uri, S3_ARTIFACTS_DIR],
+            "resources": _resources(1, "1Gi"),
+            "volumeMounts": [{"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR}],
+        }
+    ]
+
+
+def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]:
+    component = "ray-head" if head else "ray-worker"
+    ports = [{"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"}]
+    if head:
+        ports = [
+            {"name": "gcs-server", "containerPort": GCS_PORT, "protocol": "TCP"},
+            {"name": "dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"},
+            {"name": "client", "containerPort": CLIENT_PORT, "protocol": "TCP"},
+        ] + ports
+    ports.append({"name": RAY_METRICS_PORT_NAME, "containerPort": RAY_METRICS_PORT, "protocol": "TCP"})
+
+    if head:
+        resources = _resources(HEAD_CPU, f"{HEAD_MEMORY_GIB}Gi")
+    else:
+        extra = {NEURON_CORE_RESOURCE: str(p.cores_per_pod)} if p.neuron else None
+        resources = _resources(p.pod_cpus, f"{p.pod_memory_gib}Gi", extra)
+
+    mounts = [{"name": "metrics", "mountPath": METRICS_DIR}]
+    volumes: list[dict[str, Any]] = [{"name": "metrics", "emptyDir": {"sizeLimit": "1Gi"}}]
+    if p.s3_uri:
+        mounts.append({"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR})
+        volumes.append({"name": "artifacts", "emptyDir": {}})
+
+    env = [
+        {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
+        {"name": "NEURONSERVE_INSTANCE_TYPE", "value": p.instance.name},
+        # The config's ray_actor_options replace the app's (and its runtime_env), so the replica
+        # environment the app would set is set on the container, which Ray workers inherit.
+        # Idle OpenMP threads otherwise spin (about half a core each, measured).
+        {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+    ]
+    ray_container = {
+        "name": component,
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "ports": ports,
+        "resources": resources,
+        "volumeMounts": mounts,
+        # Let Serve drain in-flight requests before the pod goes.
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+    }
+    spec: dict[str, Any] = {}
+    if opts.service_account:
+        spec["serviceAccountName"] = opts.service_account
+    inits = _init_containers(p, opts)
+    if inits:
+        spec["initContainers"] = inits
+    # KubeRay requires the Ray container first.
+    spec["containers"] = [ray_container, _sidecar(p, opts)]
+    spec["volumes"] = volumes
+    if not head:
+        spec["nodeSelector"] = {INSTANCE_TYPE_LABEL: p.instance.name}
+        if p.neuron:
+            spec["tolerations"] = [{"key": NEURON_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+            if p.cores_per_pod > 1:
+                # Several cores in one pod must be contiguous on the device ring: the Neuron
+                # scheduler extension picks them.
+                spec["schedulerName"] = NEURON_SCHEDULER
+    spec["terminationGracePeriodSeconds"] = 60
+    return {"metadata": {"labels": _labels(opts, component)}, "spec": spec}
+
+
+def rayservice(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    group = "neuron" if p.neuron else "cpu"
+    worker = {
+        "groupName": f"{group}-{p.instance.name.replace('.', '-')}",
+        "replicas": p.min_workers,
+        "minReplicas": p.min_workers,
+        "maxReplicas": p.max_workers,
+        # Ray reads num-cpus and neuron_cores from the container limits.
+        "rayStartParams": {},
+        "template": _pod_template(p, opts, head=False),
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(opts, opts.name),
+        "spec": {
+            "serveConfigV2": dump_yaml(serve_config(p, opts)),
+            # Neuron replicas load and warm every bucket before they are healthy.
+            "serviceUnhealthySecondThreshold": 900,
+            "deploymentUnhealthySecondThreshold": 900,
+            # Traffic goes to worker proxies only; the head has no replicas.
+            "excludeHeadPodFromServeSvc": True,
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+                # Ray >= 2.52 turns token authentication on; KubeRay keeps the token in a Secret.
+                "authOptions": {"mode": "token"},
+                "headGroupSpec": {
+                    # num-cpus 0: no replica is ever scheduled on the head.
+                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                    "template": _pod_template(p, opts, head=True),
+                },
+                "workerGroupSpecs": [worker],
+            },
+        },
+    }
+
+
+def metrics_service(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    """A headless Service over every Ray pod of this app, for scraping both metrics ports."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(opts, f"{opts.name}-metrics", "metrics"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": _labels(opts),
+            "ports": [
+                {"name": METRICS_PORT_NAME, "port": opts.metrics_port, "targetPort": opts.metrics_port, "protocol": "TCP"},
+                {"name": "ray-metrics", "port": RAY_METRICS_PORT, "targetPort": RAY_METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def render_objects(opts: RenderOptions) -> list[dict[str, Any]]:
+    p = plan(opts)
+    return [rayservice(p, opts), metrics_service(p, opts)]
+
+
+def render_yaml(opts: RenderOptions) -> str:
+    p = plan(opts)
+    header = (
+        f"# neuronserve deploy render: {p.instance.name} ({p.instance.target}), "
+        f"{p.replicas_per_node} replica(s) per node"
+        + (f" x {p.cores_per_replica} NeuronCore(s)" if p.neuron else f" x {p.threads_per_replica} vCPU(s)")
+        + f", replicas {p.min_replicas}..{p.max_replicas} on {p.min_workers}..{p.max_workers} node(s)\n"
+        f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods"
+        + (" (baked into the image)" if not p.s3_uri else " (init container sync)")
+        + "\n"
+    )
+    docs = [rayservice(p, opts), metrics_service(p, opts)]
+    return header + "".join("---\n" + dump_yaml(d) for d in docs)
+
+
+# --- kustomize tree -------------------------------------------------------------------------------
+def json_patch(old: Any, new: Any, path: str = "") -> list[dict[str, Any]]:
+    """RFC 6902 operations turning `old` into `new` (lists of unequal length are replaced whole).
+
+    >>> json_patch({"a": 1, "b": [1, 2]}, {"a": 2, "b": [1, 3], "c/d": 0})
+    [{'op': 'replace', 'path': '/a', 'value': 2}, {'op': 'replace', 'path': '/b/1', 'value': 3}, {'op': 'add', 'path': '/c~1d', 'value': 0}]
+    """
+
+    def esc(key: Any) -> str:
+        return str(key).replace("~", "~0").replace("/", "~1")
+
+    if isinstance(old, dict) and isinstance(new, dict):
+        ops: list[dict[str, Any]] = []
+        for k in old:
+            if k not in new:
+                ops.append({"op": "remove", "path": f"{path}/{esc(k)}"})
+        for k, v in new.items():
+            if k not in old:
+                ops.append({"op": "add", "path": f"{path}/{esc(k)}", "value": copy.deepcopy(v)})
+            else:
+                ops.extend(json_patch(old[k], v, f"{path}/{esc(k)}"))
+        return ops
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        ops = []
+        for i, (a, b) in enumerate(zip(old, new)):
+            ops.extend(json_patch(a, b, f"{path}/{i}"))
+        return ops
+    if old == new and type(old) is type(new):
+        return []
+    return [{"op": "replace", "path": path, "value": copy.deepcopy(new)}]
+
+
+# The overlays: instance type -> directory under k8s/overlays/. They assume an artifact compiled with
+# the default buckets (ASSUMED_FACTS) baked into the image; for any other artifact use
+# `neuronserve deploy render`, which reads the real manifest.
+OVERLAYS = {
+    "inf2-xlarge": "inf2.xlarge",
+    "inf2-24xlarge": "inf2.24xlarge",
+    "inf2-48xlarge": "inf2.48xlarge",
+    "trn1-32xlarge": "trn1.32xlarge",
+    "cpu": "c7i.4xlarge",
+}
+BASE_INSTANCE = "inf2.xlarge"
+# Placeholder image names; set yours with `kustomize edit set image neuronserve-neuron=REPO:TAG`.
+OVERLAY_IMAGES = {"neuron": "neuronserve-neuron:latest", "cpu": "neuronserve-cpu:latest"}
+
+
+def overlay_options(instance_type: str) -> RenderOptions:
+    inst = get_instance(instance_type)
+    kind = "cpu" if inst.target == "cpu" else "neuron"
+    return RenderOptions(
+        artifacts=IMAGE_ARTIFACTS_DIR,
+        instance_type=instance_type,
+        image=OVERLAY_IMAGES[kind],
+        facts=assumed_facts(inst.target),
+    )
+
+
+def kustomize_tree(monitoring: bool) -> dict[str, str]:
+    """Files of k8s/base and k8s/overlays/*, keyed by path relative to k8s/.
+
+    The base is the inf2.xlarge rendering; each overlay is a JSON patch from it to its instance's
+    rendering, so `kustomize build overlays/X` equals what `deploy render` prints for X.
+    """
+    note = "# Generated by `python -m deploy.render --write-k8s k8s`; edit deploy/render.py, not this file.\n"
+    files: dict[str, str] = {}
+    base_objs = render_objects(overlay_options(BASE_INSTANCE))
+    files["base/rayservice.yaml"] = note + dump_yaml(base_objs[0])
+    files["base/metrics-service.yaml"] = note + dump_yaml(base_objs[1])
+    resources = ["rayservice.yaml", "metrics-service.yaml"]
+    if monitoring:
+        resources.append("../monitoring")
+    files["base/kustomization.yaml"] = note + dump_yaml(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": resources}
+    )
+    for directory, instance_type in OVERLAYS.items():
+        objs = render_objects(overlay_options(instance_type))
+        patches = []
+        for old, new in zip(base_objs, objs):
+            ops = json_patch(old, new)
+            if ops:
+                patches.append(
+                    {
+                        "target": {"group": _group(old), "version": _version(old), "kind": old["kind"], "name": old["metadata"]["name"]},
+                        "patch": dump_yaml(ops),
+                    }
+                )
+        kust: dict[str, Any] = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": ["../../base"],
+        }
+        if patches:
+            kust["patches"] = patches
+        files[f"overlays/{directory}/kustomization.yaml"] = note + f"# {instance_type}\n" + dump_yaml(kust)
+    return files
+
+
+def _group(obj: dict[str, Any]) -> str:
+    api = obj["apiVersion"]
+    return api.split("/")[0] if "/" in api else ""
+
+
+def _version(obj: dict[str, Any]) -> str:
+    return obj["apiVersion"].split("/")[-1]
+
+
+def write_kustomize_tree(k8s_dir: str | Path) -> list[Path]:
+    root = Path(k8s_dir)
+    monitoring = (root / "monitoring" / "kustomization.yaml").is_file()
+    written = []
+    for rel, text in kustomize_tree(monitoring).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.render", description="regenerate k8s/base and k8s/overlays")
+    parser.add_argument("--write-k8s", required=True, metavar="DIR", help="the repo's k8s/ directory")
+    args = parser.parse_args(argv)
+    for path in write_kustomize_tree(args.write_k8s):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
+
+
+__all__ = [
+    "RenderError",
+    "RenderOptions",
+    "Plan",
+    "ArtifactFacts",
+    "plan",
+    "serve_config",
+    "render_objects",
+    "render_yaml",
+    "kustomize_tree",
+    "write_kustomize_tree",
+    "json_patch",
+]

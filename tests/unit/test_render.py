@@ -1,0 +1,326 @@
+"""`neuronserve deploy render`: every object validates, sizing follows the artifact and instance,
+bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from deploy import cli as deploy_cli
+from deploy.render import (
+    DEPLOYMENT_NAME,
+    IMAGE_ARTIFACTS_DIR,
+    IMPORT_PATH,
+    METRICS_DIR,
+    NEURON_CORE_RESOURCE,
+    S3_ARTIFACTS_DIR,
+    RenderError,
+    RenderOptions,
+    allocatable,
+    get_instance,
+    plan,
+    render_objects,
+    render_yaml,
+)
+from deploy.validate import ManifestInvalid, validate_object, validate_serve_config
+from models.artifact import BucketEntry, Manifest, ModelInfo, save_manifest
+
+APP_ARG_KEYS = {
+    "artifacts", "backend", "cores_per_replica", "threads_per_replica", "max_batch_tokens", "batch_wait_ms",
+    "max_queued_rows", "instance_type", "price_per_hour_usd", "metrics_port", "metrics_dir",
+}
+CASES = [  # instance type, artifact target
+    ("inf2.xlarge", "inf2"),
+    ("inf2.8xlarge", "inf2"),
+    ("inf2.24xlarge", "inf2"),
+    ("inf2.48xlarge", "inf2"),
+    ("trn1.2xlarge", "trn1"),
+    ("trn1.32xlarge", "trn1"),
+    ("trn2.48xlarge", "trn2"),
+    ("c7i.4xlarge", "cpu"),
+    ("c7g.2xlarge", "cpu"),
+    ("c7i.xlarge", "cpu"),
+]
+
+
+def make_artifact(root, target: str, buckets=((1, 32), (8, 32), (8, 128))):
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(
+        model=ModelInfo(source="default", name="all-minilm-l6-v2", family="bert", sha256="0" * 64,
+                        max_position_embeddings=512, max_seq_length=256, hidden_size=384, output_dim=384),
+        task="embed",
+        inputs=["input_ids", "attention_mask", "token_type_ids"],
+        target=target,
+        buckets=[BucketEntry(batch_size=b, seq_len=s, file=f"graphs/{b}x{s}.pt", sha256="0" * 64, compile_seconds=1.0)
+                 for b, s in buckets],
+    )
+    save_manifest(manifest, root)
+    return root
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    return lambda target, **kw: str(make_artifact(tmp_path / f"art-{target}", target, **kw))
+
+
+def opts(artifacts: str, instance_type: str, **kw) -> RenderOptions:
+    return RenderOptions(artifacts=artifacts, instance_type=instance_type, image="example.com/neuronserve:1", **kw)
+
+
+def split(objs):
+    rs = [o for o in objs if o["kind"] == "RayService"]
+    svc = [o for o in objs if o["kind"] == "Service"]
+    assert len(rs) == 1 and len(svc) == 1, [o["kind"] for o in objs]
+    return rs[0], svc[0]
+
+
+def containers(pod_template):
+    return {c["name"]: c for c in pod_template["spec"]["containers"]}
+
+
+@pytest.mark.parametrize("instance_type,target", CASES)
+def test_every_object_validates(artifact, instance_type, target):
+    objs = render_objects(opts(artifact(target), instance_type))
+    for obj in objs:
+        validate_object(obj)
+    rs, _ = split(objs)
+    config = validate_serve_config(rs["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    assert app["import_path"] == IMPORT_PATH and app["route_prefix"] == "/"
+    assert set(app["args"]) == APP_ARG_KEYS
+    (dep,) = app["deployments"]
+    assert dep["name"] == DEPLOYMENT_NAME
+
+
+def test_yaml_output_is_the_objects(artifact):
+    o = opts(artifact("inf2"), "inf2.24xlarge", namespace="serving")
+    docs = [d for d in yaml.safe_load_all(render_yaml(o)) if d]
+    assert docs == render_objects(o)
+    assert all(d["metadata"]["namespace"] == "serving" for d in docs)
+    assert isinstance(docs[0]["spec"]["serveConfigV2"], str)
+
+
+def test_neuron_worker_asks_for_cores_not_devices(artifact):
+    objs = render_objects(opts(artifact("inf2"), "inf2.48xlarge"))
+    assert "aws.amazon.com/neuron:" not in yaml.safe_dump(objs).replace("aws.amazon.com/neuron: ", "")
+    rs, _ = split(objs)
+    cluster = rs["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    ray = pod["containers"][0]
+    assert ray["resources"]["limits"][NEURON_CORE_RESOURCE] == "24"
+    assert ray["resources"]["requests"] == ray["resources"]["limits"]
+    for c in pod["containers"]:
+        assert "aws.amazon.com/neuron" not in c["resources"]["limits"]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "inf2.48xlarge"}
+    assert {"key": "aws.amazon.com/neuron", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["schedulerName"] == "my-scheduler"
+    cpus, mem = allocatable(get_instance("inf2.48xlarge"))
+    assert ray["resources"]["limits"]["cpu"] == str(cpus) and cpus < 192
+    assert ray["resources"]["limits"]["memory"] == f"{mem}Gi" and mem < 768
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)
+
+
+def test_head_runs_no_replicas(artifact):
+    rs, _ = split(render_objects(opts(artifact("trn1"), "trn1.32xlarge")))
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    spec = head["template"]["spec"]
+    assert "nodeSelector" not in spec and "tolerations" not in spec and "schedulerName" not in spec
+    for c in spec["containers"]:
+        assert not any(k.startswith("aws.amazon.com/") for k in c["resources"]["limits"])
+    assert rs["spec"]["excludeHeadPodFromServeSvc"] is True
+
+
+def test_serve_config_sizing_from_artifact(artifact):
+    rs, _ = split(render_objects(opts(artifact("inf2", buckets=((1, 32), (16, 128))), "inf2.48xlarge",
+                                      cores_per_replica=2, max_replicas=30)))
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    (dep,) = app["deployments"]
+    assert dep["ray_actor_options"]["resources"] == {"neuron_cores": 2}
+    assert app["args"]["cores_per_replica"] == 2
+    auto = dep["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"]) == (12, 30)  # 24 cores / 2 per replica
+    # Serve's default of 5 would starve batching: twice in flight (16 rows x 2 batches) + queue.
+    assert dep["max_ongoing_requests"] == 2 * (16 * 2 + app["args"]["max_queued_rows"])
+    assert app["args"]["max_batch_tokens"] == 16 * 128
+    assert app["args"]["artifacts"] == IMAGE_ARTIFACTS_DIR
+    assert app["args"]["instance_type"] == "inf2.48xlarge"
+    assert app["args"]["price_per_hour_usd"] == pytest.approx(12.98127)
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert group["maxReplicas"] == 3  # ceil(30 / 12)
+
+
+def test_single_core_pod_uses_default_scheduler(artifact):
+    rs, _ = split(render_objects(opts(artifact("inf2"), "inf2.xlarge", cores_per_replica=2)))
+    pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"][NEURON_CORE_RESOURCE] == "2"
+    assert pod["schedulerName"] == "my-scheduler"  # 2 cores in one pod still need contiguity
+    p = plan(opts(artifact("inf2"), "inf2.xlarge", cores_per_replica=2))
+    assert p.replicas_per_node == 1
+
+
+def test_cpu_instance_has_no_neuron_anything(artifact):
+    objs = render_objects(opts(artifact("cpu"), "c7i.4xlarge", threads_per_replica=3))
+    text = yaml.safe_dump(objs)
+    assert "neuron" not in text.lower().replace("neuronserve", "")
+    rs, _ = split(objs)
+    (dep,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+    assert dep["ray_actor_options"] == {"num_cpus": 3}
+    pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "tolerations" not in pod and "schedulerName" not in pod
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "c7i.4xlarge"}
+
+
+def test_metrics_sidecar_and_ports(artifact):
+    rs, svc = split(render_objects(opts(artifact("inf2"), "inf2.24xlarge")))
+    cluster = rs["spec"]["rayClusterConfig"]
+    for template in (cluster["headGroupSpec"]["template"], cluster["workerGroupSpecs"][0]["template"]):
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "neuronserve"
+        cs = containers(template)
+        ray = template["spec"]["containers"][0]
+        side = cs["metrics-exporter"]
+        assert side["image"] == ray["image"]
+        assert side["command"] == ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", "9400"]
+        env = {e["name"]: e["value"] for e in ray["env"]}
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == METRICS_DIR
+        assert env["NEURONSERVE_INSTANCE_TYPE"] == "inf2.24xlarge"
+        for c in (ray, side):
+            assert {"name": "metrics", "mountPath": METRICS_DIR} in c["volumeMounts"]
+        assert any(v["name"] == "metrics" and "emptyDir" in v for v in template["spec"]["volumes"])
+        ports = {p["containerPort"]: p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert ports[8000] == "serve" and ports[8080] == "metrics" and ports[9400] == "nserve-metrics"
+        names = [p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])]
+        assert len(names) == len(set(names)), "port names must be unique within a pod"
+    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265, 8000, 8080} <= head_ports
+    assert svc["spec"]["clusterIP"] == "None"
+    assert {p["port"] for p in svc["spec"]["ports"]} == {9400, 8080}
+    assert svc["spec"]["selector"]["app.kubernetes.io/name"] == "neuronserve"
+    for obj in (rs, svc):
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "neuronserve"
+
+
+def test_s3_artifacts_use_an_init_container(tmp_path, artifact):
+    manifest = make_artifact(tmp_path / "local", "inf2") / "manifest.json"
+    o = opts("s3://my-bucket/minilm/inf2", "inf2.xlarge", manifest_file=str(manifest), service_account="reader")
+    objs = render_objects(o)
+    for obj in objs:
+        validate_object(obj)
+    rs, _ = split(objs)
+    for t in (rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+              rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]):
+        (init,) = t["spec"]["initContainers"]
+        assert init["args"][-2:] == ["s3://my-bucket/minilm/inf2", S3_ARTIFACTS_DIR]
+        assert t["spec"]["serviceAccountName"] == "reader"
+        assert {"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR} in t["spec"]["containers"][0]["volumeMounts"]
+    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["artifacts"] == S3_ARTIFACTS_DIR
+    # --target instead of a manifest: default buckets assumed
+    assert plan(opts("s3://b/p", "trn1.32xlarge", target="trn1")).replicas_per_node == 32
+
+
+def test_app_args_match_the_app_contract(artifact):
+    app = pytest.importorskip("serve.app", reason="serve/app.py is not in the tree yet")
+    for instance_type, target in (("inf2.xlarge", "inf2"), ("c7i.4xlarge", "cpu")):
+        rs, _ = split(render_objects(opts(artifact(target), instance_type)))
+        args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+        app.AppArgs.model_validate(args)
+
+
+def test_validator_rejects_typos(artifact):
+    rs, _ = split(render_objects(opts(artifact("inf2"), "inf2.xlarge")))
+    bad = yaml.safe_load(yaml.safe_dump(rs))
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["nodeSelecter"] = {}
+    with pytest.raises(ManifestInvalid, match="nodeSelecter"):
+        validate_object(bad)
+    with pytest.raises(ManifestInvalid, match="max_ongoing_request"):
+        validate_serve_config(rs["spec"]["serveConfigV2"].replace("max_ongoing_requests", "max_ongoing_request"))
+    with pytest.raises(ManifestInvalid, match="autoscaling_config"):
+        validate_serve_config(rs["spec"]["serveConfigV2"].replace("max_replicas: 4", "max_replicas: 1"))
+
+
+# --- the command line ---------------------------------------------------------------------------
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="neuronserve")
+    deploy_cli.add_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def cli_error(capsys, argv: list[str]) -> str:
+    assert run_cli(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def base_argv(artifacts: str, instance_type: str) -> list[str]:
+    return ["deploy", "render", "--artifacts", artifacts, "--instance-type", instance_type, "--image", "img:1"]
+
+
+def test_cli_prints_yaml(capsys, artifact):
+    assert run_cli(base_argv(artifact("inf2"), "inf2.xlarge") + ["--min-replicas", "1", "--max-replicas", "6"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert [d["kind"] for d in docs] == ["RayService", "Service"]
+
+
+def test_cli_writes_file(tmp_path, artifact):
+    out = tmp_path / "out.yaml"
+    assert run_cli(base_argv(artifact("cpu"), "c7i.2xlarge") + ["--out", str(out), "--name", "embed"]) == 0
+    docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    assert docs[0]["metadata"]["name"] == "embed"
+
+
+def test_registered_in_neuronserve():
+    from serve.cli import build_parser
+
+    args = build_parser().parse_args(base_argv("x", "inf2.xlarge"))
+    assert args.func is deploy_cli.run
+
+
+@pytest.mark.parametrize(
+    "instance_type,target,extra,message",
+    [
+        ("inf2.96xlarge", "inf2", [], "unknown instance type 'inf2.96xlarge'; known: .*inf2.48xlarge"),
+        ("g5.xlarge", "cpu", [], "GPU instance"),
+        ("trn1.32xlarge", "inf2", [], "built for inf2 but trn1.32xlarge is a trn1 instance"),
+        ("inf2.xlarge", "cpu", [], "built for cpu but inf2.xlarge is a inf2 instance"),
+        ("c7i.4xlarge", "inf2", [], "built for inf2 but c7i.4xlarge is a cpu instance"),
+        ("inf2.xlarge", "inf2", ["--cores-per-replica", "4"], "more than the 2 NeuronCores of one inf2.xlarge"),
+        ("inf2.xlarge", "inf2", ["--cores-per-replica", "0"], "must be >= 1"),
+        ("inf2.xlarge", "inf2", ["--min-replicas", "5", "--max-replicas", "2"], "--min-replicas 5 is greater than --max-replicas 2"),
+        ("c7i.4xlarge", "cpu", ["--cores-per-replica", "1"], "use --threads-per-replica"),
+        ("c7i.xlarge", "cpu", ["--threads-per-replica", "16"], "does not fit c7i.xlarge"),
+        ("inf2.xlarge", "inf2", ["--backend", "cpu"], "cannot serve"),
+        ("inf2.xlarge", "inf2", ["--name", "Bad_Name"], "--name 'Bad_Name'"),
+    ],
+)
+def test_cli_bad_input(capsys, artifact, instance_type, target, extra, message):
+    import re
+
+    line = cli_error(capsys, base_argv(artifact(target), instance_type) + extra)
+    assert line.startswith("error: ")
+    assert re.search(message, line), line
+
+
+def test_cli_missing_manifest(capsys, tmp_path):
+    line = cli_error(capsys, base_argv(str(tmp_path), "inf2.xlarge"))
+    assert "no manifest.json" in line
+
+
+def test_cli_remote_without_sizing(capsys, tmp_path):
+    line = cli_error(capsys, base_argv("s3://b/a", "inf2.xlarge"))
+    assert "--manifest" in line and "--target" in line
+    line = cli_error(capsys, base_argv("s3://b/a", "inf2.xlarge") + ["--manifest", str(tmp_path / "nope.json")])
+    assert "no such file" in line
+
+
+def test_render_error_is_value_error():
+    with pytest.raises(RenderError):
+        plan(opts("s3://b/a", "inf2.xlarge", target="trn1"))
