@@ -47,6 +47,7 @@ KEY_NEURONX_CC = "neuronx_cc"
 KEY_SDK = "neuron_sdk"
 KEY_TEST_DOUBLE = "neuron_test_double"
 COMPARED_KEYS: tuple[str, ...] = (KEY_TORCH_NEURONX, KEY_NEURONX_CC, KEY_TEST_DOUBLE)
+NOT_INSTALLED = "not installed"
 
 
 class NeuronSDKMissing(RuntimeError):
@@ -119,7 +120,7 @@ def compiler_args(
     if target not in NEURON_TARGETS:
         hint = " (cpu artifacts are not compiled by neuronx-cc)" if target == "cpu" else ""
         raise ValueError(f"unknown Neuron target {target!r}{hint}: expected one of {', '.join(NEURON_TARGETS)}")
-    if isinstance(optlevel, bool) or optlevel not in OPTLEVELS:
+    if type(optlevel) is not int or optlevel not in OPTLEVELS:
         raise ValueError(f"optlevel {optlevel!r} is not supported by neuronx-cc: expected 1, 2 or 3 (1 compiles fastest)")
     if auto_cast not in AUTO_CASTS:
         raise ValueError(f"unknown auto_cast {auto_cast!r}: expected 'none' (fp32) or 'bf16' (matmuls in bf16)")
@@ -202,7 +203,7 @@ def sdk_versions() -> dict[str, str]:
         if neuronx_cc_version is None and test_double:
             neuronx_cc_version = str(getattr(tnx, "NEURONX_CC_VERSION", "unknown"))
     if neuronx_cc_version is None:
-        neuronx_cc_version = "not installed"
+        neuronx_cc_version = NOT_INSTALLED
     versions = {
         KEY_TORCH_NEURONX: torch_neuronx_version,
         KEY_NEURONX_CC: neuronx_cc_version,
@@ -234,7 +235,7 @@ def sdk_mismatch(recorded: Mapping[str, str], installed: Mapping[str, str]) -> s
 
     NEFFs are not portable across SDK releases, and a release cannot always be named from the
     versions alone, so the exact package versions must match (and both sides must agree on
-    whether the test stand-in compiled it).
+    whether the test stand-in compiled it). A host without neuronx-cc is compared on torch-neuronx.
 
     >>> same = {"torch_neuronx": "2.9.0.2.15.32035", "neuronx_cc": "2.26.6360.0", "neuron_sdk": "2.31"}
     >>> sdk_mismatch(same, dict(same)) is None
@@ -244,6 +245,11 @@ def sdk_mismatch(recorded: Mapping[str, str], installed: Mapping[str, str]) -> s
     """
     if not any(k in recorded for k in (KEY_TORCH_NEURONX, KEY_NEURONX_CC)):
         return "the artifact records no Neuron SDK versions"
-    if any(recorded.get(k) != installed.get(k) for k in COMPARED_KEYS):
+    keys = list(COMPARED_KEYS)
+    if installed.get(KEY_NEURONX_CC) == NOT_INSTALLED:
+        # A serving image may carry the runtime and torch-neuronx without the compiler; then the
+        # compiler version cannot be compared and torch-neuronx (plus the double flag) must do.
+        keys.remove(KEY_NEURONX_CC)
+    if any(recorded.get(k) != installed.get(k) for k in keys):
         return f"the artifact was compiled with {describe_sdk(recorded)}; this machine has {describe_sdk(installed)}"
     return None

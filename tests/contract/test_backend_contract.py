@@ -1,0 +1,198 @@
+"""One contract every backend passes: the same tests, parametrized over backends.
+
+- cpu: CpuBackend on an artifact compiled for cpu;
+- neuron-standin: NeuronBackend on an artifact compiled for inf2 through `compile_artifact`, with
+  the torch_neuronx stand-in (a test double) playing the SDK;
+- neuron: NeuronBackend on the real SDK and a real NeuronCore (marker `neuron`; skipped without
+  /dev/neuron0). Set NEURONSERVE_TEST_TARGET (default inf2) to the machine's family.
+
+The reference is computed here, independently of the compile pipeline: the eager transformers model
+with mean pooling (embed) or its logits (classify), on real tokenized text padded to the bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifact import Bucket, Manifest
+from serve.backends.base import Backend, BackendError, load_backend
+from tests.fixtures.neuron_standin import standin_installed
+from tests.fixtures.tiny_models import make_tiny_model
+
+BUCKETS = [Bucket(1, 16), Bucket(4, 32)]
+MODELS = [("bert", "embed"), ("roberta", "classify")]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Serving transformer models on Inferentia means padding every batch to a compiled shape.",
+    "hello world",
+    "Latency, throughput and cost are measured, never assumed; every compile is checked before it serves requests.",
+]
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("neuron-standin", id="neuron-standin"),
+    pytest.param("neuron", id="neuron", marks=pytest.mark.neuron),
+]
+
+
+@dataclass
+class Served:
+    name: str
+    backend: Backend
+    manifest: Manifest
+    model_dir: Path
+    artifact_dir: Path
+    task: str
+    atol: float
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def _compile_and_load(name: str, model_dir: Path, task: str, out: Path) -> Served:
+    from compile.compiler import CompileOptions, compile_artifact
+
+    target = "cpu" if name == "cpu" else os.environ.get("NEURONSERVE_TEST_TARGET", "inf2")
+    sdk = standin_installed() if name == "neuron-standin" else contextlib.nullcontext()
+    with sdk as tnx:
+        result = compile_artifact(
+            CompileOptions(model=str(model_dir), task=task, target=target, buckets=list(BUCKETS), out=out,
+                           auto_cast="none", optlevel=1)
+        )
+        assert result.manifest.target == target
+        if tnx is not None:  # the stand-in saw one trace per bucket, for inf2, without a device
+            traces = tnx.calls("trace")
+            assert sorted(tuple(c["shapes"][0]) for c in traces) == [(b.batch_size, b.seq_len) for b in BUCKETS]
+            assert all(c["cpu_backend"] is True and c["compiler_args"] == result.manifest.compiler_args for c in traces)
+            assert result.manifest.compiler_args[:2] == ["--target", target]
+            assert result.manifest.versions["neuron_test_double"] == "true"
+        backend = load_backend(result.out_dir, kind="cpu" if name == "cpu" else "neuron")
+    atol = 2e-3 if name == "neuron" else 1e-4  # a NeuronCore's fp32 differs from CPU's in rounding
+    return Served(name, backend, result.manifest, model_dir, result.out_dir, task, atol)
+
+
+@pytest.fixture(scope="session")
+def served_cache():
+    return {}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request):
+    return request.param
+
+
+@pytest.fixture(params=MODELS, ids=[f"{f}-{t}" for f, t in MODELS])
+def served(request, backend_name, tiny_dir, served_cache, tmp_path_factory) -> Served:
+    family, task = request.param
+    key = (backend_name, family, task)
+    if key not in served_cache:
+        model_dir = make_tiny_model(tiny_dir, family=family, task=task)
+        out = tmp_path_factory.mktemp(f"art-{backend_name}-{family}-{task}")
+        served_cache[key] = _compile_and_load(backend_name, model_dir, task, out)
+    return served_cache[key]
+
+
+def tokenized(served: Served, bucket: Bucket, texts=TEXTS) -> tuple[torch.Tensor, ...]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(served.artifact_dir / served.manifest.tokenizer_dir), local_files_only=True)
+    rows = [texts[i % len(texts)] for i in range(bucket.batch_size)]
+    enc = tok(rows, padding="max_length", truncation=True, max_length=bucket.seq_len, return_tensors="pt")
+    enc.setdefault("token_type_ids", torch.zeros_like(enc["input_ids"]))
+    return tuple(enc[name].to(torch.int64) for name in served.manifest.inputs)
+
+
+def eager_reference(served: Served, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if served.task == "classify" else AutoModel
+    model = cls.from_pretrained(str(served.model_dir), local_files_only=True).float().eval()
+    kwargs = dict(zip(served.manifest.inputs, inputs))
+    with torch.inference_mode():
+        out = model(**kwargs)
+    if served.task == "classify":
+        return out.logits
+    mask = kwargs["attention_mask"].unsqueeze(-1).float()
+    return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def test_is_a_backend(served):
+    assert isinstance(served.backend, Backend)
+    assert served.backend.manifest.bucket_list() == BUCKETS
+
+
+@pytest.mark.parametrize("bucket", BUCKETS, ids=str)
+def test_forward_shape_and_dtype(served, bucket):
+    out = served.backend.forward(bucket, tokenized(served, bucket))
+    assert isinstance(out, torch.Tensor)
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    assert tuple(out.shape) == (bucket.batch_size, served.manifest.model.output_dim)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("bucket", BUCKETS, ids=str)
+def test_matches_eager_reference(served, bucket):
+    inputs = tokenized(served, bucket)
+    assert (inputs[served.manifest.inputs.index("attention_mask")] == 0).any(), "rows should include padding"
+    got = served.backend.forward(bucket, inputs)
+    torch.testing.assert_close(got, eager_reference(served, inputs), atol=served.atol, rtol=1e-3)
+
+
+def test_rows_are_independent_of_batch_mates(served):
+    # Padding a row into a batch must not change it: row 0 alone (1x32 layout inside the 4x32 bucket).
+    big = BUCKETS[1]
+    inputs = tokenized(served, big)
+    alone = tokenized(served, big, texts=[TEXTS[0]] * 4)
+    got = served.backend.forward(big, inputs)[0]
+    ref = served.backend.forward(big, alone)[0]
+    torch.testing.assert_close(got, ref, atol=served.atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 32), (4, 16), (2, 32), (4, 33)],
+    ids=lambda s: f"{s[0]}x{s[1]}",
+)
+def test_rejects_wrong_shapes(served, shape):
+    bucket = BUCKETS[1]
+    bad = tuple(torch.zeros(shape, dtype=torch.int64) for _ in served.manifest.inputs)
+    with pytest.raises(BackendError):
+        served.backend.forward(bucket, bad)
+
+
+def test_rejects_wrong_number_of_inputs(served):
+    bucket = BUCKETS[0]
+    inputs = tokenized(served, bucket)
+    with pytest.raises(BackendError):
+        served.backend.forward(bucket, inputs[:-1])
+    with pytest.raises(BackendError):
+        served.backend.forward(bucket, inputs + (inputs[0],))
+
+
+def test_rejects_bucket_not_compiled(served):
+    bucket = Bucket(2, 16)
+    with pytest.raises(BackendError):
+        served.backend.forward(bucket, tuple(torch.zeros((2, 16), dtype=torch.int64) for _ in served.manifest.inputs))
+
+
+def test_warmup_covers_every_bucket(served):
+    seconds = served.backend.warmup()
+    assert set(seconds) == {str(b) for b in BUCKETS}
+    assert all(isinstance(s, float) and s >= 0 for s in seconds.values())
+
+
+def test_health(served):
+    health = served.backend.health()
+    assert health["ok"] is True
+    assert "device" in health
+    if served.name != "cpu":
+        assert health["device"] == "neuron"
+        assert health["target"] == served.manifest.target
+        assert "cores" in health
