@@ -110,9 +110,12 @@ def library_versions(target: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "unknown"
     if target != "cpu":
-        from compile.neuron import sdk_versions
+        from compile.neuron import NeuronSDKMissing, sdk_versions
 
-        versions.update(sdk_versions())
+        try:
+            versions.update(sdk_versions())
+        except NeuronSDKMissing as e:
+            raise CompileError(str(e)) from None
     return versions
 
 
@@ -121,7 +124,10 @@ def compiler_args_for(opts: CompileOptions) -> list[str]:
         return []
     from compile.neuron import compiler_args
 
-    return compiler_args(opts.target, auto_cast=opts.auto_cast, optlevel=opts.optlevel, extra=opts.extra_compiler_args)
+    try:
+        return compiler_args(opts.target, auto_cast=opts.auto_cast, optlevel=opts.optlevel, extra=opts.extra_compiler_args)
+    except ValueError as e:
+        raise CompileError(str(e)) from None
 
 
 def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args: list[str], versions: dict) -> str:
@@ -272,17 +278,18 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                 torch.jit.save(cpu_graph, str(out / file))
             graph = cpu_graph
         else:
-            from compile.neuron import trace_bucket
+            from compile.neuron import NeuronCompileError, NeuronSDKMissing, trace_bucket
 
             file = f"graphs/b{bucket.batch_size}_s{bucket.seq_len}.pt"
             workdir = out / "neuron-workdir" / str(bucket)
             workdir.mkdir(parents=True, exist_ok=True)
             try:
-                graph = trace_bucket(module, example, compiler_args=args, workdir=workdir)
-            except CompileError:
-                raise
-            except Exception as e:
-                raise CompileError(f"bucket {bucket}: neuronx-cc failed: {e}") from e
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    graph = trace_bucket(module, example, compiler_args=args, workdir=workdir)
+            except (NeuronCompileError, NeuronSDKMissing) as e:
+                raise CompileError(f"bucket {bucket}: {e}") from e
             torch.jit.save(graph, str(out / file))
         traced_s = time.perf_counter() - t0
         parity = run_parity(graph, example, reference, opts, bucket, log)

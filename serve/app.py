@@ -94,11 +94,17 @@ class NeuronServe:
         from serve.backends.cpu import configure_threads
         from serve.engine import Engine
 
+        from models.artifact import load_manifest
+
         a = self.args
-        options: dict = {}
         backend = a.backend
-        if backend in ("auto", "cpu"):
+        if backend == "auto":
+            backend = "cpu" if load_manifest(a.artifacts).target == "cpu" else "neuron"
+        options: dict = {}
+        if backend == "cpu":
             options["threads"] = a.threads_per_replica
+        elif a.instance_type and a.instance_type.split(".")[0] in ("inf2", "trn1", "trn2"):
+            options["expected_target"] = a.instance_type.split(".")[0]  # refuse an inf2 artifact on trn1
         self.engine = Engine(a.artifacts, backend, backend_options=options)
         if self.engine.backend.kind == "cpu":
             configure_threads(a.threads_per_replica)

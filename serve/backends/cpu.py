@@ -27,7 +27,7 @@ def configure_threads(threads: int | None) -> int:
 class CpuBackend:
     kind = "cpu"
 
-    def __init__(self, artifact_dir: str | Path, manifest: Manifest, *, threads: int | None = None, **_ignored):
+    def __init__(self, artifact_dir: str | Path, manifest: Manifest, *, threads: int | None = None):
         if manifest.target != "cpu":
             raise BackendError(
                 f"artifact {artifact_dir} was compiled for {manifest.target}, not cpu; serve it on a Neuron "
