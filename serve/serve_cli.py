@@ -124,8 +124,10 @@ def run(args) -> int:
     from ray import serve
 
     from serve.app import build_app
+    from serve.ingress import haproxy_env, stop_haproxy
 
     started_ray = False
+    node_id = None
     try:
         if metrics_dir:
             exporter = _start_exporter(metrics_dir, app_args.metrics_port, args.host)
@@ -133,9 +135,11 @@ def run(args) -> int:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
+            os.environ.update(haproxy_env())  # read by the Ray processes started next
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             started_ray = True
+            node_id = ray.get_runtime_context().get_node_id()
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -161,6 +165,8 @@ def run(args) -> int:
             pass
         if started_ray:
             ray.shutdown()
+            if node_id:
+                stop_haproxy(node_id)
         if exporter is not None:
             exporter.stop()
         if metrics_dir:

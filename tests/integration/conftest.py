@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from serve.ingress import haproxy_env, stop_haproxy
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,14 +37,17 @@ def serve_instance(ray_home):
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["NEURONSERVE_EXTRA_PYTHONPATH"] = f"{repo}:{repo}/tests/doubles"
+    os.environ.update(haproxy_env())  # the ingress `neuronserve serve` uses
     ray.init(address="local", num_cpus=2, resources={"neuron_cores": 4}, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": f"{repo}:{repo}/tests/doubles"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    node_id = ray.get_runtime_context().get_node_id()
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    stop_haproxy(node_id)
 
 
 def deploy(url: str, args, name: str = "neuronserve", timeout_s: float = 180) -> None:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 def start_server(artifacts, port, metrics_port, *extra):
     env = {**os.environ, "HOME": tempfile.mkdtemp(prefix="nsh-"), "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    for key in [k for k in env if k == "RAY_ADDRESS" or k.startswith("RAY_SERVE_HAPROXY_")]:
+        env.pop(key)  # its own Ray and ingress ports, not the test session's
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
          "--metrics-port", str(metrics_port), "--threads-per-replica", "1", *extra],
