@@ -8,6 +8,7 @@ Inference Protocol v2 under `/v2`. Start it with `neuronserve serve`, or from a 
 
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
@@ -52,7 +53,9 @@ def error_response(e: ServeError, shape) -> Response:
 class NeuronServe:
     async def __init__(self, args: dict):
         self.args = AppArgs.model_validate(args)
-        self.ready = asyncio.Event()
+        # A thread-safe future, not an asyncio.Event: loading runs in a worker thread and, depending
+        # on Serve's mode, requests may run on another event loop than __init__.
+        self.loaded: concurrent.futures.Future = concurrent.futures.Future()
         self.warmup_error: str | None = None
         self.engine = None
         self.batcher = None
@@ -68,14 +71,19 @@ class NeuronServe:
         self._ticker: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def is_ready(self) -> bool:
+        return self.loaded.done() and self.warmup_error is None
+
     async def _start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._load)
         except Exception as e:  # surfaced through readiness and 503s, and the replica log
             log.exception("replica failed to start")
             self.warmup_error = str(e)
+            self.loaded.set_result(False)
             return
-        self.ready.set()
+        self.loaded.set_result(True)
         if self.metrics is not None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
@@ -94,7 +102,7 @@ class NeuronServe:
         from serve.backends.cpu import configure_threads
         from serve.engine import Engine
 
-        from models.artifact import load_manifest
+        from models.artifact import Bucket, load_manifest
 
         a = self.args
         backend = a.backend
@@ -119,6 +127,7 @@ class NeuronServe:
             max_concurrent_batches=a.max_concurrent_batches,
             max_queued_rows=a.max_queued_rows,
             on_batch=self._on_batch,
+            costs_s={Bucket.parse(k): v for k, v in self.warmup_s.items()},
         )
 
     def reconfigure(self, user_config: dict) -> None:
@@ -147,14 +156,13 @@ class NeuronServe:
             self.metrics.set_queue(self.batcher.queued_rows, self.batcher.inflight_rows)
 
     async def _wait_ready(self) -> None:
-        if self.ready.is_set():
-            return
+        if not self.loaded.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.loaded)), timeout=self.args.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise NotReady("model is still warming up; retry shortly", headers={"Retry-After": "5"}) from None
         if self.warmup_error:
             raise NotReady("model failed to load on this replica; see the server log")
-        try:
-            await asyncio.wait_for(self.ready.wait(), timeout=self.args.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise NotReady("model is still warming up; retry shortly", headers={"Retry-After": "5"}) from None
 
     # -- request plumbing -----------------------------------------------------------------------
     async def _body(self, request: Request) -> Any:
@@ -339,7 +347,7 @@ class NeuronServe:
 
     @api.get("/v2/health/ready")
     async def ready_route(self) -> Response:
-        if self.ready.is_set():
+        if self.is_ready:
             return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health()})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
@@ -379,7 +387,7 @@ class NeuronServe:
     async def model_ready(self, name: str) -> Response:
         if self.engine is not None and name != self.model_name:
             return error_response(NotFound(f"model {name!r} is not served here; this server serves {self.model_name!r}"), v2_body)
-        if self.ready.is_set():
+        if self.is_ready:
             return JSONResponse({"name": name, "ready": True})
         return JSONResponse({"name": name, "ready": False}, status_code=503)
 

@@ -1,12 +1,15 @@
 """Bucket-aware batching inside one replica.
 
-Rows from all concurrent requests wait in one FIFO per compiled sequence length, so a short
-sentence is never padded to a paragraph. Whenever the device has room (fewer than
-`max_concurrent_batches` in flight) the batcher cuts a batch at once from the group whose oldest
-row has waited longest: as many rows as the padded-token budget and the compiled batch sizes
-allow, split so the batch dimension is padded as little as possible. While the device is busy,
-rows pile up and the next batch is fuller by itself; nobody waits for a batch to fill on an idle
-device unless `batch_wait_ms` asks for it.
+Rows from all concurrent requests wait in one FIFO per compiled sequence length. Whenever the
+device has room (fewer than `max_concurrent_batches` in flight) the batcher cuts a batch at once.
+The batch always holds the oldest waiting row (so nothing starves); around it, it picks the
+bucket that serves the most real tokens per second of device time, among every compiled
+(batch, seq_len) that fits that row and the padded-token budget, filled with the oldest rows that
+fit. Device time per bucket comes from the warm-up and is refined by every batch that runs. So a
+short sentence is padded to a longer neighbour only when the bigger batch pays for the padding
+(small batches are inefficient on CPU), and the batch dimension is padded only when that is
+cheaper than a smaller bucket. While the device is busy rows pile up and the next batch is fuller
+by itself; nobody waits for a batch to fill on an idle device unless `batch_wait_ms` asks for it.
 
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
 request that does not fit is refused whole (429) before anything of it is queued, so an accepted
@@ -16,9 +19,11 @@ request is always answered.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
+from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from models.artifact import Bucket
-from serve.buckets import BucketSet, split_rows
+from serve.buckets import BucketSet
 from serve.errors import BackendFailure, Overloaded
 
 log = logging.getLogger("neuronserve.batcher")
@@ -63,8 +68,14 @@ class Batcher:
         max_concurrent_batches: int = 1,
         max_queued_rows: int = 2048,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        costs_s: dict[Bucket, float] | None = None,
+        learn_costs: bool = True,
     ):
         self.buckets = buckets
+        # Seconds of device time per bucket; unknown buckets cost their padded tokens at a nominal
+        # rate until they have run once.
+        self.costs_s: dict[Bucket, float] = dict(costs_s or {})
+        self.learn_costs = learn_costs
         self.run_bucket = run_bucket
         self.on_batch = on_batch
         self.queues: dict[int, deque[Row]] = {s: deque() for s in buckets.seq_lens}
@@ -142,11 +153,10 @@ class Batcher:
                     break
                 if self.batch_wait_s > 0 and not await self._worth_waiting(seq_len):
                     continue
-                batch = self._cut(seq_len)
-                if batch:
-                    self.inflight_batches += 1
-                    self.inflight_rows += len(batch[1])
-                    asyncio.get_running_loop().create_task(self._run(*batch))
+                bucket, rows = self._cut(seq_len)
+                self.inflight_batches += 1
+                self.inflight_rows += len(rows)
+                asyncio.get_running_loop().create_task(self._run(bucket, rows))
 
     def _drop_cancelled(self, q: deque[Row]) -> None:
         while q and q[0].cancelled:
@@ -175,24 +185,64 @@ class Batcher:
             pass
         return False  # re-evaluate from the top: other groups may be older now
 
-    def _cut(self, seq_len: int) -> tuple[Bucket, list[Row]] | None:
-        q = self.queues[seq_len]
-        sizes = self.buckets.allowed_sizes(seq_len, self.max_batch_tokens)
-        live = sum(1 for r in q if not r.cancelled) if len(q) <= sizes[-1] else len(q)
-        if live == 0:
-            self.queued_rows -= len(q)
-            q.clear()
-            return None
-        take = split_rows(min(live, sizes[-1]), sizes)[0]
-        rows: list[Row] = []
-        while q and len(rows) < take:
-            r = q.popleft()
-            self.queued_rows -= 1
-            if not r.cancelled:
-                rows.append(r)
-        if not rows:
-            return None
-        return self.buckets.bucket_for(len(rows), seq_len), rows
+    def cost_s(self, bucket: Bucket) -> float:
+        cost = self.costs_s.get(bucket)
+        return cost if cost is not None else bucket.padded_tokens / 5000.0 + 0.002
+
+    def _separate_cost_s(self, rows: list[Row]) -> float:
+        """Device time to serve `rows` each in its own sequence-length group instead."""
+        counts: dict[int, int] = {}
+        for r in rows:
+            s = self.buckets.seq_len_for(len(r.ids))
+            counts[s] = counts.get(s, 0) + 1
+        total = 0.0
+        for s, k in counts.items():
+            top = self.buckets.allowed_sizes(s, self.max_batch_tokens)[-1]
+            full, rest = divmod(k, top)
+            total += full * self.cost_s(Bucket(top, s))
+            if rest:
+                total += self.cost_s(self.buckets.bucket_for(rest, s))
+        return total
+
+    def _cut(self, oldest_seq: int) -> tuple[Bucket, list[Row]]:
+        """The batch with the most real tokens per second of device time that holds the oldest row.
+
+        Candidates at the oldest row's own sequence length always qualify; a longer one (padding
+        shorter rows up to it) only when it costs less device time than serving the same rows in
+        their own groups, so long rows cannot drag short ones into a wasteful batch."""
+        best: tuple[float, Bucket, list[Row]] | None = None
+        for seq_len in self.buckets.seq_lens:
+            if seq_len < oldest_seq:
+                continue
+            sizes = self.buckets.allowed_sizes(seq_len, self.max_batch_tokens)
+            groups = [self.queues[s] for s in self.buckets.seq_lens if s <= seq_len and self.queues[s]]
+            live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
+            rows = list(islice(live, sizes[-1]))  # the oldest rows that fit this seq_len
+            real = 0
+            taken = 0
+            for size in sizes:
+                n = min(size, len(rows))
+                real += sum(len(r.ids) for r in rows[taken:n])
+                taken = n
+                bucket = Bucket(size, seq_len)
+                cost = self.cost_s(bucket)
+                rate = real / cost
+                if seq_len > oldest_seq and cost > self._separate_cost_s(rows[:n]):
+                    continue
+                if best is None or rate > best[0] * 1.000001:
+                    best = (rate, bucket, rows[:n])
+                if size >= len(rows):
+                    break  # larger sizes only add padding
+        _, bucket, chosen = best
+        picked = {id(r) for r in chosen}
+        for s in self.buckets.seq_lens:
+            if s > bucket.seq_len:
+                break
+            q = self.queues[s]
+            while q and (q[0].cancelled or id(q[0]) in picked):
+                q.popleft()
+                self.queued_rows -= 1
+        return self.buckets.bucket_for(len(chosen), bucket.seq_len), chosen
 
     async def _run(self, bucket: Bucket, rows: list[Row]) -> None:
         loop = asyncio.get_running_loop()
@@ -209,6 +259,9 @@ class Batcher:
                 if not r.future.done():
                     r.future.set_result(vec)
             elapsed = time.perf_counter() - started
+            if self.learn_costs:
+                known = self.costs_s.get(bucket)
+                self.costs_s[bucket] = elapsed if known is None else 0.8 * known + 0.2 * elapsed
             real = sum(len(r.ids) for r in rows)
             rate = real / max(elapsed, 1e-6)
             self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate

@@ -159,18 +159,20 @@ def run(args) -> int:
         err(f"drained in {time.monotonic() - t0:.1f}s; stopped")
         return 0
     finally:
-        try:
-            serve.shutdown()
-        except Exception:
-            pass
-        if started_ray:
-            ray.shutdown()
-            if node_id:
-                stop_haproxy(node_id)
-        if exporter is not None:
-            exporter.stop()
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        # Each step on its own: one failing must not leave the others' processes behind.
+        for step in (
+            serve.shutdown,
+            ray.shutdown if started_ray else None,
+            (lambda: stop_haproxy(node_id)) if node_id else None,
+            exporter.stop if exporter is not None else None,
+            (lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir else None,
+        ):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as e:  # shutting down: report and go on
+                err(f"warning: cleanup step failed: {e}")
 
 
 def _start_exporter(metrics_dir: str, port: int, host: str):

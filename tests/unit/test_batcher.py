@@ -40,8 +40,18 @@ def row(tag: int, length: int) -> list[int]:
     return [tag] + [7] * (length - 1)
 
 
+def linear_costs(overhead_s: float, per_token_s: float) -> dict[Bucket, float]:
+    return {b: overhead_s + b.padded_tokens * per_token_s for b in BUCKETS}
+
+
+# A device where padding is expensive next to the per-batch overhead: rows stay in their groups.
+PADDING_BOUND = linear_costs(0.001, 1e-4)
+
+
 def make(device, **kw) -> Batcher:
     kw.setdefault("max_batch_tokens", 512)
+    kw.setdefault("costs_s", PADDING_BOUND)
+    kw.setdefault("learn_costs", False)
     records = []
     b = Batcher(BUCKETS, device, on_batch=records.append, **kw)
     b.records = records
@@ -82,11 +92,11 @@ def test_rows_from_concurrent_requests_coalesce_by_bucket_while_busy():
         assert [r[0].tolist() for r in results] == [[1, 5]] + [[10 + i, 4] for i in range(5)] + [[20 + i, 40] for i in range(3)]
         buckets = [c[0] for c in dev.calls]
         assert buckets[0] == Bucket(1, 16)
-        # short rows were never padded to the long rows' length, and were batched together
-        # oldest group first; 5 rows split 4 + 1 and 3 rows 2 + 1 so the batch dimension is not padded
-        assert [str(bk) for bk in buckets[1:]] == ["4x16", "1x16", "2x64", "1x64"]
-        for bucket, rows in dev.calls:
-            assert all(bucket.seq_len == BUCKETS.seq_len_for(len(r)) for r in rows)
+        # Oldest group first: 4 short rows fill 4x16 (5 would pad 8x16, and merging them with the
+        # long rows costs more than two batches). The last short row rides in the free slot of
+        # the long rows' 4x64, which is cheaper than a batch of its own.
+        assert [str(bk) for bk in buckets[1:]] == ["4x16", "4x64"]
+        assert [len(r) for r in dev.calls[2][1]] == [4, 40, 40, 40]
         assert sum(len(rows) for _, rows in dev.calls) == 9
 
     asyncio.run(main())
@@ -204,5 +214,43 @@ def test_reconfigure_changes_budget_live():
         await asyncio.gather(blocker, *tasks)
         assert all(bk.padded_tokens <= 32 for bk, _ in dev.calls[1:])
         assert [len(r) for _, r in dev.calls[1:]] == [2, 2]
+
+    asyncio.run(main())
+
+
+def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
+    """Per-batch overhead dominates (small batches on CPU): one padded batch beats two small ones."""
+
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev, costs_s=linear_costs(0.010, 1e-5))
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(3)]
+        tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(3)]
+        await wait_until(lambda: b.queued_rows == 6)
+        dev.gate.set()
+        out = await asyncio.gather(blocker, *tasks)
+        assert [str(bk) for bk, _ in dev.calls] == ["1x16", "8x64"]
+        assert [o[0].tolist() for o in out[1:]] == [[i, 4] for i in range(3)] + [[10 + i, 40] for i in range(3)]
+
+    asyncio.run(main())
+
+
+def test_costs_are_learned_from_the_batches_that_run():
+    async def main():
+        dev = FakeDevice()
+        b = make(dev, learn_costs=True, costs_s={})
+        await b.submit([row(1, 5)])
+        assert set(b.costs_s) == {Bucket(1, 16)} and b.costs_s[Bucket(1, 16)] > 0
+        first = b.costs_s[Bucket(1, 16)]
+        dev.gate.clear()
+        dev.started.clear()
+        task = asyncio.create_task(b.submit([row(2, 5)]))
+        await wait_until(dev.started.is_set)
+        await asyncio.sleep(0.05)  # this batch is slow: the learned cost must rise
+        dev.gate.set()
+        await task
+        assert b.costs_s[Bucket(1, 16)] > first + 0.005
 
     asyncio.run(main())
