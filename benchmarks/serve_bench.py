@@ -183,6 +183,7 @@ def main() -> int:
     p.add_argument("--duration", type=int, default=10, help="seconds per step")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--servers", default="neuronserve,naive,plain-ray")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the neuronserve replica")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args()
     concurrencies = [int(x) for x in a.concurrency.split(",")]
@@ -208,7 +209,7 @@ def main() -> int:
         if name == "neuronserve":
             mport = free_port()
             argv = [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(a.artifacts), "--port", str(port),
-                    "--metrics-port", str(mport), "--threads-per-replica", "2", "--replicas", "1"]
+                    "--metrics-port", str(mport), "--threads-per-replica", str(a.threads), "--replicas", "1"]
             servers.append(Server(name, argv, url, None, lambda m=mport: neuronserve_stats(f"http://127.0.0.1:{m}/metrics")))
         elif name == "naive":
             argv = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), str(a.artifacts), str(port)]

@@ -545,6 +545,10 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
+        # Ray Serve's HAProxy ingress and direct replica ingress (Ray >= 2.55), as `neuronserve serve`
+        # uses locally: measured there, -7 ms p50 at c=1 and +40% req/s at c=32 on 2 cores.
+        {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
+        {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     ]
     ray_container = {
         "name": component,

@@ -440,7 +440,7 @@ def deployment_options(args: AppArgs) -> dict:
     manifest = load_manifest(args.artifacts)
     neuron = args.backend == "neuron" or (args.backend == "auto" and manifest.target != "cpu")
     env = {
-        "OMP_WAIT_POLICY": "PASSIVE",  # idle OpenMP threads otherwise spin ~0.5 core
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # idle OpenMP threads otherwise spin ~0.5 core
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }

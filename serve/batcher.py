@@ -76,6 +76,8 @@ class Batcher:
         # rate until they have run once.
         self.costs_s: dict[Bucket, float] = dict(costs_s or {})
         self.learn_costs = learn_costs
+        self._envelope: dict[Bucket, float] = {}
+        self._rebuild_envelope()
         self.run_bucket = run_bucket
         self.on_batch = on_batch
         self.queues: dict[int, deque[Row]] = {s: deque() for s in buckets.seq_lens}
@@ -186,8 +188,27 @@ class Batcher:
         return False  # re-evaluate from the top: other groups may be older now
 
     def cost_s(self, bucket: Bucket) -> float:
-        cost = self.costs_s.get(bucket)
-        return cost if cost is not None else bucket.padded_tokens / 5000.0 + 0.002
+        return self._envelope[bucket]
+
+    def _rebuild_envelope(self) -> None:
+        """Costs made monotone: a bucket never costs less than a smaller one (fewer rows or
+        shorter rows). Timings are noisy; without this a lucky 1x24 run would make the batcher pad
+        16-token rows to 24. Unmeasured buckets cost their padded tokens at a nominal rate."""
+        env: dict[Bucket, float] = {}
+        sizes = sorted({b.batch_size for b in self.buckets.buckets})
+        shorter = dict.fromkeys(sizes, 0.0)  # max cost over shorter seq_lens with batch <= size
+        for seq_len in self.buckets.seq_lens:  # ascending
+            below = 0.0
+            for size in self.buckets.batch_sizes(seq_len):  # ascending
+                b = Bucket(size, seq_len)
+                own = self.costs_s.get(b)
+                cost = own if own is not None else b.padded_tokens / 5000.0 + 0.002
+                env[b] = below = max(cost, below, shorter[size])
+            for size in sizes:
+                row = [env[Bucket(x, seq_len)] for x in self.buckets.batch_sizes(seq_len) if x <= size]
+                if row:
+                    shorter[size] = max(shorter[size], max(row))
+        self._envelope = env
 
     def _separate_cost_s(self, rows: list[Row]) -> float:
         """Device time to serve `rows` each in its own sequence-length group instead."""
@@ -262,6 +283,7 @@ class Batcher:
             if self.learn_costs:
                 known = self.costs_s.get(bucket)
                 self.costs_s[bucket] = elapsed if known is None else 0.8 * known + 0.2 * elapsed
+                self._rebuild_envelope()
             real = sum(len(r.ids) for r in rows)
             rate = real / max(elapsed, 1e-6)
             self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate

@@ -1,8 +1,12 @@
 """Real processes on loopback: a local Ray with Serve, isolated from the user's Ray files."""
 
 import os
+import queue
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -67,3 +71,32 @@ def deploy(url: str, args, name: str = "neuronserve", timeout_s: float = 180) ->
                 pass
             time.sleep(0.2)
     raise AssertionError(f"app not ready within {timeout_s} s")
+
+
+def start_server(artifacts, port, metrics_port, *extra):
+    env = {**os.environ, "HOME": tempfile.mkdtemp(prefix="nsh-"), "PYTHONUNBUFFERED": "1"}
+    for key in [k for k in env if k == "RAY_ADDRESS" or k.startswith("RAY_SERVE_HAPROXY_")]:
+        env.pop(key)  # its own Ray and ingress ports, not the test session's
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+         "--metrics-port", str(metrics_port), "--threads-per-replica", "1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    stderr: list[str] = []
+    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: [stderr.append(l) for l in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + 240
+    out = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                raise AssertionError("server exited early:\n" + "".join(stderr[-40:]))
+            continue
+        out.append(line)
+        if "Ctrl-C" in line:
+            return proc, out, stderr
+    proc.kill()
+    raise AssertionError("server not ready in time:\n" + "".join(out) + "".join(stderr[-40:]))

@@ -2,49 +2,15 @@
 
 import concurrent.futures as cf
 import os
-import queue
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, start_server
 
 pytestmark = pytest.mark.integration
-
-
-def start_server(artifacts, port, metrics_port, *extra):
-    env = {**os.environ, "HOME": tempfile.mkdtemp(prefix="nsh-"), "PYTHONUNBUFFERED": "1"}
-    for key in [k for k in env if k == "RAY_ADDRESS" or k.startswith("RAY_SERVE_HAPROXY_")]:
-        env.pop(key)  # its own Ray and ingress ports, not the test session's
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
-         "--metrics-port", str(metrics_port), "--threads-per-replica", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )
-    lines: queue.Queue = queue.Queue()
-    stderr: list[str] = []
-    threading.Thread(target=lambda: [lines.put(l) for l in proc.stdout], daemon=True).start()
-    threading.Thread(target=lambda: [stderr.append(l) for l in proc.stderr], daemon=True).start()
-    deadline = time.monotonic() + 240
-    out = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            if proc.poll() is not None:
-                raise AssertionError("server exited early:\n" + "".join(stderr[-40:]))
-            continue
-        out.append(line)
-        if "Ctrl-C" in line:
-            return proc, out, stderr
-    proc.kill()
-    raise AssertionError("server not ready in time:\n" + "".join(out) + "".join(stderr[-40:]))
 
 
 def test_serve_prints_how_to_call_it_exports_metrics_and_drains_on_sigterm(minilm_artifact):

@@ -254,3 +254,16 @@ def test_costs_are_learned_from_the_batches_that_run():
         assert b.costs_s[Bucket(1, 16)] > first + 0.005
 
     asyncio.run(main())
+
+
+def test_a_lucky_timing_never_pads_rows_to_a_longer_bucket():
+    async def main():
+        dev = FakeDevice()
+        costs = dict(PADDING_BOUND)
+        costs[Bucket(1, 64)] = 1e-6  # noise: a 1x64 run that looked faster than 1x16
+        b = make(dev, costs_s=costs)
+        assert b.cost_s(Bucket(1, 64)) >= b.cost_s(Bucket(1, 16))  # costs are made monotone
+        await b.submit([row(1, 5)])
+        assert [str(bk) for bk, _ in dev.calls] == ["1x16"]
+
+    asyncio.run(main())
