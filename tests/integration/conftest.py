@@ -41,10 +41,13 @@ def serve_instance(ray_home):
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["NEURONSERVE_EXTRA_PYTHONPATH"] = f"{repo}:{repo}/tests/doubles"
-    os.environ.update(haproxy_env())  # the ingress `neuronserve serve` uses
+    ingress = haproxy_env()  # the ingress `neuronserve serve` uses, for this Ray's processes only:
+    os.environ.update(ingress)  # other clusters started by tests must pick their own ports
     ray.init(address="local", num_cpus=2, resources={"neuron_cores": 4}, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), logging_level="WARNING",
              runtime_env={"env_vars": {"PYTHONPATH": f"{repo}:{repo}/tests/doubles"}})
+    for key in ingress:
+        os.environ.pop(key)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     node_id = ray.get_runtime_context().get_node_id()

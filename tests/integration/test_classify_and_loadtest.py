@@ -80,7 +80,7 @@ def test_loadtest_against_the_real_server(serve_instance, minilm_artifact, tmp_p
         assert step["tokens_source"] == "server" and step["tokens_per_s"] > 0
         p = step["latency_ms"]
         assert 0 < p["p50"] <= p["p90"] <= p["p99"] <= p["max"]
-        assert step["usd_per_1m_requests"] == pytest.approx(1e6 / step["achieved_rps"] * 0.7582 / 3600, rel=1e-6)
+        assert step["usd_per_1m_requests"] == pytest.approx(1e6 / step["achieved_rps"] * 0.7582 / 3600, rel=1e-3)
     for png in ("latency_vs_throughput.png", "latency_cdf.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
