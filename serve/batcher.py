@@ -41,6 +41,7 @@ log = logging.getLogger("neuronserve.batcher")
 class Row:
     ids: list[int]
     future: asyncio.Future
+    seq_len: int  # the compiled sequence length this row belongs to
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -117,9 +118,9 @@ class Batcher:
                 retry_after_s=self.retry_after_s(),
             )
         loop = asyncio.get_running_loop()
-        items = [Row(ids, loop.create_future()) for ids in rows]
+        items = [Row(ids, loop.create_future(), self.seq_len_of(ids)) for ids in rows]
         for item in items:
-            self.queues[self.seq_len_of(item.ids)].append(item)
+            self.queues[item.seq_len].append(item)
         self.queued_rows += len(items)
         self._wake.set()
         try:
@@ -210,12 +211,9 @@ class Batcher:
                     shorter[size] = max(shorter[size], max(row))
         self._envelope = env
 
-    def _separate_cost_s(self, rows: list[Row]) -> float:
-        """Device time to serve `rows` each in its own sequence-length group instead."""
-        counts: dict[int, int] = {}
-        for r in rows:
-            s = self.buckets.seq_len_for(len(r.ids))
-            counts[s] = counts.get(s, 0) + 1
+    def _separate_cost_s(self, counts: dict[int, int]) -> float:
+        """Device time to serve rows in their own sequence-length groups instead
+        (`counts`: rows per group)."""
         total = 0.0
         for s, k in counts.items():
             top = self.buckets.allowed_sizes(s, self.max_batch_tokens)[-1]
@@ -241,14 +239,17 @@ class Batcher:
             rows = list(islice(live, sizes[-1]))  # the oldest rows that fit this seq_len
             real = 0
             taken = 0
+            counts: dict[int, int] = {}  # rows[:taken] per sequence-length group
             for size in sizes:
                 n = min(size, len(rows))
-                real += sum(len(r.ids) for r in rows[taken:n])
+                for r in rows[taken:n]:
+                    real += len(r.ids)
+                    counts[r.seq_len] = counts.get(r.seq_len, 0) + 1
                 taken = n
                 bucket = Bucket(size, seq_len)
                 cost = self.cost_s(bucket)
                 rate = real / cost
-                if seq_len > oldest_seq and cost > self._separate_cost_s(rows[:n]):
+                if seq_len > oldest_seq and cost > self._separate_cost_s(counts):
                     continue
                 if best is None or rate > best[0] * 1.000001:
                     best = (rate, bucket, rows[:n])
