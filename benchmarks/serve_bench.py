@@ -96,12 +96,11 @@ def raw_limit(artifacts: Path, texts: list[str], iterations: int = 5) -> dict:
 def _tensors(engine, rows, bucket):
     import torch
 
+    from models.families import graph_inputs
     from serve.buckets import pad_rows
 
     ids, mask = pad_rows(rows, bucket, engine.pad_id)
-    t = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-         "token_type_ids": torch.zeros_like(torch.from_numpy(ids))}
-    return tuple(t[n] for n in engine.manifest.inputs)
+    return graph_inputs(engine.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
 
 
 class Server:

@@ -31,6 +31,7 @@ from models.artifact import (
     save_manifest,
     sha256_file,
 )
+from models.families import graph_inputs
 from models.loading import ModelSpec, build_module, inspect_model, load_tokenizer
 
 AUTO_CASTS = ("none", "bf16")
@@ -210,8 +211,7 @@ def sample_inputs(tokenizer, spec: ModelSpec, bucket: Bucket, pad_id: int):
         row = tokenizer(text, truncation=True, max_length=length)["input_ids"]
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    tensors = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    return tuple(tensors[name] for name in spec.family.inputs)
+    return graph_inputs(spec.family.inputs, ids, mask)
 
 
 def measure_parity(task: str, got, ref, auto_cast: str) -> Parity:

@@ -51,3 +51,18 @@ def max_positions(family: Family, max_position_embeddings: int) -> int:
     512
     """
     return max_position_embeddings - family.position_offset
+
+
+def graph_inputs(names, input_ids, attention_mask):
+    """The graph's positional inputs, in manifest order, from ids and mask tensors (single-text
+    inputs, so token types are all zero).
+
+    >>> import torch
+    >>> [t.tolist() for t in graph_inputs(("input_ids", "attention_mask", "token_type_ids"),
+    ...                                    torch.tensor([[5, 6]]), torch.tensor([[1, 1]]))]
+    [[[5, 6]], [[1, 1]], [[0, 0]]]
+    """
+    import torch
+
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    return tuple(tensors[name] for name in names)

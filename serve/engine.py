@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from models.artifact import Bucket, Manifest, load_manifest
+from models.families import graph_inputs
 from models.tasks import normalize_rows, softmax
 from serve.backends.base import Backend, load_backend
 from serve.buckets import BucketSet, Run, pad_rows, unpad
@@ -99,12 +100,8 @@ class Engine:
     def run_bucket(self, bucket: Bucket, rows: list[list[int]]) -> np.ndarray:
         """Pad `rows` (which fit `bucket`) to the bucket, run it, return (len(rows), output_dim)."""
         ids, mask = pad_rows(rows, bucket, self.pad_id)
-        tensors = {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
-        }
-        out = self.backend.forward(bucket, tuple(tensors[name] for name in self.manifest.inputs))
+        inputs = graph_inputs(self.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
+        out = self.backend.forward(bucket, inputs)
         return unpad(out.numpy(), len(rows))
 
     def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:

@@ -120,9 +120,9 @@ def run_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from models.artifact import ArtifactError
+    from models.artifact import ArtifactError, load_manifest
+    from models.families import graph_inputs
     from serve.backends.base import BackendError, load_backend
-    from models.artifact import load_manifest
 
     if args.iterations < 1:
         return fail("--iterations must be >= 1", code=2)
@@ -138,11 +138,8 @@ def run_bench(args) -> int:
     for col in ("bucket", "p50 ms", "p90 ms", "rows/s", "tokens/s"):
         table.add_column(col, justify="right")
     for bucket in manifest.bucket_list():
-        inputs = tuple(
-            torch.full((bucket.batch_size, bucket.seq_len), 1000, dtype=torch.long) if name == "input_ids"
-            else (torch.ones if name == "attention_mask" else torch.zeros)((bucket.batch_size, bucket.seq_len), dtype=torch.long)
-            for name in manifest.inputs
-        )
+        shape = (bucket.batch_size, bucket.seq_len)
+        inputs = graph_inputs(manifest.inputs, torch.full(shape, 1000, dtype=torch.long), torch.ones(shape, dtype=torch.long))
         for _ in range(2):
             backend.forward(bucket, inputs)
         times = []

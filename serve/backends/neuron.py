@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from models.artifact import Bucket, Manifest, sha256_file
+from models.families import graph_inputs
 from serve.backends.base import BackendError, check_shape
 
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
@@ -48,16 +49,9 @@ def parse_visible_cores(value: str | None) -> list[int] | None:
 
 def _pad_inputs(manifest: Manifest, bucket: Bucket) -> tuple[torch.Tensor, ...]:
     shape = (bucket.batch_size, bucket.seq_len)
-    tensors = []
-    for name in manifest.inputs:
-        if name == "input_ids":
-            tensors.append(torch.full(shape, manifest.pad_token_id, dtype=torch.int64))
-        elif name == "attention_mask":
-            # All ones: an all-zero mask is a degenerate input (empty mean-pooling denominators).
-            tensors.append(torch.ones(shape, dtype=torch.int64))
-        else:
-            tensors.append(torch.zeros(shape, dtype=torch.int64))
-    return tuple(tensors)
+    # All-ones mask: an all-zero mask is a degenerate input (empty mean-pooling denominators).
+    ids = torch.full(shape, manifest.pad_token_id, dtype=torch.int64)
+    return graph_inputs(manifest.inputs, ids, torch.ones(shape, dtype=torch.int64))
 
 
 class NeuronBackend:

@@ -28,7 +28,17 @@ def artifacts(tmp_path_factory):
     return neuron.out_dir, cpu.out_dir
 
 
-def test_one_replica_per_neuron_core_each_on_its_own_core(serve_instance, artifacts):
+@pytest.fixture
+def neuron_app(serve_instance):
+    """Deletes the app afterwards: its replicas hold every declared NeuronCore."""
+    yield serve_instance
+    from ray import serve
+
+    serve.delete("neuronserve")
+
+
+def test_one_replica_per_neuron_core_each_on_its_own_core(neuron_app, artifacts):
+    serve_instance = neuron_app
     neuron_dir, cpu_dir = artifacts
     args = AppArgs(artifacts=str(neuron_dir), instance_type="inf2.xlarge")  # num_replicas auto: 4 declared cores
     deploy(serve_instance, args)
