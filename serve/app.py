@@ -199,13 +199,16 @@ class NeuronServe:
     async def _infer(self, rows: list[list[int]]) -> tuple[list, dict]:
         """Run rows through the batcher; returns (raw outputs, timing headers)."""
         t0 = time.perf_counter()
+        timing: dict = {}
         try:
-            outs = await asyncio.wait_for(self.batcher.submit(rows), timeout=self.args.request_timeout_s)
+            outs = await asyncio.wait_for(self.batcher.submit(rows, timing), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"request took longer than {self.args.request_timeout_s:g} s (request_timeout_s)") from None
         total_ms = (time.perf_counter() - t0) * 1000
         tokens = sum(len(r) for r in rows)
-        return outs, {"x-total-time": f"{total_ms:.2f}", "x-tokens": str(tokens), "x-inputs": str(len(rows))}
+        return outs, {"x-total-time": f"{total_ms:.2f}", "x-queue-time": f"{timing['queue_s'] * 1000:.2f}",
+                      "x-inference-time": f"{timing['inference_s'] * 1000:.2f}", "x-tokens": str(tokens),
+                      "x-inputs": str(len(rows))}
 
     async def _tokenize(self, texts: list, truncate: bool) -> list[list[int]]:
         from serve.engine import InputError

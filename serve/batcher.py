@@ -44,6 +44,8 @@ class Row:
     seq_len: int  # the compiled sequence length this row belongs to
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    started: float = 0.0  # when its batch went to the device
+    finished: float = 0.0  # when its batch's outputs came back
 
 
 @dataclass
@@ -109,8 +111,11 @@ class Batcher:
     def seq_len_of(self, ids: list[int]) -> int:
         return self.buckets.seq_len_for(len(ids))
 
-    async def submit(self, rows: list[list[int]]) -> list[np.ndarray]:
-        """Queue rows (already known to fit a bucket) and wait for their outputs, in order."""
+    async def submit(self, rows: list[list[int]], timing: dict | None = None) -> list[np.ndarray]:
+        """Queue rows (already known to fit a bucket) and wait for their outputs, in order.
+
+        `timing`, if given, receives `queue_s` (until the first of the rows' batches started) and
+        `inference_s` (from then until the last of them finished), for the response headers."""
         self._ensure_started()
         if self.queued_rows + len(rows) > self.max_queued_rows:
             raise Overloaded(
@@ -124,7 +129,7 @@ class Batcher:
         self.queued_rows += len(items)
         self._wake.set()
         try:
-            return list(await asyncio.gather(*(r.future for r in items)))
+            outs = list(await asyncio.gather(*(r.future for r in items)))
         except BaseException:
             # Client gone or timed out: drop what has not run yet; running rows finish harmlessly.
             for r in items:
@@ -133,6 +138,11 @@ class Batcher:
                     r.future.cancel()
             self._wake.set()
             raise
+        if timing is not None:
+            first = min(r.started for r in items)
+            timing["queue_s"] = max(0.0, first - min(r.enqueued for r in items))
+            timing["inference_s"] = max(r.finished for r in items) - first
+        return outs
 
     def retry_after_s(self) -> int:
         if self._tokens_per_s <= 0:
@@ -277,10 +287,12 @@ class Batcher:
                 if not r.future.done():
                     r.future.set_exception(BackendFailure("inference failed on the backend; see the server log"))
         else:
+            finished = time.perf_counter()
             for r, vec in zip(rows, out):
+                r.started, r.finished = started, finished
                 if not r.future.done():
                     r.future.set_result(vec)
-            elapsed = time.perf_counter() - started
+            elapsed = finished - started
             if self.learn_costs:
                 known = self.costs_s.get(bucket)
                 self.costs_s[bucket] = elapsed if known is None else 0.8 * known + 0.2 * elapsed

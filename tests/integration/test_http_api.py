@@ -63,7 +63,9 @@ def test_input_forms_and_response_shape(server, engine):
         body = r.json()
         assert body["object"] == "list" and body["model"] == MODEL and len(body["data"]) == n
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
-        assert float(r.headers["x-total-time"]) > 0 and int(r.headers["x-tokens"]) == body["usage"]["prompt_tokens"]
+        assert int(r.headers["x-tokens"]) == body["usage"]["prompt_tokens"] and int(r.headers["x-inputs"]) == n
+        queue, infer, total = (float(r.headers[h]) for h in ("x-queue-time", "x-inference-time", "x-total-time"))
+        assert queue >= 0 and infer > 0 and queue + infer <= total + 0.01
     by_text = post(server, "/v1/embeddings", {"input": "hello world"}).json()["data"][0]["embedding"]
     by_ids = post(server, "/v1/embeddings", {"input": ids}).json()["data"][0]["embedding"]
     assert cosine(by_text, by_ids) > 0.99999

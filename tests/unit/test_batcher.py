@@ -267,3 +267,25 @@ def test_a_lucky_timing_never_pads_rows_to_a_longer_bucket():
         assert [str(bk) for bk, _ in dev.calls] == ["1x16"]
 
     asyncio.run(main())
+
+
+def test_timing_splits_queue_wait_from_device_time():
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev)
+        blocker = asyncio.create_task(b.submit([row(0, 3)]))
+        await wait_until(dev.started.is_set)
+        timing: dict = {}
+        waiting = asyncio.create_task(b.submit([row(1, 5), row(2, 40)], timing))
+        await wait_until(lambda: b.queued_rows == 2)
+        await asyncio.sleep(0.05)  # the queued rows wait behind the blocked batch
+        dev.gate.set()
+        await asyncio.gather(blocker, waiting)
+        assert timing["queue_s"] >= 0.05
+        assert 0 <= timing["inference_s"] < timing["queue_s"]
+        # Two rows in two sequence-length groups: the window spans both batches.
+        assert len(dev.calls) == 3
+        spans = [r.inference_s for r in b.records[1:]]
+        assert timing["inference_s"] >= max(spans)
+
+    asyncio.run(main())
