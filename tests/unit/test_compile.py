@@ -179,5 +179,8 @@ def test_default_buckets_fit_the_model_and_target():
     cpu = default_buckets("cpu", 256)
     assert max(b.seq_len for b in cpu) == 256 and all(b.batch_size == 1 or b.padded_tokens <= 4096 for b in cpu)
     assert {b.seq_len for b in cpu if b.batch_size == 1} == {b.seq_len for b in cpu}
+    seq_lens = sorted({b.seq_len for b in cpu})
+    for n in range(12, 257):  # a lone row of n tokens pads to the next length by at most 25%
+        assert min(s for s in seq_lens if s >= n) <= 1.25 * n, n
     neuron = default_buckets("inf2", 512)
     assert len(neuron) == 15 and max(b.seq_len for b in neuron) == 512
