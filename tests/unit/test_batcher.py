@@ -19,6 +19,7 @@ class FakeDevice:
 
     def __init__(self, gated: bool = False, fail: bool = False):
         self.calls: list[tuple[Bucket, list[list[int]]]] = []
+        self.threads: list[str] = []
         self.gate = threading.Event()
         self.started = threading.Event()
         if not gated:
@@ -28,6 +29,7 @@ class FakeDevice:
     def __call__(self, bucket: Bucket, rows: list[list[int]]) -> np.ndarray:
         assert len(rows) <= bucket.batch_size and all(len(r) <= bucket.seq_len for r in rows)
         self.calls.append((bucket, [list(r) for r in rows]))
+        self.threads.append(threading.current_thread().name)
         self.started.set()
         assert self.gate.wait(10)
         if self.fail:
@@ -52,6 +54,7 @@ def make(device, **kw) -> Batcher:
     kw.setdefault("max_batch_tokens", 512)
     kw.setdefault("costs_s", PADDING_BOUND)
     kw.setdefault("learn_costs", False)
+    kw.setdefault("inline_max_ms", 0)  # gated devices must not block the event loop
     records = []
     b = Batcher(BUCKETS, device, on_batch=records.append, **kw)
     b.records = records
@@ -287,5 +290,19 @@ def test_timing_splits_queue_wait_from_device_time():
         assert len(dev.calls) == 3
         spans = [r.inference_s for r in b.records[1:]]
         assert timing["inference_s"] >= max(spans)
+
+    asyncio.run(main())
+
+
+def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the_forward_thread():
+    async def main():
+        dev = FakeDevice()
+        b = make(dev, inline_max_ms=5)  # 1x16 costs 2.6 ms, 1x64 7.4 ms in PADDING_BOUND
+        loop_thread = threading.current_thread().name
+        assert (await b.submit([row(1, 10)]))[0].tolist() == [1, 10]
+        assert (await b.submit([row(2, 50)]))[0].tolist() == [2, 50]
+        assert dev.threads[0] == loop_thread
+        assert dev.threads[1] != loop_thread and dev.threads[1].startswith("forward")
+        assert [r.rows for r in b.records] == [1, 1]
 
     asyncio.run(main())
