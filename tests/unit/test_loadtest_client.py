@@ -3,7 +3,7 @@ import json
 import py_compile
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from deploy.loadtest.client import Target, error_kind, server_tokens
 
@@ -22,10 +22,13 @@ def test_request_bodies_per_route():
 
 
 def test_error_kinds():
-    assert error_kind(httpx.ConnectError("refused")) == "connect_error"
-    assert error_kind(httpx.ReadTimeout("slow")) == "read_timeout"
-    assert error_kind(httpx.RemoteProtocolError("bad")) == "remote_protocol_error"
+    refused = aiohttp.ClientConnectorError(None, ConnectionRefusedError(111, "Connection refused"))
+    assert error_kind(refused) == "connect_error"
+    assert error_kind(aiohttp.ServerDisconnectedError()) == "server_disconnected"
+    assert error_kind(aiohttp.ClientPayloadError("cut short")) == "incomplete_body"
+    assert error_kind(aiohttp.ServerTimeoutError("slow")) == "timeout"
     assert error_kind(asyncio.TimeoutError()) == "timeout"
+    assert error_kind(aiohttp.ClientResponseError(None, (), status=400)) == "client_response_error"
 
 
 def test_server_tokens():
