@@ -42,23 +42,9 @@ def add_subcommand(subparsers) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ValueError(f"input file {path} does not exist")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(item, dict):
-                item = item.get("text")
-            if not isinstance(item, str):
-                raise ValueError(f'{path}:{n}: expected a JSON string or {{"text": "..."}}')
-            texts.append(item)
-    return texts
+    from serve.jsonl import read_texts as read_jsonl
+
+    return read_jsonl(path, allow_empty=True)
 
 
 def _engine(args):

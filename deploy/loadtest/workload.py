@@ -11,7 +11,6 @@ Built-in workloads are deterministic for a seed and use only a built-in word lis
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -129,25 +128,13 @@ def generate(name: str, *, count: int = POOL_SIZE, seed: int = 0) -> Workload:
 
 
 def load_jsonl(path: str | Path) -> Workload:
-    """Texts from a JSONL file: each non-blank line is a JSON string or an object with a "text" string."""
-    path = Path(path)
+    """Texts from a JSONL file: each non-blank line is a non-empty JSON string or an object with a "text" string."""
+    from serve.jsonl import read_texts
+
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read workload file {str(path)!r}: {exc}") from None
-    texts: list[str] = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be a JSON string or {{\"text\": ...}}") from None
-        if isinstance(item, dict):
-            item = item.get("text")
-        if not isinstance(item, str) or not item.strip():
-            raise UsageError(f"{path}:{lineno}: expected a non-empty JSON string or an object with a \"text\" string")
-        texts.append(item)
+        texts = read_texts(path, allow_empty=False)
+    except ValueError as exc:
+        raise UsageError(f"workload: {exc}") from None
     if not texts:
         raise UsageError(f"workload file {str(path)!r} has no texts; put one JSON string or {{\"text\": ...}} per line")
     return Workload(name=str(path), texts=texts, word_counts=[len(t.split()) for t in texts])

@@ -77,3 +77,17 @@ def test_empty_or_missing_jsonl(tmp_path):
         load_jsonl(empty)
     with pytest.raises(UsageError, match="cannot read"):
         load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_infer_and_loadtest_read_jsonl_alike_except_empty_texts(tmp_path):
+    from serve.infer_cli import read_texts
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text('"a b"\n\n{"text": "c"}\n""\n')
+    assert read_texts(path) == ["a b", "c", ""]  # infer embeds an empty text
+    with pytest.raises(UsageError, match=":4:"):
+        load_jsonl(path)  # a load test cannot send one
+    path.write_text('"a b"\n{"text": "c"}\n')
+    assert read_texts(path) == load_jsonl(path).texts == ["a b", "c"]
+    with pytest.raises(ValueError, match="does not exist"):
+        read_texts(tmp_path / "missing.jsonl")
