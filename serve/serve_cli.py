@@ -74,25 +74,50 @@ def _default_artifacts(auto_cast: str) -> Path:
     return result.out_dir
 
 
-def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
+def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int = 1, *, interval_s: float = 0.5,
+               settle_polls: int = 20) -> bool:
+    """Poll readiness until every replica has answered 200 (each names itself in the body). Each
+    poll is a new connection so the load balancer spreads them; should it keep sending them to the
+    same replicas, `settle_polls` answers of 200 in a row count as ready."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     last = ""
-    with httpx.Client(timeout=5) as client:
+    warm: set = set()
+    in_a_row = 0
+    with httpx.Client(timeout=5, headers={"Connection": "close"}) as client:
         while time.monotonic() < deadline and not stop.is_set():
             try:
                 r = client.get(f"{url}/v2/health/ready")
+                json_body = r.headers.get("content-type", "").startswith("application/json")
                 if r.status_code == 200:
-                    return True
-                state = r.json().get("error", r.status_code) if r.headers.get("content-type", "").startswith("application/json") else r.status_code
+                    warm.add(r.json().get("replica") if json_body else None)
+                    in_a_row += 1
+                    if len(warm) >= replicas or in_a_row >= settle_polls:
+                        return True
+                    state = f"{len(warm)}/{replicas} replicas warm"
+                else:
+                    in_a_row = 0
+                    state = r.json().get("error", r.status_code) if json_body else r.status_code
             except httpx.HTTPError as e:
+                in_a_row = 0
                 state = type(e).__name__
             if state != last:
                 err(f"waiting for readiness: {state}")
                 last = state
-            stop.wait(0.5)
+            stop.wait(interval_s)
     return False
+
+
+def replica_count() -> int:
+    """Replicas of the running app, from Serve's status (1 if it cannot tell)."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments
+        return max(1, sum(sum(d.replica_states.values()) for d in deployments.values()))
+    except Exception:  # status shape differs across Ray versions: fall back to one
+        return 1
 
 
 def run(args) -> int:
@@ -147,7 +172,7 @@ def run(args) -> int:
         app = build_app(app_args)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
-        if not wait_ready(url, args.ready_timeout_s, stop):
+        if not wait_ready(url, args.ready_timeout_s, stop, replica_count()):
             if stop.is_set():
                 return 130
             return fail(f"the server did not become ready within {args.ready_timeout_s:g} s; see the replica logs above")
