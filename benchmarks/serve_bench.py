@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,18 +28,14 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from serve.ingress import free_port  # noqa: E402
+
 TARGETS = {
     "ratio_to_limit_c32": 0.6,  # served real tokens/s at c=32 >= 0.6 x raw limit
     "vs_plain_ray_c32": 1.8,  # >= 1.8 x plain Ray Serve batching
     "padded_per_real": 1.15,  # padded/real tokens <= 1.15
     "c1_p50_over_raw_ms": 8.0,  # p50 at c=1 <= raw batch-1 forward + 8 ms
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log(msg: str) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 HAPROXY_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -32,8 +33,8 @@ def haproxy_env(environ: dict | None = None) -> dict[str, str]:
     wanted = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         # Replicas behind HAProxy linger 30 s after they stop taking traffic (so a cluster's
         # HAProxies stop routing to them first). A local server stops as a whole, and its drain
         # still waits for every in-flight request, so 2 s is enough (measured: Ctrl-C took 31 s).

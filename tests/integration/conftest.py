@@ -2,7 +2,6 @@
 
 import os
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,13 +11,7 @@ import time
 import httpx
 import pytest
 
-from serve.ingress import haproxy_env, stop_haproxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve.ingress import free_port, haproxy_env, stop_haproxy
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ Every wait polls with a deadline; processes are terminated at fixture teardown.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,17 +23,13 @@ import httpx
 import pytest
 import yaml
 
+from serve.ingress import free_port
+
 T = TypeVar("T")
 
 
 class PrometheusError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def find_prometheus() -> str | None:

@@ -10,7 +10,6 @@ simulated work per request.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -112,21 +111,16 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from deploy.loadtest.cli import build_parser, main, run  # noqa: E402
+from serve.ingress import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fake_server():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, __file__, "--port", str(port)], cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -259,7 +253,7 @@ def test_all_requests_failing_exits_1_with_report(fake_server, tmp_path, capsys)
 
 
 def test_refused_connection_is_one_clear_line(tmp_path):
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     proc = subprocess.run(
         [sys.executable, "-m", "deploy.loadtest", "--url", f"http://127.0.0.1:{port}", "--concurrency", "1",
          "--duration", "1s", "--warmup", "0", "--out", str(tmp_path / "x")],
