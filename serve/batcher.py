@@ -224,10 +224,12 @@ class Batcher:
                 own = self.costs_s.get(b)
                 cost = own if own is not None else b.padded_tokens / 5000.0 + 0.002
                 env[b] = below = max(cost, below, shorter[size])
+            # Costs rise with the batch size within a sequence length, so the largest cost at
+            # batch <= size is that of the largest such bucket: a running value over `sizes`.
+            running = 0.0
             for size in sizes:
-                row = [env[Bucket(x, seq_len)] for x in self.buckets.batch_sizes(seq_len) if x <= size]
-                if row:
-                    shorter[size] = max(shorter[size], max(row))
+                running = env.get(Bucket(size, seq_len), running)
+                shorter[size] = max(shorter[size], running)
         self._envelope = env
 
     def _separate_cost_s(self, counts: dict[int, int]) -> float:
