@@ -69,6 +69,13 @@ async def wait_until(pred, timeout=5.0):
         await asyncio.sleep(0.001)
 
 
+async def occupy(b: Batcher, dev: FakeDevice) -> asyncio.Task:
+    """Submit one row and wait until the (gated) device is busy with it; returns its task."""
+    task = asyncio.create_task(b.submit([row(0, 3)]))
+    await wait_until(dev.started.is_set)
+    return task
+
+
 def test_idle_device_dispatches_a_lone_row_at_once():
     async def main():
         dev = FakeDevice()
@@ -109,8 +116,7 @@ def test_batch_never_exceeds_token_budget_and_pads_batch_dimension_minimally():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev, max_batch_tokens=128)  # at seq 64 at most 2 rows; at seq 16 at most 8
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         tasks = [asyncio.create_task(b.submit([row(i, 50)])) for i in range(5)]
         tasks += [asyncio.create_task(b.submit([row(i, 10)])) for i in range(9)]
         await wait_until(lambda: b.queued_rows == 14)
@@ -133,8 +139,7 @@ def test_cancelled_rows_are_dropped_before_execution():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev)
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         gone = asyncio.create_task(b.submit([row(99, 5), row(98, 5)]))
         kept = asyncio.create_task(b.submit([row(1, 5)]))
         await wait_until(lambda: b.queued_rows == 3)
@@ -155,8 +160,7 @@ def test_overload_refuses_whole_requests_and_loses_no_accepted_row():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev, max_queued_rows=4)
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         accepted = [asyncio.create_task(b.submit([row(i, 5), row(i, 5)])) for i in (1, 2)]
         await wait_until(lambda: b.queued_rows == 4)
         with pytest.raises(Overloaded) as e:
@@ -208,8 +212,7 @@ def test_reconfigure_changes_budget_live():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev, max_batch_tokens=512)
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         b.configure(max_batch_tokens=32, batch_wait_ms=0, max_concurrent_batches=1, max_queued_rows=100)
         tasks = [asyncio.create_task(b.submit([row(i, 5)])) for i in range(4)]
         await wait_until(lambda: b.queued_rows == 4)
@@ -227,8 +230,7 @@ def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev, costs_s=linear_costs(0.010, 1e-5))
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(3)]
         tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(3)]
         await wait_until(lambda: b.queued_rows == 6)
@@ -276,8 +278,7 @@ def test_timing_splits_queue_wait_from_device_time():
     async def main():
         dev = FakeDevice(gated=True)
         b = make(dev)
-        blocker = asyncio.create_task(b.submit([row(0, 3)]))
-        await wait_until(dev.started.is_set)
+        blocker = await occupy(b, dev)
         timing: dict = {}
         waiting = asyncio.create_task(b.submit([row(1, 5), row(2, 40)], timing))
         await wait_until(lambda: b.queued_rows == 2)
