@@ -98,6 +98,28 @@ class Cluster:
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                            start_new_session=True, cwd=self.root))
 
+    def launch(self, head: bool, attempts: int = 3, timeout: float = 120) -> None:
+        """Start a node and wait for `ray start` to report it up. A port picked free may be taken by
+        another process before Ray binds it; then `ray start` exits and the node is started again
+        on new ports."""
+        name = "head" if head else "worker"
+        for attempt in range(1, attempts + 1):
+            log = self.root / f"{name}-{attempt}.log"
+            self.start_node(head=head, log=log)
+            proc = self.procs[-1]
+            deadline = time.time() + timeout
+            while proc.poll() is None and time.time() < deadline:
+                if "Ray runtime started." in log.read_text(errors="replace"):
+                    return
+                time.sleep(0.5)
+            if proc.poll() is None:
+                raise AssertionError(f"{name} node not up after {timeout:.0f} s:\n{self.logs()}")
+            if attempt == attempts:
+                raise AssertionError(f"{name} node exited {attempts} times (last code {proc.returncode}):\n"
+                                     f"{self.logs()}")
+            if head:
+                self.gcs_port, self.dashboard_port = free_port(), free_port()
+
     def python(self, code: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=self.root)
@@ -117,7 +139,10 @@ class Cluster:
         """)
         deadline = time.time() + timeout
         while True:  # the head's GCS may not accept connections yet
-            r = self.python(code, timeout=timeout + 60)
+            try:
+                r = self.python(code, timeout=timeout + 60)
+            except subprocess.TimeoutExpired as e:  # ray.init itself can hang on an unreachable GCS
+                raise AssertionError(f"cluster never had {n} nodes: probe hung\n{e.stderr!r:.3000}\n{self.logs()}")
             if r.returncode == 0:
                 return
             if time.time() > deadline:
@@ -210,9 +235,9 @@ def test_replicas_on_both_nodes_and_http_works(cluster):
 
     c = cluster
     artifact = compile_cpu_artifact(c)
-    c.start_node(head=True, log=c.root / "head.log")
+    c.launch(head=True)
     c.wait_nodes(1)
-    c.start_node(head=False, log=c.root / "worker.log")
+    c.launch(head=False)
     c.wait_nodes(2)
 
     config = serve_config_for_test(c, artifact)
