@@ -2,14 +2,15 @@
 
 Rows from all concurrent requests wait in one FIFO per compiled sequence length. Whenever the
 device has room (fewer than `max_concurrent_batches` in flight) the batcher cuts a batch at once.
-The batch always holds the oldest waiting row (so nothing starves); around it, it picks the
-bucket that serves the most real tokens per second of device time, among every compiled
-(batch, seq_len) that fits that row and the padded-token budget, filled with the oldest rows that
-fit. Device time per bucket comes from the warm-up and is refined by every batch that runs. So a
-short sentence is padded to a longer neighbour only when the bigger batch pays for the padding
-(small batches are inefficient on CPU), and the batch dimension is padded only when that is
-cheaper than a smaller bucket. While the device is busy rows pile up and the next batch is fuller
-by itself; nobody waits for a batch to fill on an idle device unless `batch_wait_ms` asks for it.
+It plans how to run everything waiting in the least device time: the rows, sorted by length, are
+split into batches each padded to its longest row's bucket, using the cost of every compiled
+(batch, seq_len) from the warm-up, refined by every batch that runs. Only the planned batch that
+holds the oldest waiting row runs now (so nothing starves); the rest is planned again at the next
+cut, with whatever has arrived meanwhile. So a short row is padded to a longer neighbour only when
+that saves device time overall (small batches are inefficient on CPU), and the batch dimension is
+padded only when that is cheaper than a smaller bucket. While the device is busy rows pile up and
+the next batch is fuller by itself; nobody waits for a batch to fill on an idle device unless
+`batch_wait_ms` asks for it.
 
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
 request that does not fit is refused whole (429) before anything of it is queued, so an accepted
@@ -86,6 +87,8 @@ class Batcher:
         self.run_bucket = run_bucket
         self.on_batch = on_batch
         self.queues: dict[int, deque[Row]] = {s: deque() for s in buckets.seq_lens}
+        # Rows one cut plans over: enough to fill the largest batch, few enough to plan in ~1 ms.
+        self.plan_window_rows = max(64, max(b.batch_size for b in buckets.buckets))
         self.queued_rows = 0
         self.inflight_batches = 0
         self.inflight_rows = 0
@@ -232,60 +235,69 @@ class Batcher:
                 shorter[size] = max(shorter[size], running)
         self._envelope = env
 
-    def _separate_cost_s(self, counts: dict[int, int]) -> float:
-        """Device time to serve rows in their own sequence-length groups instead
-        (`counts`: rows per group)."""
-        total = 0.0
-        for s, k in counts.items():
-            top = self.buckets.allowed_sizes(s, self.max_batch_tokens)[-1]
-            full, rest = divmod(k, top)
-            total += full * self.cost_s(Bucket(top, s))
-            if rest:
-                total += self.cost_s(self.buckets.bucket_for(rest, s))
-        return total
+    def _count_costs(self, seq_len: int, most: int) -> list[float]:
+        """[0, cost of 1 row, ..., cost of `most` rows] at `seq_len` (each count padded to the
+        smallest compiled batch size holding it), up to the largest size the budget allows."""
+        sizes = self.buckets.allowed_sizes(seq_len, self.max_batch_tokens)
+        out = [0.0]
+        i = 0
+        for k in range(1, min(most, sizes[-1]) + 1):
+            while sizes[i] < k:
+                i += 1
+            out.append(self.cost_s(Bucket(sizes[i], seq_len)))
+        return out
 
     def _cut(self, oldest_seq: int) -> tuple[Bucket, list[Row]]:
-        """The batch with the most real tokens per second of device time that holds the oldest row.
+        """The batch that holds the oldest row, taken from the cheapest way to run everything queued.
 
-        Candidates at the oldest row's own sequence length always qualify; a longer one (padding
-        shorter rows up to it) only when it costs less device time than serving the same rows in
-        their own groups, so long rows cannot drag short ones into a wasteful batch."""
-        best: tuple[float, Bucket, list[Row]] | None = None
-        for seq_len in self.buckets.seq_lens:
-            if seq_len < oldest_seq:
-                continue
-            sizes = self.buckets.allowed_sizes(seq_len, self.max_batch_tokens)
-            groups = [self.queues[s] for s in self.buckets.seq_lens if s <= seq_len and self.queues[s]]
-            live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
-            rows = list(islice(live, sizes[-1]))  # the oldest rows that fit this seq_len
-            real = 0
-            taken = 0
-            counts: dict[int, int] = {}  # rows[:taken] per sequence-length group
-            for size in sizes:
-                n = min(size, len(rows))
-                for r in rows[taken:n]:
-                    real += len(r.ids)
-                    counts[r.seq_len] = counts.get(r.seq_len, 0) + 1
-                taken = n
-                bucket = Bucket(size, seq_len)
-                cost = self.cost_s(bucket)
-                rate = real / cost
-                if seq_len > oldest_seq and cost > self._separate_cost_s(counts):
-                    continue
-                if best is None or rate > best[0] * 1.000001:
-                    best = (rate, bucket, rows[:n])
-                if size >= len(rows):
-                    break  # larger sizes only add padding
-        _, bucket, chosen = best
+        The oldest `plan_window_rows` live rows are sorted by sequence length and split into
+        consecutive runs, each run one batch padded to its longest row's bucket, so that the
+        device time to serve them all is least (dynamic programming over the sorted rows with the
+        cost table). Of that plan only the batch holding the oldest row runs now; the rest is
+        planned again at the next cut, when more rows may have arrived. So short rows are padded
+        to a longer neighbour exactly when that saves device time overall (small batches are
+        inefficient), and long rows never drag a short majority into a wasteful batch."""
+        groups = [self.queues[s] for s in self.buckets.seq_lens if self.queues[s]]
+        live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
+        window = list(islice(live, self.plan_window_rows))
+        oldest = window[0]
+        assert oldest.seq_len == oldest_seq
+        rows = sorted(window, key=lambda r: r.seq_len)  # stable: oldest first within a length
+        n = len(rows)
+        costs: dict[int, list[float]] = {}
+        best = [0.0] * (n + 1)  # best[j]: least device time for rows[:j]
+        start = [0] * (n + 1)  # where the last batch of that plan starts
+        for j in range(1, n + 1):
+            s = rows[j - 1].seq_len
+            table = costs.get(s)
+            if table is None:
+                table = costs[s] = self._count_costs(s, n)
+            top = len(table) - 1
+            bj, bi = float("inf"), j - 1
+            # On ties the shortest last batch wins, so the older rows get the fuller batches.
+            for i in range(j - 1, max(0, j - top) - 1, -1):
+                c = best[i] + table[j - i]
+                if c < bj:
+                    bj, bi = c, i
+            best[j], start[j] = bj, bi
+        j = n
+        while True:  # walk the plan's batches back to the one holding the oldest row
+            i = start[j]
+            if any(r is oldest for r in rows[i:j]):
+                break
+            j = i
+        chosen = rows[i:j]
+        seq_len = chosen[-1].seq_len
         picked = {id(r) for r in chosen}
         for s in self.buckets.seq_lens:
-            if s > bucket.seq_len:
-                break
             q = self.queues[s]
-            while q and (q[0].cancelled or id(q[0]) in picked):
-                q.popleft()
-                self.queued_rows -= 1
-        return self.buckets.bucket_for(len(chosen), bucket.seq_len), chosen
+            if q and (q[0].cancelled or any(id(r) in picked for r in q)):
+                keep = [r for r in q if not r.cancelled and id(r) not in picked]
+                self.queued_rows -= len(q) - len(keep)
+                q.clear()
+                q.extend(keep)
+        chosen.sort(key=lambda r: r.enqueued)
+        return self.buckets.bucket_for(len(chosen), seq_len), chosen
 
     async def _run(self, bucket: Bucket, rows: list[Row], inline: bool = False) -> None:
         loop = asyncio.get_running_loop()

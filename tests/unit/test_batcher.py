@@ -102,11 +102,14 @@ def test_rows_from_concurrent_requests_coalesce_by_bucket_while_busy():
         assert [r[0].tolist() for r in results] == [[1, 5]] + [[10 + i, 4] for i in range(5)] + [[20 + i, 40] for i in range(3)]
         buckets = [c[0] for c in dev.calls]
         assert buckets[0] == Bucket(1, 16)
-        # Oldest group first: 4 short rows fill 4x16 (5 would pad 8x16, and merging them with the
-        # long rows costs more than two batches). The last short row rides in the free slot of
-        # the long rows' 4x64, which is cheaper than a batch of its own.
-        assert [str(bk) for bk in buckets[1:]] == ["4x16", "4x64"]
-        assert [len(r) for r in dev.calls[2][1]] == [4, 40, 40, 40]
+        # The least device time for the 8 queued rows (PADDING_BOUND costs, in ms): 4x16 + 1x16 for
+        # the short rows (7.4 + 2.6; 8x16 would cost 13.8), 2x64 + 1x64 for the long ones (13.8 +
+        # 7.4; 4x64 would cost 26.6), 31.2 in all. Riding the fifth short row in the free slot of
+        # a 4x64 would look cheap for that row but cost 34.0 in all. Oldest rows go first.
+        assert [str(bk) for bk in buckets[1:]] == ["4x16", "1x16", "2x64", "1x64"]
+        assert sum(PADDING_BOUND[bk] for bk in buckets[1:]) == pytest.approx(0.0312)
+        assert [r[0] for r in dev.calls[1][1]] == [10, 11, 12, 13]
+        assert [r[0] for r in dev.calls[3][1]] == [20, 21]
         assert sum(len(rows) for _, rows in dev.calls) == 9
 
     asyncio.run(main())
@@ -307,3 +310,52 @@ def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the
         assert [r.rows for r in b.records] == [1, 1]
 
     asyncio.run(main())
+
+
+def test_cuts_serve_the_queue_in_the_least_device_time():
+    """With nothing new arriving, the batches cut one after another cost exactly the optimum over
+    every way of splitting the queued rows into batches (brute force over set partitions), and
+    each batch holds the oldest row still waiting."""
+    import random
+
+    from serve.batcher import Row
+
+    buckets = BucketSet(parse_buckets(",".join(f"{b}x{s}" for b in (1, 2, 4) for s in (8, 16, 32, 64))))
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            yield [[first]] + p
+            for i in range(len(p)):
+                yield p[:i] + [[first] + p[i]] + p[i + 1:]
+
+    rng = random.Random(7)
+    for trial in range(60):
+        costs = {b: rng.uniform(0.5, 1.5) * (0.004 + b.padded_tokens * rng.choice([1e-5, 1e-4])) for b in buckets}
+        b = Batcher(buckets, None, max_batch_tokens=4096, costs_s=costs, learn_costs=False)
+        lengths = [rng.choice([3, 8, 12, 16, 20, 33, 60]) for _ in range(rng.randint(1, 7))]
+        queued = []
+        for t, n in enumerate(lengths):
+            r = Row([1] * n, None, buckets.seq_len_for(n), enqueued=float(t))
+            b.queues[r.seq_len].append(r)
+            b.queued_rows += 1
+            queued.append(r)
+
+        def cost_of(rows):
+            return b.cost_s(buckets.bucket_for(len(rows), max(r.seq_len for r in rows)))
+
+        best = min(sum(cost_of(p) for p in parts) for parts in partitions(queued)
+                   if all(len(p) <= 4 for p in parts))
+        spent, served = 0.0, []
+        while b.queued_rows:
+            oldest = min((r for r in queued if r not in served), key=lambda r: r.enqueued)
+            bucket, rows = b._cut(oldest.seq_len)
+            assert oldest in rows
+            assert bucket == buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
+            spent += b.cost_s(bucket)
+            served += rows
+        assert sorted(map(id, served)) == sorted(map(id, queued))
+        assert spent == pytest.approx(best), (trial, lengths)
