@@ -246,20 +246,28 @@ def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
 
 
 def test_costs_are_learned_from_the_batches_that_run():
+    """A bucket without a cost takes its first timing; later timings scale the whole table, so
+    absolute estimates follow the served speed while no choice between buckets changes."""
+
     async def main():
         dev = FakeDevice()
-        b = make(dev, learn_costs=True, costs_s={})
+        costs = {b: c for b, c in PADDING_BOUND.items() if b != Bucket(1, 16)}
+        b = make(dev, learn_costs=True, costs_s=costs)
         await b.submit([row(1, 5)])
-        assert set(b.costs_s) == {Bucket(1, 16)} and b.costs_s[Bucket(1, 16)] > 0
         first = b.costs_s[Bucket(1, 16)]
+        assert 0 < first < 0.05 and b.cost_scale == 1.0
+        before = {bk: b.cost_s(bk) for bk in BUCKETS}
         dev.gate.clear()
         dev.started.clear()
         task = asyncio.create_task(b.submit([row(2, 5)]))
         await wait_until(dev.started.is_set)
-        await asyncio.sleep(0.05)  # this batch is slow: the learned cost must rise
+        await asyncio.sleep(0.05)  # this batch is slow: every estimate must rise, by one factor
         dev.gate.set()
         await task
-        assert b.costs_s[Bucket(1, 16)] > first + 0.005
+        assert b.costs_s[Bucket(1, 16)] == first  # the table itself is kept
+        assert b.cost_scale > 1.2
+        for bk in BUCKETS:
+            assert b.cost_s(bk) == pytest.approx(before[bk] * b.cost_scale)
 
     asyncio.run(main())
 
