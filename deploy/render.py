@@ -312,16 +312,19 @@ def plan(opts: RenderOptions) -> Plan:
                 "use --threads-per-replica"
             )
         cores = cores_per_pod = 0
-        threads = opts.threads_per_replica or min(4, max(1, pod_cpus - 1))
+        # A CPU replica runs max_concurrent_batches forwards at once, each on `threads` threads.
+        forwards = max(1, opts.max_concurrent_batches)
+        threads = opts.threads_per_replica or max(1, min(4, max(1, pod_cpus - 1)) // forwards)
         if threads < 1:
             raise RenderError(f"--threads-per-replica {threads}: must be >= 1")
-        if threads > pod_cpus - 1 and pod_cpus > 1:
+        if threads * forwards > pod_cpus - 1 and pod_cpus > 1:
             raise RenderError(
-                f"--threads-per-replica {threads} does not fit {inst.name}: a pod there gets {pod_cpus} "
-                f"vCPUs, one of which the raylet and proxy keep; use at most {max(1, pod_cpus - 1)}"
+                f"--threads-per-replica {threads} x --max-concurrent-batches {forwards} does not fit "
+                f"{inst.name}: a pod there gets {pod_cpus} vCPUs, one of which the raylet and proxy keep; "
+                f"use at most {max(1, pod_cpus - 1)} threads in all"
             )
-        cpus = threads
-        per_node = max(1, (pod_cpus - 1) // threads)
+        cpus = threads * forwards
+        per_node = max(1, (pod_cpus - 1) // cpus)
 
     min_r = per_node if opts.min_replicas is None else opts.min_replicas
     max_r = max(min_r, 2 * per_node) if opts.max_replicas is None else opts.max_replicas

@@ -14,6 +14,9 @@ def make_metrics(args: AppArgs, model_name: str, engine):
     from serve.metrics import ServeMetrics
 
     kind = engine.backend.kind
-    cores = args.cores_per_replica if kind == "neuron" else (args.threads_per_replica or os.cpu_count() or 1)
+    if kind == "neuron":
+        cores = args.cores_per_replica
+    else:  # each of the replica's concurrent forwards runs on its own threads
+        cores = (args.threads_per_replica or os.cpu_count() or 1) * args.max_concurrent_batches
     instance_type = args.instance_type or detect_instance_type()
     return ServeMetrics(model_name, kind, cores, instance_type or "unknown", args.price_per_hour_usd, None)

@@ -33,9 +33,11 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"])
     p.add_argument("--replicas", default="auto", help="replicas, or 'auto': one per NeuronCore group / CPU split")
     p.add_argument("--cores-per-replica", type=int, default=1, help="NeuronCores per replica")
-    p.add_argument("--threads-per-replica", type=int, default=None, help="CPU backend: torch threads per replica")
+    p.add_argument("--threads-per-replica", type=int, default=None, help="CPU backend: torch threads per forward (default: 1, one forward per core)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per batch")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="extra wait for fuller batches (0: none)")
+    p.add_argument("--max-concurrent-batches", type=int, default=None,
+                   help="batches in flight per replica (default: 1 on Neuron; on CPU one per core of the replica)")
     p.add_argument("--max-queued-rows", type=int, default=None, help="queued rows per replica before 429")
     p.add_argument("--request-timeout-s", type=float, default=None)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port (default 9400); 0 disables")
@@ -56,6 +58,7 @@ def _app_args(args, artifacts: Path, metrics_dir: str | None):
         "threads_per_replica": args.threads_per_replica,
         "max_batch_tokens": args.max_batch_tokens,
         "batch_wait_ms": args.batch_wait_ms,
+        "max_concurrent_batches": args.max_concurrent_batches,
         "max_queued_rows": args.max_queued_rows,
         "request_timeout_s": args.request_timeout_s,
         "metrics_port": args.metrics_port,

@@ -26,7 +26,7 @@ class ServeSettings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     truncate: bool = Field(True, description="default for requests that do not say")
     # placement
-    threads_per_replica: int | None = Field(None, ge=1, description="CPU backend torch threads (default: cores / replicas)")
+    threads_per_replica: int | None = Field(None, ge=1, description="CPU backend torch threads per forward (default: cores / replicas / forwards)")
     # metrics and cost
     metrics_port: int = Field(9400, ge=0, le=65535, description="0: no exporter")
     instance_type: str | None = None

@@ -25,7 +25,7 @@ from deploy.render import (
     render_yaml,
 )
 from deploy.validate import ManifestInvalid, validate_object, validate_serve_config
-from models.artifact import BucketEntry, Manifest, ModelInfo, save_manifest
+from tests.fixtures.manifests import make_artifact
 
 APP_ARG_KEYS = {
     "artifacts", "backend", "cores_per_replica", "threads_per_replica", "max_batch_tokens", "batch_wait_ms",
@@ -43,21 +43,6 @@ CASES = [  # instance type, artifact target
     ("c7g.2xlarge", "cpu"),
     ("c7i.xlarge", "cpu"),
 ]
-
-
-def make_artifact(root, target: str, buckets=((1, 32), (8, 32), (8, 128))):
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(
-        model=ModelInfo(source="default", name="all-minilm-l6-v2", family="bert", sha256="0" * 64,
-                        max_position_embeddings=512, max_seq_length=256, hidden_size=384, output_dim=384),
-        task="embed",
-        inputs=["input_ids", "attention_mask", "token_type_ids"],
-        target=target,
-        buckets=[BucketEntry(batch_size=b, seq_len=s, file=f"graphs/{b}x{s}.pt", sha256="0" * 64, compile_seconds=1.0)
-                 for b, s in buckets],
-    )
-    save_manifest(manifest, root)
-    return root
 
 
 @pytest.fixture
@@ -169,7 +154,9 @@ def test_cpu_instance_has_no_neuron_anything(artifact):
     assert "neuron" not in text.lower().replace("neuronserve", "")
     rs, _ = split(objs)
     (dep,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["deployments"]
-    assert dep["ray_actor_options"] == {"num_cpus": 3}
+    # 3 threads for each of the 2 concurrent forwards (the default max_concurrent_batches)
+    assert dep["ray_actor_options"] == {"num_cpus": 6}
+    assert dep["user_config"]["max_concurrent_batches"] == 2
     pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "tolerations" not in pod and "schedulerName" not in pod
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "c7i.4xlarge"}
