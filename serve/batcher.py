@@ -253,7 +253,8 @@ class Batcher:
         return out
 
     def _cut(self, oldest_seq: int) -> tuple[Bucket, list[Row]]:
-        """The batch that holds the oldest row, taken from the cheapest way to run everything queued.
+        """The batch that holds the oldest row (of group `oldest_seq`), taken from the cheapest way
+        to run everything queued.
 
         The oldest `plan_window_rows` live rows are sorted by sequence length and split into
         consecutive runs, each run one batch padded to its longest row's bucket, so that the
@@ -266,7 +267,6 @@ class Batcher:
         live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
         window = list(islice(live, self.plan_window_rows))
         oldest = window[0]
-        assert oldest.seq_len == oldest_seq
         rows = sorted(window, key=lambda r: r.seq_len)  # stable: oldest first within a length
         n = len(rows)
         costs: dict[int, list[float]] = {}
