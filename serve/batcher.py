@@ -176,7 +176,7 @@ class Batcher:
                     break
                 if self.batch_wait_s > 0 and not await self._worth_waiting(seq_len):
                     continue
-                bucket, rows = self._cut(seq_len)
+                bucket, rows = self._cut()
                 self.inflight_batches += 1
                 self.inflight_rows += len(rows)
                 if self.inflight_batches == 1 and self.cost_s(bucket) <= self.inline_max_s:
@@ -252,9 +252,8 @@ class Batcher:
             out.append(self.cost_s(Bucket(sizes[i], seq_len)))
         return out
 
-    def _cut(self, oldest_seq: int) -> tuple[Bucket, list[Row]]:
-        """The batch that holds the oldest row (of group `oldest_seq`), taken from the cheapest way
-        to run everything queued.
+    def _cut(self) -> tuple[Bucket, list[Row]]:
+        """The batch that holds the oldest row, taken from the cheapest way to run everything queued.
 
         The oldest `plan_window_rows` live rows are sorted by sequence length and split into
         consecutive runs, each run one batch padded to its longest row's bucket, so that the
@@ -294,13 +293,12 @@ class Batcher:
         chosen = rows[i:j]
         seq_len = chosen[-1].seq_len
         picked = {id(r) for r in chosen}
-        for s in self.buckets.seq_lens:
+        for s in {r.seq_len for r in chosen}:  # only the groups the batch takes rows from
             q = self.queues[s]
-            if q and (q[0].cancelled or any(id(r) in picked for r in q)):
-                keep = [r for r in q if not r.cancelled and id(r) not in picked]
-                self.queued_rows -= len(q) - len(keep)
-                q.clear()
-                q.extend(keep)
+            keep = [r for r in q if not r.cancelled and id(r) not in picked]
+            self.queued_rows -= len(q) - len(keep)
+            q.clear()
+            q.extend(keep)
         chosen.sort(key=lambda r: r.enqueued)
         return self.buckets.bucket_for(len(chosen), seq_len), chosen
 

@@ -360,7 +360,7 @@ def test_cuts_serve_the_queue_in_the_least_device_time():
         spent, served = 0.0, []
         while b.queued_rows:
             oldest = min((r for r in queued if r not in served), key=lambda r: r.enqueued)
-            bucket, rows = b._cut(oldest.seq_len)
+            bucket, rows = b._cut()
             assert oldest in rows
             assert bucket == buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
             spent += b.cost_s(bucket)
