@@ -439,8 +439,9 @@ class NeuronServe:
 CPU_FORWARDS_PER_REPLICA = 4
 
 
-def deployment_options(args: AppArgs) -> dict:
-    """Ray Serve options for `NeuronServe`, derived from the artifact and the cluster."""
+def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
+    """Ray Serve options for `NeuronServe`, derived from the artifact and the cluster, and the
+    arguments the replicas get: on CPU with the layout (`cpu_layout`) filled in."""
     from models.artifact import load_manifest
 
     manifest = load_manifest(args.artifacts)
@@ -456,12 +457,14 @@ def deployment_options(args: AppArgs) -> dict:
         env["PYTHONPATH"] = os.environ["NEURONSERVE_EXTRA_PYTHONPATH"]
     if neuron:
         actor = {"num_cpus": 0, "resources": {"neuron_cores": args.cores_per_replica}}
+        replicas = neuron_replicas(args) if args.num_replicas == "auto" else args.num_replicas
     else:
-        actor = {"num_cpus": (args.threads_per_replica or 1) * args.max_concurrent_batches}
+        # A Ray actor with num_cpus=0 would get 1 thread whatever it runs: reserve what it uses.
+        replicas, threads, forwards = cpu_layout(cluster_cpus(), args)
+        args = args.model_copy(update={"num_replicas": replicas, "threads_per_replica": threads,
+                                       "max_concurrent_batches": forwards})
+        actor = {"num_cpus": threads * forwards}
     actor["runtime_env"] = {"env_vars": env}
-    replicas = args.num_replicas
-    if replicas == "auto":
-        replicas = auto_replicas(neuron, args)
     return {
         "num_replicas": replicas,
         "ray_actor_options": actor,
@@ -471,19 +474,25 @@ def deployment_options(args: AppArgs) -> dict:
         "graceful_shutdown_wait_loop_s": 0.5,
         "health_check_period_s": 5,
         "logging_config": {"enable_access_log": args.access_log},
-    }
+    }, args
 
 
-def auto_replicas(neuron: bool, args: AppArgs) -> int:
-    """Neuron: one replica per `cores_per_replica` cores the cluster has. CPU: see `cpu_layout`."""
+def neuron_replicas(args: AppArgs) -> int:
+    """One replica per `cores_per_replica` NeuronCores the cluster has (1 without Ray)."""
     import ray
 
     if not ray.is_initialized():
         return 1
-    resources = ray.cluster_resources()
-    if neuron:
-        return max(1, int(resources.get("neuron_cores", 0)) // args.cores_per_replica)
-    return cpu_layout(int(resources.get("CPU", 1)), args)[0]
+    return max(1, int(ray.cluster_resources().get("neuron_cores", 0)) // args.cores_per_replica)
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster, or of this machine when no Ray is running."""
+    import ray
+
+    if ray.is_initialized():
+        return int(ray.cluster_resources().get("CPU", 1))
+    return os.cpu_count() or 1
 
 
 def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
@@ -518,17 +527,5 @@ def build_app(args: AppArgs):
     config's `args` into `AppArgs`."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    options = deployment_options(args)
-    a = args
-    if a.threads_per_replica is None and options["ray_actor_options"].get("num_cpus"):
-        # CPU: split the cluster's cores over replicas and their forwards (a Ray actor with
-        # num_cpus=0 would get 1 thread whatever it runs).
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) if ray.is_initialized() else (os.cpu_count() or 1)
-        a = a.model_copy(update={"num_replicas": options["num_replicas"]})
-        _, threads, forwards = cpu_layout(cpus, a)
-        a = a.model_copy(update={"threads_per_replica": threads, "max_concurrent_batches": forwards})
-        options["ray_actor_options"]["num_cpus"] = threads * forwards
-        options["user_config"] = a.user_config()
-    return NeuronServe.options(**options).bind(a.model_dump())
+    options, args = deployment_options(args)
+    return NeuronServe.options(**options).bind(args.model_dump())
