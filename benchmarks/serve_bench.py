@@ -49,6 +49,15 @@ def write_workload(kind: str, path: Path, n: int = 1024) -> None:
     path.write_text("".join(json.dumps(t) + "\n" for t in texts))
 
 
+def _padded_rate(engine, bucket, inputs, min_s: float) -> float:
+    """Padded tokens/s of `bucket` run back to back for at least `min_s` (and 3 calls)."""
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < min_s:
+        engine.backend.forward(bucket, inputs)
+        n += 1
+    return bucket.padded_tokens * n / (time.perf_counter() - t0)
+
+
 def _raw_worker(artifacts: str, threads: int, buckets: list[str], min_s: float, barrier) -> list[float]:
     """Padded tokens/s of each bucket, pre-padded, run for at least `min_s`; every worker of one
     measurement starts each bucket together (the barrier), so concurrent workers share the cores."""
@@ -63,11 +72,7 @@ def _raw_worker(artifacts: str, threads: int, buckets: list[str], min_s: float, 
         engine.backend.forward(bucket, inputs)
         if barrier is not None:
             barrier.wait()
-        n, t0 = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - t0 < min_s:
-            engine.backend.forward(bucket, inputs)
-            n += 1
-        rates.append(bucket.padded_tokens * n / (time.perf_counter() - t0))
+        rates.append(_padded_rate(engine, bucket, inputs, min_s))
     return rates
 
 
@@ -89,11 +94,7 @@ def _raw_forwards_worker(artifacts: str, forwards: int, buckets: list[str], min_
         def run(k: int) -> None:
             engine.backend.forward(bucket, inputs)
             barrier.wait()
-            n, t0 = 0, time.perf_counter()
-            while n < 3 or time.perf_counter() - t0 < min_s:
-                engine.backend.forward(bucket, inputs)
-                n += 1
-            counts[k] = bucket.padded_tokens * n / (time.perf_counter() - t0)
+            counts[k] = _padded_rate(engine, bucket, inputs, min_s)
 
         workers = [threading.Thread(target=run, args=(k,)) for k in range(forwards)]
         for w in workers:
