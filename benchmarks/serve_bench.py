@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serve.ingress import free_port  # noqa: E402
+from serve.settings import OPENMP_ENV  # noqa: E402
 
 TARGETS = {
     "ratio_to_limit_c32": 0.6,  # served real tokens/s at c=32 >= 0.6 x raw limit
@@ -185,7 +186,8 @@ class Server:
         self.proc = None
 
     def __enter__(self):
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HOME": tempfile.mkdtemp(prefix="nsb-")}
+        env = {**os.environ, **OPENMP_ENV, "HOME": tempfile.mkdtemp(prefix="nsb-")}  # same for every server
+        env.pop("OMP_WAIT_POLICY", None)
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env=env, start_new_session=True)

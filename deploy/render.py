@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from serve.settings import OPENMP_ENV
+
 # --- fixed names and ports ------------------------------------------------------------------------
 APP_NAME = "neuronserve"
 DEPLOYMENT_NAME = "NeuronServe"
@@ -544,8 +546,8 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         {"name": "NEURONSERVE_INSTANCE_TYPE", "value": p.instance.name},
         # The config's ray_actor_options replace the app's (and its runtime_env), so the replica
         # environment the app would set is set on the container, which Ray workers inherit.
-        # Idle OpenMP threads otherwise spin (about half a core each, measured).
-        {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
+        # OpenMP threads spin only briefly between operators (serve.settings.OPENMP_ENV).
+        *({"name": k, "value": v} for k, v in OPENMP_ENV.items()),
         {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         # Ray Serve's HAProxy ingress and direct replica ingress (Ray >= 2.55), as `neuronserve serve`

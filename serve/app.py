@@ -9,6 +9,7 @@ Inference Protocol v2 under `/v2`. Start it with `neuronserve serve`, or from a 
 import asyncio
 import base64
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from serve.errors import (
     v2_body,
 )
 from serve.costs import make_metrics
-from serve.settings import BATCHING_KNOBS, AppArgs
+from serve.settings import BATCHING_KNOBS, AppArgs, openmp_env
 
 log = logging.getLogger("neuronserve.app")
 DEPLOYMENT_NAME = "NeuronServe"
@@ -119,6 +120,13 @@ class NeuronServe:
         self.model_name = a.model_name or self.engine.model_name
         self.metrics = make_metrics(a, self.model_name, self.engine)
         self.warmup_s = self.engine.backend.warmup()
+        run_alone = None
+        if self.engine.backend.kind == "cpu":
+            # A batch alone on the replica runs on all of its CPUs (threads x concurrent forwards,
+            # what Ray reserved for it): a lone request's forward is ~30% faster on 2 threads.
+            wide = self.engine.backend.threads * a.max_concurrent_batches
+            if wide > self.engine.backend.threads:
+                run_alone = functools.partial(self.engine.run_bucket, threads=wide)
         self.batcher = Batcher(
             self.engine.buckets,
             self.engine.run_bucket,
@@ -128,6 +136,7 @@ class NeuronServe:
             max_queued_rows=a.max_queued_rows,
             on_batch=self._on_batch,
             costs_s={Bucket.parse(k): v for k, v in self.warmup_s.items()},
+            run_alone=run_alone,
         )
 
     def reconfigure(self, user_config: dict) -> None:
@@ -447,7 +456,7 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     manifest = load_manifest(args.artifacts)
     neuron = args.backend == "neuron" or (args.backend == "auto" and manifest.target != "cpu")
     env = {
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),  # idle OpenMP threads otherwise spin ~0.5 core
+        **openmp_env(os.environ),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }

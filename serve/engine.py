@@ -97,11 +97,12 @@ class Engine:
         return rows
 
     # -- execution ------------------------------------------------------------------------------
-    def run_bucket(self, bucket: Bucket, rows: list[list[int]]) -> np.ndarray:
-        """Pad `rows` (which fit `bucket`) to the bucket, run it, return (len(rows), output_dim)."""
+    def run_bucket(self, bucket: Bucket, rows: list[list[int]], threads: int | None = None) -> np.ndarray:
+        """Pad `rows` (which fit `bucket`) to the bucket, run it, return (len(rows), output_dim).
+        `threads` (CPU backend only): torch threads for this batch instead of the backend's."""
         ids, mask = pad_rows(rows, bucket, self.pad_id)
         inputs = graph_inputs(self.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
-        out = self.backend.forward(bucket, inputs)
+        out = self.backend.forward(bucket, inputs, threads) if threads else self.backend.forward(bucket, inputs)
         return unpad(out.numpy(), len(rows))
 
     def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:

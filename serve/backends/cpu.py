@@ -53,11 +53,17 @@ class CpuBackend:
         self._n_inputs = len(manifest.inputs)
         self.warmed: dict[str, float] = {}
 
-    def forward(self, bucket: Bucket, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def forward(self, bucket: Bucket, inputs: tuple[torch.Tensor, ...], threads: int | None = None) -> torch.Tensor:
+        """`threads`: torch threads for this call (default: the backend's). The count is set on
+        the calling thread every time: OpenMP keeps it per thread, and a thread that has not set
+        it starts from whichever count any thread set last."""
         graph = self._graphs.get(bucket)
         if graph is None:
             raise BackendError(f"bucket {bucket} is not compiled in this artifact")
         check_shape(bucket, inputs, self._n_inputs)
+        threads = threads or self.threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             out = graph(*inputs)

@@ -196,3 +196,27 @@ def test_health(served):
         assert health["device"] == "neuron"
         assert health["target"] == served.manifest.target
         assert "cores" in health
+
+
+def test_cpu_forward_runs_on_the_threads_asked_for_in_the_calling_thread_only(served, monkeypatch):
+    """A batch alone on a replica runs wider; the next, narrow, batch on the same OS thread must
+    not inherit that width, and another thread's width must not change."""
+    import threading
+
+    if served.backend.kind != "cpu":
+        pytest.skip("thread width is the CPU backend's")
+    backend, bucket = served.backend, BUCKETS[0]
+    inputs = tokenized(served, bucket)
+    seen: list[int] = []
+    graph = backend._graphs[bucket]
+    monkeypatch.setitem(backend._graphs, bucket, lambda *x: (seen.append(torch.get_num_threads()), graph(*x))[1])
+    monkeypatch.setattr(backend, "threads", 1)
+    before = torch.get_num_threads()
+    wide = backend.forward(bucket, inputs, threads=2)
+    worker = threading.Thread(target=lambda: backend.forward(bucket, inputs))
+    worker.start()
+    worker.join()
+    narrow = backend.forward(bucket, inputs)
+    assert seen == [2, 1, 1]
+    torch.testing.assert_close(wide, narrow)
+    torch.set_num_threads(before)

@@ -320,6 +320,37 @@ def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the
     asyncio.run(main())
 
 
+def test_a_batch_alone_on_the_replica_runs_wide_and_nothing_starts_beside_it():
+    """Nothing running or waiting: the batch goes to `run_alone` (on CPU, all of the replica's
+    cores), and while it runs the free forward slot stays free. Batches with company run narrow,
+    side by side; only narrow timings scale the cost table."""
+
+    async def main():
+        wide, narrow = FakeDevice(gated=True), FakeDevice()
+        b = make(narrow, max_concurrent_batches=2, run_alone=wide, learn_costs=True)
+        lone = asyncio.create_task(b.submit([row(1, 5)]))
+        await wait_until(wide.started.is_set)
+        # Two rows in different groups (PADDING_BOUND keeps them apart) arrive meanwhile.
+        others = [asyncio.create_task(b.submit([row(2, 4)])), asyncio.create_task(b.submit([row(3, 50)]))]
+        await wait_until(lambda: b.queued_rows == 2)
+        await asyncio.sleep(0.05)
+        assert narrow.calls == [] and b.inflight_batches == 1  # the second slot stayed free
+        wide.gate.set()
+        results = await asyncio.gather(lone, *others)
+        assert [r[0].tolist() for r in results] == [[1, 5], [2, 4], [3, 50]]
+        assert [c[0] for c in wide.calls] == [Bucket(1, 16)]
+        # The first cut left a row waiting, the second had a batch beside it: both narrow.
+        assert [c[0] for c in narrow.calls] == [Bucket(1, 16), Bucket(1, 64)]
+        assert b.cost_scale != 1.0  # narrow timings (a fake device: far below the table) count
+        # Idle again: the next lone row runs wide, and its timing leaves the table alone.
+        scale = b.cost_scale
+        assert (await b.submit([row(4, 60)]))[0].tolist() == [4, 60]
+        assert len(wide.calls) == 2 and len(narrow.calls) == 2
+        assert b.cost_scale == scale
+
+    asyncio.run(main())
+
+
 def test_cuts_serve_the_queue_in_the_least_device_time():
     """With nothing new arriving, the batches cut one after another cost exactly the optimum over
     every way of splitting the queued rows into batches (brute force over set partitions), and

@@ -59,3 +59,25 @@ def test_application_reserves_the_cpus_its_forwards_use(tmp_path):
         assert dep.user_config["max_concurrent_batches"] == forwards
         assert dep.init_args[0]["threads_per_replica"] == threads
         assert replicas * threads * forwards <= max(cpus, replicas)
+
+
+def test_replicas_get_a_short_openmp_spin_unless_the_user_set_one(tmp_path, monkeypatch):
+    """Multi-threaded forwards (a lone batch runs on all of its replica's cores) need OpenMP's
+    workers to spin briefly between operators; PASSIVE waiting made them slower than one thread.
+    An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is passed on instead."""
+    from serve.app import build_app
+    from serve.settings import OPENMP_ENV
+    from tests.fixtures.manifests import make_artifact
+
+    art = str(make_artifact(tmp_path / "art", "cpu"))
+
+    def replica_env() -> dict:
+        return build_app(args().model_copy(update={"artifacts": art}))._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    env = replica_env()
+    assert {k: env[k] for k in OPENMP_ENV} == OPENMP_ENV and "OMP_WAIT_POLICY" not in env
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    env = replica_env()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
