@@ -10,9 +10,9 @@ cut, with whatever has arrived meanwhile. So a short row is padded to a longer n
 that saves device time overall (small batches are inefficient on CPU), and the batch dimension is
 padded only when that is cheaper than a smaller bucket. While the device is busy rows pile up and
 the next batch is fuller by itself; nobody waits for a batch to fill on an idle device unless
-`batch_wait_ms` asks for it. A batch that has the replica to itself (nothing else running or
-waiting) may run wider (`run_alone`: on CPU with every core's thread), which cuts the latency of a
-lone request; no other batch starts beside it.
+`batch_wait_ms` asks for it. A cheap batch on an idle device runs on the event loop itself, which
+blocks every other batch until it is done, so it may use all of the replica's compute
+(`run_inline`: on CPU every core's thread), which cuts the latency of a lone request.
 
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
 request that does not fit is refused whole (429) before anything of it is queued, so an accepted
@@ -77,7 +77,7 @@ class Batcher:
         costs_s: dict[Bucket, float] | None = None,
         learn_costs: bool = True,
         inline_max_ms: float = 20.0,
-        run_alone: Callable[[Bucket, list[list[int]]], np.ndarray] | None = None,
+        run_inline: Callable[[Bucket, list[list[int]]], np.ndarray] | None = None,
     ):
         self.buckets = buckets
         # Seconds of device time per bucket (the warm-up's timings); unknown buckets cost their
@@ -93,11 +93,10 @@ class Batcher:
         self._envelope: dict[Bucket, float] = {}
         self._rebuild_envelope()
         self.run_bucket = run_bucket
-        # For a batch with the replica to itself (nothing else running or waiting): may use all of
-        # the replica's compute (on CPU every core's thread instead of one forward's share), so no
-        # other batch starts until it is done. Its timings do not scale the cost table.
-        self.run_alone = run_alone
-        self._alone_running = False
+        # For the batches run on the event loop (see _loop): nothing else runs beside them, so they
+        # may use all of the replica's compute (on CPU every core's thread instead of one
+        # forward's share). Their timings do not scale the cost table.
+        self.run_inline = run_inline or run_bucket
         self.on_batch = on_batch
         self.queues: dict[int, deque[Row]] = {s: deque() for s in buckets.seq_lens}
         # Rows one cut plans over: enough to fill the largest batch, few enough to plan in ~1 ms.
@@ -178,26 +177,25 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self.inflight_batches < self.max_concurrent_batches and not self._alone_running:
+            while self.inflight_batches < self.max_concurrent_batches:
                 seq_len = self._oldest_group()
                 if seq_len is None:
                     break
                 if self.batch_wait_s > 0 and not await self._worth_waiting(seq_len):
                     continue
                 bucket, rows = self._cut()
-                alone = self.run_alone is not None and self.inflight_batches == 0 and self.queued_rows == 0
                 self.inflight_batches += 1
                 self.inflight_rows += len(rows)
-                if alone:
-                    self._alone_running = True
                 if self.inflight_batches == 1 and self.cost_s(bucket) <= self.inline_max_s:
                     # A short batch on an idle device runs right here: handing it to the forward
                     # thread and back costs two thread wake-ups (~1-3 ms on a VM), as much as a
                     # quarter of a batch-1 forward. Nothing else can run meanwhile, so this is
-                    # only done for batches cheaper than `inline_max_s`.
-                    await self._run(bucket, rows, inline=True, alone=alone)
+                    # only done for batches cheaper than `inline_max_s`, and with all of the
+                    # replica's compute (`run_inline`). Only when nothing else is running: a
+                    # wide batch beside a running one would oversubscribe the cores.
+                    await self._run(bucket, rows, inline=True)
                 else:
-                    asyncio.get_running_loop().create_task(self._run(bucket, rows, alone=alone))
+                    asyncio.get_running_loop().create_task(self._run(bucket, rows))
 
     def _drop_cancelled(self, q: deque[Row]) -> None:
         while q and q[0].cancelled:
@@ -325,15 +323,14 @@ class Batcher:
         ratio = min(4.0, max(0.25, elapsed / self._envelope[bucket]))
         self.cost_scale = 0.9 * self.cost_scale + 0.1 * ratio
 
-    async def _run(self, bucket: Bucket, rows: list[Row], inline: bool = False, alone: bool = False) -> None:
+    async def _run(self, bucket: Bucket, rows: list[Row], inline: bool = False) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        run = self.run_alone if alone else self.run_bucket
         try:
             if inline:
-                out = run(bucket, [r.ids for r in rows])
+                out = self.run_inline(bucket, [r.ids for r in rows])
             else:
-                out = await loop.run_in_executor(self._executor, run, bucket, [r.ids for r in rows])
+                out = await loop.run_in_executor(self._executor, self.run_bucket, bucket, [r.ids for r in rows])
         except Exception:
             log.exception("batch %s of %d rows failed", bucket, len(rows))
             for r in rows:
@@ -346,7 +343,7 @@ class Batcher:
                 if not r.future.done():
                     r.future.set_result(vec)
             elapsed = finished - started
-            if self.learn_costs and not alone:
+            if self.learn_costs and not (inline and self.run_inline is not self.run_bucket):
                 self._learn(bucket, elapsed)
             real = sum(len(r.ids) for r in rows)
             rate = real / max(elapsed, 1e-6)
@@ -359,8 +356,6 @@ class Batcher:
         finally:
             self.inflight_batches -= 1
             self.inflight_rows -= len(rows)
-            if alone:
-                self._alone_running = False
             self._wake.set()
 
     async def drain(self, timeout_s: float) -> bool:

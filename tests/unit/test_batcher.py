@@ -320,33 +320,24 @@ def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the
     asyncio.run(main())
 
 
-def test_a_batch_alone_on_the_replica_runs_wide_and_nothing_starts_beside_it():
-    """Nothing running or waiting: the batch goes to `run_alone` (on CPU, all of the replica's
-    cores), and while it runs the free forward slot stays free. Batches with company run narrow,
-    side by side; only narrow timings scale the cost table."""
+def test_batches_on_the_event_loop_run_wide_and_their_timings_leave_the_cost_table_alone():
+    """A cheap batch on an idle device runs on the event loop (nothing else can run meanwhile), so
+    it goes to `run_inline` (on CPU, all of the replica's cores); batches on the forward threads
+    run narrow, and only their timings scale the cost table."""
 
     async def main():
-        wide, narrow = FakeDevice(gated=True), FakeDevice()
-        b = make(narrow, max_concurrent_batches=2, run_alone=wide, learn_costs=True)
-        lone = asyncio.create_task(b.submit([row(1, 5)]))
-        await wait_until(wide.started.is_set)
-        # Two rows in different groups (PADDING_BOUND keeps them apart) arrive meanwhile.
-        others = [asyncio.create_task(b.submit([row(2, 4)])), asyncio.create_task(b.submit([row(3, 50)]))]
-        await wait_until(lambda: b.queued_rows == 2)
-        await asyncio.sleep(0.05)
-        assert narrow.calls == [] and b.inflight_batches == 1  # the second slot stayed free
-        wide.gate.set()
-        results = await asyncio.gather(lone, *others)
-        assert [r[0].tolist() for r in results] == [[1, 5], [2, 4], [3, 50]]
-        assert [c[0] for c in wide.calls] == [Bucket(1, 16)]
-        # The first cut left a row waiting, the second had a batch beside it: both narrow.
-        assert [c[0] for c in narrow.calls] == [Bucket(1, 16), Bucket(1, 64)]
-        assert b.cost_scale != 1.0  # narrow timings (a fake device: far below the table) count
-        # Idle again: the next lone row runs wide, and its timing leaves the table alone.
+        wide, narrow = FakeDevice(), FakeDevice()
+        b = make(narrow, max_concurrent_batches=2, run_inline=wide, learn_costs=True, inline_max_ms=5)
+        loop_thread = threading.current_thread().name
+        assert (await b.submit([row(1, 10)]))[0].tolist() == [1, 10]  # 1x16: 2.6 ms, cheap
+        assert [c[0] for c in wide.calls] == [Bucket(1, 16)] and wide.threads == [loop_thread]
+        assert narrow.calls == [] and b.cost_scale == 1.0
+        assert (await b.submit([row(2, 50)]))[0].tolist() == [2, 50]  # 1x64: 7.4 ms, not cheap
+        assert [c[0] for c in narrow.calls] == [Bucket(1, 64)] and narrow.threads[0].startswith("forward")
+        assert b.cost_scale != 1.0  # a fake device: far quicker than the table
         scale = b.cost_scale
-        assert (await b.submit([row(4, 60)]))[0].tolist() == [4, 60]
-        assert len(wide.calls) == 2 and len(narrow.calls) == 2
-        assert b.cost_scale == scale
+        assert (await b.submit([row(3, 12)]))[0].tolist() == [3, 12]
+        assert len(wide.calls) == 2 and b.cost_scale == scale
 
     asyncio.run(main())
 
