@@ -123,7 +123,11 @@ class NeuronServe:
             configure_threads(a.threads_per_replica)
         self.model_name = a.model_name or self.engine.model_name
         self.metrics = make_metrics(a, self.model_name, self.engine)
-        self.warmup_s = self.engine.backend.warmup()
+        if self.engine.backend.kind == "cpu":
+            # Spread over the replica's forwards, which is how they run when serving: half the time.
+            self.warmup_s = self.engine.backend.warmup(forwards=a.max_concurrent_batches)
+        else:
+            self.warmup_s = self.engine.backend.warmup()
         run_inline = None
         if self.engine.backend.kind == "cpu":
             # The batches the batcher runs on its event loop (cheap ones on an idle replica; nothing

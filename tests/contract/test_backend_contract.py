@@ -220,3 +220,25 @@ def test_cpu_forward_runs_on_the_threads_asked_for_in_the_calling_thread_only(se
     assert seen == [2, 1, 1]
     torch.testing.assert_close(wide, narrow)
     torch.set_num_threads(before)
+
+
+def test_cpu_warmup_spread_over_forwards_times_every_bucket_on_that_many_threads(served, monkeypatch):
+    import threading
+
+    if served.backend.kind != "cpu":
+        pytest.skip("the CPU backend's warm-up runs its forwards side by side")
+    backend = served.backend
+    seen: dict[str, set] = {}
+    forward = backend.forward
+
+    def recording(bucket, inputs, threads=None):
+        seen.setdefault(threading.current_thread().name, set()).add(bucket)
+        return forward(bucket, inputs, threads)
+
+    monkeypatch.setattr(backend, "forward", recording)
+    monkeypatch.setattr(backend, "warmed", {})
+    times = backend.warmup(forwards=2)
+    assert set(times) == {str(b) for b in BUCKETS} and all(t > 0 for t in times.values())
+    workers = [name for name in seen if name.startswith("warmup")]
+    assert len(workers) == 2  # one bucket each here, each on its own thread
+    assert set().union(*(seen[w] for w in workers)) == set(BUCKETS)
