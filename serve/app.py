@@ -123,19 +123,18 @@ class NeuronServe:
             configure_threads(a.threads_per_replica)
         self.model_name = a.model_name or self.engine.model_name
         self.metrics = make_metrics(a, self.model_name, self.engine)
+        run_inline = None
         if self.engine.backend.kind == "cpu":
             # Spread over the replica's forwards, which is how they run when serving: half the time.
             self.warmup_s = self.engine.backend.warmup(forwards=a.max_concurrent_batches)
-        else:
-            self.warmup_s = self.engine.backend.warmup()
-        run_inline = None
-        if self.engine.backend.kind == "cpu":
             # The batches the batcher runs on its event loop (cheap ones on an idle replica; nothing
             # runs beside them) use all of the replica's CPUs (threads x concurrent forwards, what
             # Ray reserved): a lone request's forward is ~30% faster on 2 threads than on 1.
             wide = self.engine.backend.threads * a.max_concurrent_batches
             if wide > self.engine.backend.threads:
                 run_inline = functools.partial(self.engine.run_bucket, threads=wide)
+        else:
+            self.warmup_s = self.engine.backend.warmup()
         self.batcher = Batcher(
             self.engine.buckets,
             self.engine.run_bucket,
@@ -293,7 +292,6 @@ class NeuronServe:
             data = [{"object": "embedding", "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode(), "index": i}
                     for i, v in enumerate(vectors)]
         else:
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
             data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
         tokens = int(headers["x-tokens"])
         payload = {"object": "list", "data": data, "model": self.model_name,
@@ -444,7 +442,7 @@ class NeuronServe:
         raw = np.stack(outs)
         if self.engine.task == "embed":
             vectors = self.engine.postprocess_embeddings(raw)
-            outputs = [{"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape), "data": np.ascontiguousarray(vectors, dtype=np.float32).ravel()}]
+            outputs = [{"name": "embedding", "datatype": "FP32", "shape": list(vectors.shape), "data": vectors.ravel()}]
         else:
             best = [ranked[0] for ranked in self.engine.postprocess_labels(raw)]
             outputs = [

@@ -126,7 +126,9 @@ class Engine:
                 raise InputError(f"dimensions must be between 1 and {raw.shape[1]}, got {dimensions}", "dimensions")
             raw = raw[:, :dimensions]
         pooling = self.manifest.pooling
-        return normalize_rows(raw) if pooling is None or pooling.normalize else raw
+        vectors = normalize_rows(raw) if pooling is None or pooling.normalize else raw
+        # C-contiguous float32 rows: what response JSON writes as shortest float32 text.
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def postprocess_labels(self, raw: np.ndarray) -> list[list[tuple[str, float]]]:
         """Per row, every (label, probability), best first."""

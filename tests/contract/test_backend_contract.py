@@ -198,13 +198,13 @@ def test_health(served):
         assert "cores" in health
 
 
+# Thread width and side-by-side warm-up are the CPU backend's own: these run on it alone.
+@pytest.mark.parametrize("backend_name", ["cpu"])
 def test_cpu_forward_runs_on_the_threads_asked_for_in_the_calling_thread_only(served, monkeypatch):
-    """A batch alone on a replica runs wider; the next, narrow, batch on the same OS thread must
-    not inherit that width, and another thread's width must not change."""
+    """A batch on the replica's event loop runs wide; the next, narrow, batch on the same OS thread
+    must not inherit that width, and another thread's width must not change."""
     import threading
 
-    if served.backend.kind != "cpu":
-        pytest.skip("thread width is the CPU backend's")
     backend, bucket = served.backend, BUCKETS[0]
     inputs = tokenized(served, bucket)
     seen: list[int] = []
@@ -222,11 +222,10 @@ def test_cpu_forward_runs_on_the_threads_asked_for_in_the_calling_thread_only(se
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("backend_name", ["cpu"])
 def test_cpu_warmup_spread_over_forwards_times_every_bucket_on_that_many_threads(served, monkeypatch):
     import threading
 
-    if served.backend.kind != "cpu":
-        pytest.skip("the CPU backend's warm-up runs its forwards side by side")
     backend = served.backend
     seen: dict[str, set] = {}
     forward = backend.forward
