@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -102,8 +102,23 @@ class CpuBackend:
             run(ordered)
         else:
             # Interleaved, so each thread gets small and large buckets alike and they end together.
-            with ThreadPoolExecutor(forwards, thread_name_prefix="warmup") as pool:
-                list(pool.map(run, [ordered[i::forwards] for i in range(forwards)]))
+            # One thread per part (a pool may hand a quick part's successor to the same thread).
+            errors: list[BaseException] = []
+
+            def part(buckets: list[Bucket]) -> None:
+                try:
+                    run(buckets)
+                except BaseException as e:  # re-raised below, in the caller
+                    errors.append(e)
+
+            workers = [threading.Thread(target=part, args=(ordered[i::forwards],), name=f"warmup_{i}")
+                       for i in range(forwards)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            if errors:
+                raise errors[0]
         return dict(self.warmed)
 
     def _ones(self, bucket: Bucket) -> tuple[torch.Tensor, ...]:
