@@ -4,11 +4,12 @@ Rows from all concurrent requests wait in one FIFO per compiled sequence length.
 device has room (fewer than `max_concurrent_batches` in flight) the batcher cuts a batch at once.
 It plans how to run everything waiting in the least device time: the rows, sorted by length, are
 split into batches each padded to its longest row's bucket, using the cost of every compiled
-(batch, seq_len) from the warm-up, scaled to what served batches take. Only the planned batch that
-holds the oldest waiting row runs now (so nothing starves); the rest is planned again at the next
-cut, with whatever has arrived meanwhile. So a short row is padded to a longer neighbour only when
-that saves device time overall (small batches are inefficient on CPU), and the batch dimension is
-padded only when that is cheaper than a smaller bucket. While the device is busy rows pile up and
+(batch, seq_len) from the warm-up, scaled to what served batches take, and every padded token
+(beyond a row's own bucket, or an empty row) charged again at `padding_weight` times the cheapest
+device time per token. Only the planned batch that holds the oldest waiting row runs now (so
+nothing starves); the rest is planned again at the next cut, with whatever has arrived meanwhile.
+So a short row is padded to a longer neighbour only when that saves clearly more device time than
+the padding costs (small batches are inefficient on CPU), and the batch dimension likewise. While the device is busy rows pile up and
 the next batch is fuller by itself; nobody waits for a batch to fill on an idle device unless
 `batch_wait_ms` asks for it. A cheap batch on an idle device runs on the event loop itself, which
 blocks every other batch until it is done, so it may use all of the replica's compute
@@ -38,6 +39,14 @@ from serve.buckets import BucketSet
 from serve.errors import BackendFailure, Overloaded
 
 log = logging.getLogger("neuronserve.batcher")
+
+# What a padded token costs in the plan on top of its device time, in units of the cheapest
+# device time per token. The warm-up's timings are single noisy samples and make many merges of a
+# short row into a longer batch look a few percent cheaper than running it apart; served, those
+# merges did not pay: measured here at c=32 on the mixed workload (paired runs), padded/real went
+# from 1.16-1.20 to 1.12 with 3 at the same throughput (4736/4885 against 4773 real tokens/s;
+# 1.5: 1.135-1.145 with one run at 1.34; 6: the same as 3).
+PADDING_WEIGHT = 3.0
 
 
 @dataclass(eq=False)
@@ -77,6 +86,7 @@ class Batcher:
         costs_s: dict[Bucket, float] | None = None,
         learn_costs: bool = True,
         inline_max_ms: float = 20.0,
+        padding_weight: float = PADDING_WEIGHT,
         run_inline: Callable[[Bucket, list[list[int]]], np.ndarray] | None = None,
     ):
         self.buckets = buckets
@@ -90,6 +100,7 @@ class Batcher:
         # throughput (measured here, c=32). So the served timings only scale the whole table.
         self.cost_scale = 1.0
         self.inline_max_s = inline_max_ms / 1000.0
+        self.padding_weight = float(padding_weight)
         self._envelope: dict[Bucket, float] = {}
         self._rebuild_envelope()
         self.run_bucket = run_bucket
@@ -248,17 +259,20 @@ class Batcher:
                 running = env.get(Bucket(size, seq_len), running)
                 shorter[size] = max(shorter[size], running)
         self._envelope = env
+        # The least device time per padded token of any bucket: the price of one padded token.
+        self._token_s = min(c / b.padded_tokens for b, c in env.items())
 
-    def _count_costs(self, seq_len: int, most: int) -> list[float]:
+    def _count_costs(self, seq_len: int, most: int, pad_s: float) -> list[float]:
         """[0, cost of 1 row, ..., cost of `most` rows] at `seq_len` (each count padded to the
-        smallest compiled batch size holding it), up to the largest size the budget allows."""
+        smallest compiled batch size holding it, its empty rows priced at `pad_s` per token), up
+        to the largest size the budget allows."""
         sizes = self.buckets.allowed_sizes(seq_len, self.max_batch_tokens)
         out = [0.0]
         i = 0
         for k in range(1, min(most, sizes[-1]) + 1):
             while sizes[i] < k:
                 i += 1
-            out.append(self.cost_s(Bucket(sizes[i], seq_len)))
+            out.append(self.cost_s(Bucket(sizes[i], seq_len)) + pad_s * (sizes[i] - k) * seq_len)
         return out
 
     def _cut(self) -> tuple[Bucket, list[Row]]:
@@ -267,16 +281,21 @@ class Batcher:
         The oldest `plan_window_rows` live rows are sorted by sequence length and split into
         consecutive runs, each run one batch padded to its longest row's bucket, so that the
         device time to serve them all is least (dynamic programming over the sorted rows with the
-        cost table). Of that plan only the batch holding the oldest row runs now; the rest is
-        planned again at the next cut, when more rows may have arrived. So short rows are padded
-        to a longer neighbour exactly when that saves device time overall (small batches are
-        inefficient), and long rows never drag a short majority into a wasteful batch."""
+        cost table, padding charged again at `padding_weight`). Of that plan only the batch
+        holding the oldest row runs now; the rest is planned again at the next cut, when more rows
+        may have arrived. So short rows are padded to a longer neighbour when that saves clearly
+        more device time than the padding costs (small batches are inefficient), and long rows
+        never drag a short majority into a wasteful batch."""
         groups = [self.queues[s] for s in self.buckets.seq_lens if self.queues[s]]
         live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
         window = list(islice(live, self.plan_window_rows))
         oldest = window[0]
         rows = sorted(window, key=lambda r: r.seq_len)  # stable: oldest first within a length
         n = len(rows)
+        own = [0] * (n + 1)  # own[k]: the first k rows' own sequence lengths, summed
+        for k, r in enumerate(rows):
+            own[k + 1] = own[k] + r.seq_len
+        pad_s = self.padding_weight * self._token_s * self.cost_scale
         costs: dict[int, list[float]] = {}
         best = [0.0] * (n + 1)  # best[j]: least device time for rows[:j]
         start = [0] * (n + 1)  # where the last batch of that plan starts
@@ -284,12 +303,13 @@ class Batcher:
             s = rows[j - 1].seq_len
             table = costs.get(s)
             if table is None:
-                table = costs[s] = self._count_costs(s, n)
+                table = costs[s] = self._count_costs(s, n, pad_s)
             top = len(table) - 1
             bj, bi = float("inf"), j - 1
             # On ties the shortest last batch wins, so the older rows get the fuller batches.
             for i in range(j - 1, max(0, j - top) - 1, -1):
-                c = best[i] + table[j - i]
+                # rows[i:j] padded to s: (j - i) * s tokens where the rows' own buckets hold own[j] - own[i]
+                c = best[i] + table[j - i] + pad_s * ((j - i) * s - (own[j] - own[i]))
                 if c < bj:
                     bj, bi = c, i
             best[j], start[j] = bj, bi

@@ -227,22 +227,35 @@ def test_reconfigure_changes_budget_live():
     asyncio.run(main())
 
 
-def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
-    """Per-batch overhead dominates (small batches on CPU): one padded batch beats two small ones."""
+def run_two_short_two_long(costs_s: dict, **kw) -> list[str]:
+    """The buckets run for two 4-token and two 40-token rows queued behind a busy device."""
 
     async def main():
         dev = FakeDevice(gated=True)
-        b = make(dev, costs_s=linear_costs(0.010, 1e-5))
+        b = make(dev, costs_s=costs_s, **kw)
         blocker = await occupy(b, dev)
-        tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(3)]
-        tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(3)]
-        await wait_until(lambda: b.queued_rows == 6)
+        tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(2)]
+        tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(2)]
+        await wait_until(lambda: b.queued_rows == 4)
         dev.gate.set()
         out = await asyncio.gather(blocker, *tasks)
-        assert [str(bk) for bk, _ in dev.calls] == ["1x16", "8x64"]
-        assert [o[0].tolist() for o in out[1:]] == [[i, 4] for i in range(3)] + [[10 + i, 40] for i in range(3)]
+        assert [o[0].tolist() for o in out[1:]] == [[i, 4] for i in range(2)] + [[10 + i, 40] for i in range(2)]
+        return [str(bk) for bk, _ in dev.calls[1:]]
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
+    """Per-batch overhead dominates (small batches on CPU): one padded batch beats two small ones,
+    even with the padded tokens charged again."""
+    assert run_two_short_two_long(linear_costs(0.050, 1e-5)) == ["4x64"]
+
+
+@pytest.mark.parametrize("weight, expected", [(0.0, ["4x64"]), (3.0, ["2x16", "2x64"])])
+def test_padding_weight_keeps_rows_apart_when_a_merge_saves_little(weight, expected):
+    """Merging saves 2 ms of device time here for 96 padded tokens: done when only device time
+    counts, not when each padded token is charged again at 3x the cheapest time per token."""
+    assert run_two_short_two_long(linear_costs(0.003, 1e-5), padding_weight=weight) == expected
 
 
 def test_costs_are_learned_from_the_batches_that_run():
@@ -342,10 +355,13 @@ def test_batches_on_the_event_loop_run_wide_and_their_timings_leave_the_cost_tab
     asyncio.run(main())
 
 
-def test_cuts_serve_the_queue_in_the_least_device_time():
+@pytest.mark.parametrize("weight", [0.0, 3.0])
+def test_cuts_serve_the_queue_in_the_least_device_time(weight):
     """With nothing new arriving, the batches cut one after another cost exactly the optimum over
     every way of splitting the queued rows into batches (brute force over set partitions), and
-    each batch holds the oldest row still waiting."""
+    each batch holds the oldest row still waiting. The cost is device time plus every padded
+    token (beyond its row's own bucket, or in an empty row) at `weight` x the cheapest time per
+    padded token of the table."""
     import random
 
     from serve.batcher import Row
@@ -365,7 +381,8 @@ def test_cuts_serve_the_queue_in_the_least_device_time():
     rng = random.Random(7)
     for trial in range(60):
         costs = {b: rng.uniform(0.5, 1.5) * (0.004 + b.padded_tokens * rng.choice([1e-5, 1e-4])) for b in buckets}
-        b = Batcher(buckets, None, max_batch_tokens=4096, costs_s=costs, learn_costs=False)
+        b = Batcher(buckets, None, max_batch_tokens=4096, costs_s=costs, learn_costs=False, padding_weight=weight)
+        token_s = min(b.cost_s(k) / k.padded_tokens for k in buckets)
         lengths = [rng.choice([3, 8, 12, 16, 20, 33, 60]) for _ in range(rng.randint(1, 7))]
         queued = []
         for t, n in enumerate(lengths):
@@ -375,7 +392,8 @@ def test_cuts_serve_the_queue_in_the_least_device_time():
             queued.append(r)
 
         def cost_of(rows):
-            return b.cost_s(buckets.bucket_for(len(rows), max(r.seq_len for r in rows)))
+            bucket = buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
+            return b.cost_s(bucket) + weight * token_s * (bucket.padded_tokens - sum(r.seq_len for r in rows))
 
         best = min(sum(cost_of(p) for p in parts) for parts in partitions(queued)
                    if all(len(p) <= 4 for p in parts))
@@ -385,7 +403,7 @@ def test_cuts_serve_the_queue_in_the_least_device_time():
             bucket, rows = b._cut()
             assert oldest in rows
             assert bucket == buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
-            spent += b.cost_s(bucket)
+            spent += cost_of(rows)
             served += rows
         assert sorted(map(id, served)) == sorted(map(id, queued))
         assert spent == pytest.approx(best), (trial, lengths)
