@@ -104,7 +104,6 @@ class NeuronServe:
 
     def _load(self) -> None:
         from serve.batcher import Batcher
-        from serve.backends.cpu import configure_threads
         from serve.engine import Engine
 
         from models.artifact import Bucket, load_manifest
@@ -118,9 +117,7 @@ class NeuronServe:
             options["threads"] = a.threads_per_replica
         elif a.instance_type and a.instance_type.split(".")[0] in ("inf2", "trn1", "trn2"):
             options["expected_target"] = a.instance_type.split(".")[0]  # refuse an inf2 artifact on trn1
-        self.engine = Engine(a.artifacts, backend, backend_options=options)
-        if self.engine.backend.kind == "cpu":
-            configure_threads(a.threads_per_replica)
+        self.engine = Engine(a.artifacts, backend, backend_options=options)  # the CPU backend sets its threads
         self.model_name = a.model_name or self.engine.model_name
         self.metrics = make_metrics(a, self.model_name, self.engine)
         run_inline = None
