@@ -9,9 +9,9 @@ split into batches each padded to its longest row's bucket, using the cost of ev
 device time per token. Only the planned batch that holds the oldest waiting row runs now (so
 nothing starves); the rest is planned again at the next cut, with whatever has arrived meanwhile.
 So a short row is padded to a longer neighbour only when that saves clearly more device time than
-the padding costs (small batches are inefficient on CPU), and the batch dimension likewise. While the device is busy rows pile up and
-the next batch is fuller by itself; nobody waits for a batch to fill on an idle device unless
-`batch_wait_ms` asks for it. A cheap batch on an idle device runs on the event loop itself, which
+the padding costs (small batches are inefficient on CPU), and the batch dimension likewise. While
+the device is busy rows pile up and the next batch is fuller by itself; nobody waits for a batch to
+fill on an idle device unless `batch_wait_ms` asks for it. A cheap batch on an idle device runs on the event loop itself, which
 blocks every other batch until it is done, so it may use all of the replica's compute
 (`run_inline`: on CPU every core's thread), which cuts the latency of a lone request.
 
