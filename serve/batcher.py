@@ -11,9 +11,10 @@ nothing starves); the rest is planned again at the next cut, with whatever has a
 So a short row is padded to a longer neighbour only when that saves clearly more device time than
 the padding costs (small batches are inefficient on CPU), and the batch dimension likewise. While
 the device is busy rows pile up and the next batch is fuller by itself; nobody waits for a batch to
-fill on an idle device unless `batch_wait_ms` asks for it. A cheap batch on an idle device runs on the event loop itself, which
-blocks every other batch until it is done, so it may use all of the replica's compute
-(`run_inline`: on CPU every core's thread), which cuts the latency of a lone request.
+fill on an idle device unless `batch_wait_ms` asks for it. A cheap batch on an idle device runs on
+the event loop itself, which blocks every other batch until it is done, so it may use all of the
+replica's compute (`run_inline`: on CPU every core's thread), which cuts the latency of a lone
+request.
 
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
 request that does not fit is refused whole (429) before anything of it is queued, so an accepted
