@@ -86,6 +86,56 @@ class EmbedHead(torch.nn.Module):
         return pool(hidden, kwargs["attention_mask"], self.mode).float()
 
 
+class PackedEncoder(torch.nn.Module):
+    """The encoder run on packed sequences: several rows one after another in each sequence.
+
+    Inputs ``(input_ids, position_ids, segment_ids)``, int64 ``[B, S]`` (`serve.buckets.pad_packed`):
+    a token attends only to tokens of its own segment (its row), and positions restart for each
+    row, so every row's token states are those it would get alone. Returns the token states
+    ``[B, S, hidden]``; `pool_packed` pools them per row. Padding (segment 0) attends to nothing
+    real and is never pooled.
+    """
+
+    def __init__(self, encoder: torch.nn.Module, input_names: tuple[str, ...]):
+        super().__init__()
+        self.encoder = encoder
+        self.token_types = "token_type_ids" in input_names
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        # An additive 4D mask: transformers uses a 4D mask as given. Padding rows mask every
+        # key, which leaves them finite (a uniform softmax), never NaN.
+        blocked = torch.zeros(same.shape, dtype=torch.float32).masked_fill(~same, torch.finfo(torch.float32).min)
+        kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": blocked[:, None]}
+        if self.token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        return self.encoder(**kwargs)[0].float()
+
+
+def pool_packed(hidden: torch.Tensor, segment_ids: torch.Tensor, n_rows: int, mode: str) -> torch.Tensor:
+    """Pool packed token states ``[B, S, H]`` to ``[n_rows, H]``: row ``i`` is segment ``i + 1``,
+    pooled as `pool` pools a row alone."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    seg = segment_ids.reshape(-1)
+    real = torch.nonzero(seg > 0).squeeze(1)
+    row = seg[real] - 1  # token -> its row, over the real tokens (in order within each row)
+    h = h[real]
+    counts = torch.bincount(row, minlength=n_rows)
+    if mode in ("cls", "lasttoken"):
+        # A row's tokens are contiguous in the flattened order: its first one is the least index.
+        first = torch.zeros(n_rows, dtype=torch.long).scatter_reduce(
+            0, row, torch.arange(len(row)), reduce="amin", include_self=False)
+        return h[first if mode == "cls" else first + counts - 1]
+    if mode == "max":
+        out = torch.full((n_rows, h.shape[1]), torch.finfo(h.dtype).min, dtype=h.dtype)
+        return out.scatter_reduce(0, row[:, None].expand_as(h), h, reduce="amax", include_self=True)
+    summed = torch.zeros((n_rows, h.shape[1]), dtype=h.dtype).index_add_(0, row, h)
+    count = counts.to(h.dtype).clamp(min=1e-9)[:, None]
+    if mode == "mean_sqrt_len":
+        return summed / count.sqrt()
+    return summed / count
+
+
 class ClassifyHead(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...]):
         super().__init__()
