@@ -29,6 +29,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--optlevel", type=int, default=2, choices=[1, 2, 3], help="neuronx-cc --optlevel (1 compiles fastest)")
     p.add_argument("--compiler-arg", action="append", default=[], dest="extra_compiler_args", metavar="FLAG",
                    help="extra neuronx-cc flag (repeatable)")
+    p.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="CPU embedding artifacts: skip the packed graph (several short rows per sequence)")
     p.add_argument("--force", action="store_true", help="recompile even when the cache holds this compile")
     p.set_defaults(func=run)
 
@@ -60,7 +62,7 @@ def run(args) -> int:
 
     opts = CompileOptions(
         model=args.model, task=args.task, target=args.target, buckets=buckets, out=args.out,
-        auto_cast=args.auto_cast, optlevel=args.optlevel, force=args.force,
+        auto_cast=args.auto_cast, optlevel=args.optlevel, force=args.force, packing=args.packing,
         extra_compiler_args=args.extra_compiler_args,
     )
     try:

@@ -7,6 +7,7 @@ bucket is its own `torch_neuronx.trace` (static shapes), so each bucket has its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -26,6 +27,7 @@ from models.artifact import (
     BucketEntry,
     Manifest,
     ModelInfo,
+    PackedGraph,
     Parity,
     load_manifest,
     save_manifest,
@@ -58,6 +60,8 @@ class CompileOptions:
     auto_cast: str = "none"
     optlevel: int = 2
     force: bool = False
+    # CPU embedding artifacts also get a graph that runs several short rows per sequence.
+    packing: bool = True
     extra_compiler_args: list[str] = field(default_factory=list)
 
 
@@ -142,9 +146,16 @@ def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args
         "auto_cast": opts.auto_cast,
         "buckets": [str(b) for b in buckets],
         "compiler_args": args,
+        "packed": packs(opts),
         "versions": {k: v for k, v in versions.items() if k != "neuronserve"},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def packs(opts: CompileOptions) -> bool:
+    """Whether the artifact gets a packed graph: CPU embedding models (Neuron targets would need
+    the packed signature traced per bucket; not built)."""
+    return opts.packing and opts.target == "cpu" and opts.task == "embed"
 
 
 def check_options(opts: CompileOptions) -> None:
@@ -185,7 +196,7 @@ def is_cache_hit(out: Path, key: str) -> Manifest | None:
         return None
     if manifest.cache_key != key:
         return None
-    for entry in manifest.buckets:
+    for entry in [*manifest.buckets, *([manifest.packed] if manifest.packed else [])]:
         f = out / entry.file
         if not f.is_file() or sha256_file(f) != entry.sha256:
             return None
@@ -316,6 +327,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     hashes = {f: sha256_file(out / f) for f in {e.file for e in entries}}
     for e in entries:
         e.sha256 = hashes[e.file]
+    packed = compile_packed(module, spec, tokenizer, pad_id, buckets, opts, out, log) if packs(opts) else None
     shutil.rmtree(out / "neuron-workdir", ignore_errors=True)
 
     manifest = Manifest(
@@ -340,6 +352,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         compiler_args=args,
         versions=versions,
         buckets=entries,
+        packed=packed,
         cache_key=key,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -347,6 +360,49 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     seconds = time.perf_counter() - start
     log(f"wrote {out} in {seconds:.1f}s")
     return CompileResult(manifest, out, False, seconds)
+
+
+def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: list[Bucket], opts: CompileOptions,
+                   out: Path, log: Log) -> PackedGraph:
+    """Trace the packed graph (`models.tasks.PackedEncoder`) and check it: sample rows of many
+    lengths, packed several per sequence, must pool to what the eager model gives each row alone."""
+    import torch
+
+    from models.tasks import PackedEncoder, pool_packed
+    from serve.buckets import pack_rows, pad_packed
+
+    t0 = time.perf_counter()
+    embeddings = getattr(module.encoder, "embeddings", None)
+    padding_idx = getattr(embeddings, "padding_idx", None)
+    offset = padding_idx + 1 if spec.family.position_offset and padding_idx is not None else 0
+    packed = PackedEncoder(module.encoder, spec.family.inputs).eval()
+    # Sample rows: a batch whose lengths spread from 2 tokens to the longest bucket's length.
+    seq_len = max(b.seq_len for b in buckets)
+    ids, mask = sample_inputs(tokenizer, spec, Bucket(16, seq_len), pad_id)[:2]
+    rows = [r[: int(m.sum())].tolist() for r, m in zip(ids, mask)]
+    with torch.inference_mode():
+        reference = torch.cat([module(*graph_inputs(spec.family.inputs, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)))
+                               for r in rows])
+    layout, _ = pack_rows([len(r) for r in rows], bins=len(rows), capacity=seq_len)  # as many sequences as rows: all fit
+    bucket = Bucket(len(layout), seq_len)
+    example = tuple(torch.from_numpy(a) for a in pad_packed(rows, layout, bucket, pad_id, offset))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = torch.jit.trace(packed, example, check_trace=False)
+    file = "graphs/cpu-packed.pt"
+    torch.jit.save(graph, str(out / file))
+    with torch.inference_mode(), (torch.autocast("cpu", dtype=torch.bfloat16) if opts.auto_cast == "bf16" else contextlib.nullcontext()):
+        got = pool_packed(graph(*example).float(), example[2], len(rows), spec.pooling.mode)
+    parity = measure_parity(opts.task, got, reference, opts.auto_cast)
+    if not parity.passed:
+        raise CompileError(
+            f"the packed graph failed validation against the eager fp32 reference: min cosine "
+            f"{parity.min_cosine:.6f} (floor {MIN_COSINE[opts.auto_cast]}); compile with packing off"
+        )
+    log(f"packed graph: {len(rows)} rows in {len(layout)} sequences of {seq_len}, {time.perf_counter() - t0:.2f}s, "
+        f"min cosine {parity.min_cosine:.6f}")
+    return PackedGraph(file=file, sha256=sha256_file(out / file), position_offset=offset, parity=parity)
 
 
 def run_parity(graph, example, reference, opts: CompileOptions, bucket: Bucket, log: Log) -> Parity | None:

@@ -144,6 +144,15 @@ class BucketEntry(BaseModel):
         return Bucket(self.batch_size, self.seq_len)
 
 
+class PackedGraph(BaseModel):
+    """CPU embedding artifacts: one graph that runs several rows per sequence (`models.tasks.PackedEncoder`)."""
+
+    file: str
+    sha256: str
+    position_offset: int = Field(default=0, description="first position id of every row (RoBERTa: padding_idx + 1)")
+    parity: Parity | None = None
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     model: ModelInfo
@@ -159,6 +168,7 @@ class Manifest(BaseModel):
     compiler_args: list[str] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=dict, description="library and SDK versions used")
     buckets: list[BucketEntry]
+    packed: PackedGraph | None = Field(default=None, description="graph for packed batches (CPU embed), if compiled")
     cache_key: str = ""
     created_at: str = ""
 

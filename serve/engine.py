@@ -16,7 +16,7 @@ from models.artifact import Bucket, Manifest, load_manifest
 from models.families import graph_inputs
 from models.tasks import normalize_rows, softmax
 from serve.backends.base import Backend, load_backend
-from serve.buckets import BucketSet, Run, pad_rows, unpad
+from serve.buckets import BucketSet, Run, pad_packed, pad_rows, unpad
 
 
 class InputError(ValueError):
@@ -104,6 +104,31 @@ class Engine:
         inputs = graph_inputs(self.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
         out = self.backend.forward(bucket, inputs, threads) if threads else self.backend.forward(bucket, inputs)
         return unpad(out.numpy(), len(rows))
+
+    def run_batch(self, bucket: Bucket, rows: list[list[int]], layout: list[list[int]] | None = None,
+                  threads: int | None = None) -> np.ndarray:
+        """`run_bucket`, or `run_packed` when a packing `layout` is given (the batcher's call)."""
+        if layout is None:
+            return self.run_bucket(bucket, rows, threads)
+        return self.run_packed(bucket, rows, layout, threads)
+
+    @property
+    def packing(self) -> bool:
+        """Whether batches may pack several rows per sequence (`run_packed`)."""
+        return bool(getattr(self.backend, "packing", False))
+
+    def run_packed(self, bucket: Bucket, rows: list[list[int]], layout: list[list[int]],
+                   threads: int | None = None) -> np.ndarray:
+        """Run `rows` packed into `bucket`'s sequences as `layout` says (`serve.buckets.pack_rows`:
+        per sequence, the indices of its rows); returns (len(rows), output_dim) in row order, each
+        row as it would be alone."""
+        from models.tasks import pool_packed
+
+        packed = self.manifest.packed
+        arrays = pad_packed(rows, layout, bucket, self.pad_id, packed.position_offset)
+        inputs = tuple(torch.from_numpy(a) for a in arrays)
+        hidden = self.backend.forward_packed(bucket, inputs, threads) if threads else self.backend.forward_packed(bucket, inputs)
+        return pool_packed(hidden, inputs[2], len(rows), self.manifest.pooling.mode).numpy()
 
     def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:
         return self.buckets.plan([len(r) for r in rows], max_batch_tokens)

@@ -270,3 +270,25 @@ def test_cpu_warmup_spread_over_forwards_times_every_bucket_on_that_many_threads
     workers = [name for name in seen if name.startswith("warmup")]
     assert len(workers) == 2  # one bucket each here, each on its own thread
     assert set().union(*(seen[w] for w in workers)) == set(BUCKETS)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu"])
+def test_cpu_packed_forward_returns_token_states_and_rejects_wrong_shapes(served):
+    """CPU embedding artifacts carry the packed graph; classifiers and Neuron artifacts do not."""
+    backend = served.backend
+    if served.manifest.task != "embed":
+        assert not backend.packing and served.manifest.packed is None
+        return
+    assert backend.packing and backend.health()["packing"] is True
+    bucket = BUCKETS[-1]
+    ids = torch.full((bucket.batch_size, bucket.seq_len), 7, dtype=torch.long)
+    positions = torch.arange(bucket.seq_len).repeat(bucket.batch_size, 1)
+    segments = torch.ones_like(ids)
+    out = backend.forward_packed(bucket, (ids, positions, segments))
+    assert out.dtype == torch.float32 and tuple(out.shape) == (bucket.batch_size, bucket.seq_len, served.manifest.model.hidden_size)
+    with pytest.raises(BackendError, match="does not match bucket"):
+        backend.forward_packed(bucket, (ids[:, :-1], positions[:, :-1], segments[:, :-1]))
+    with pytest.raises(BackendError, match="expected 3 input tensors"):
+        backend.forward_packed(bucket, (ids, positions))
+    with pytest.raises(BackendError, match="not compiled"):
+        backend.forward_packed(Bucket(bucket.batch_size + 5, bucket.seq_len), (ids, positions, segments))

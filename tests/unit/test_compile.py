@@ -68,6 +68,44 @@ def test_compiled_artifact_matches_eager_model(models_dir, tmp_path, family, tas
         assert set(m.labels.values()) == {"label_0", "label_1", "label_2"}
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_packed_rows_match_each_row_alone(models_dir, tmp_path, family):
+    """Several rows packed into each sequence (positions restarting per row, RoBERTa's offset
+    included) give every row the embedding it gets alone, in any order and with empty sequences."""
+    from serve.buckets import pack_rows
+
+    model = make_tiny_model(models_dir, family=family, task="embed")
+    result = compile_artifact(CompileOptions(model=str(model), buckets=parse_buckets("1x64,2x64,4x64"), out=tmp_path / "art"))
+    packed = result.manifest.packed
+    assert packed is not None and packed.parity.passed and packed.parity.min_cosine >= 0.9999
+    assert packed.position_offset == (2 if family == "roberta" else 0)
+    engine = Engine(result.out_dir, "cpu")
+    assert engine.packing
+    rows = engine.tokenize(TEXTS + ["serving", "low padding per request", "cost per token"])
+    alone = np.stack([engine.run_bucket(Bucket(1, 64), [r])[0] for r in rows])
+    layout, left = pack_rows([len(r) for r in rows], bins=2, capacity=64)
+    assert not left and any(len(seq) > 1 for seq in layout)
+    got = engine.run_packed(Bucket(4, 64), rows, layout)  # two of the four sequences stay empty
+    assert np.abs(got - alone).max() < 1e-4
+    shuffled = [list(reversed(seq)) for seq in reversed(layout)]
+    assert np.abs(engine.run_packed(Bucket(2, 64), rows, shuffled) - alone).max() < 1e-4
+
+
+def test_packing_is_compiled_for_cpu_embedding_artifacts_only(models_dir, tmp_path):
+    embed = make_tiny_model(models_dir, family="bert", task="embed")
+    classify = make_tiny_model(models_dir, family="bert", task="classify")
+    off = compile_artifact(CompileOptions(model=str(embed), buckets=BUCKETS, out=tmp_path / "off", packing=False))
+    assert off.manifest.packed is None and not Engine(off.out_dir, "cpu").packing
+    assert not (off.out_dir / "graphs" / "cpu-packed.pt").exists()
+    on = compile_artifact(CompileOptions(model=str(embed), buckets=BUCKETS, out=tmp_path / "off"))
+    assert not on.cache_hit and on.manifest.packed is not None  # packing is part of the cache key
+    cls = compile_artifact(CompileOptions(model=str(classify), task="classify", buckets=BUCKETS, out=tmp_path / "cls"))
+    assert cls.manifest.packed is None
+    from compile.compiler import packs
+
+    assert packs(CompileOptions(target="cpu")) and not packs(CompileOptions(target="inf2"))  # Neuron: not built
+
+
 def test_every_bucket_matches_for_classification(models_dir, tmp_path):
     """Each bucket, run alone with rows that fill it, agrees with the eager model."""
     model = make_tiny_model(models_dir, family="bert", task="classify")
