@@ -129,12 +129,12 @@ class NeuronServe:
             # Ray reserved): a lone request's forward is ~30% faster on 2 threads than on 1.
             wide = self.engine.backend.threads * a.max_concurrent_batches
             if wide > self.engine.backend.threads:
-                run_inline = functools.partial(self.engine.run_bucket, threads=wide)
+                run_inline = functools.partial(self.engine.run_batch, threads=wide)
         else:
             self.warmup_s = self.engine.backend.warmup()
         self.batcher = Batcher(
             self.engine.buckets,
-            self.engine.run_bucket,
+            self.engine.run_batch,
             max_batch_tokens=a.max_batch_tokens,
             batch_wait_ms=a.batch_wait_ms,
             max_concurrent_batches=a.max_concurrent_batches,
@@ -142,6 +142,7 @@ class NeuronServe:
             on_batch=self._on_batch,
             costs_s={Bucket.parse(k): v for k, v in self.warmup_s.items()},
             run_inline=run_inline,
+            pack=self.engine.packing and a.packing,
         )
 
     def reconfigure(self, user_config: dict) -> None:
@@ -166,7 +167,7 @@ class NeuronServe:
     def _on_batch(self, record) -> None:
         if self.metrics is not None:
             self.metrics.batch(str(record.bucket), record.rows, record.real_tokens, record.padded_tokens,
-                               record.inference_s, record.queue_waits_s)
+                               record.inference_s, record.queue_waits_s, record.packed)
             self.metrics.set_queue(self.batcher.queued_rows, self.batcher.inflight_rows)
 
     async def _wait_ready(self) -> None:

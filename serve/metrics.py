@@ -130,6 +130,9 @@ class Metrics:
         self.rows = Counter(f"{p}_rows_total", "Rows (inputs) processed.", ["model"], registry=r)
         self.batches = Counter(f"{p}_batches_total", "Batches run.", ["model", "bucket"],
                                registry=r)
+        self.packed_batches = Counter(
+            f"{p}_packed_batches_total", "Batches that packed several rows into a sequence (CPU packing).",
+            ["model", "bucket"], registry=r)
         self.inflight_rows = Gauge(
             f"{p}_inflight_rows", "Rows in batches running on the device now.", ["model"],
             multiprocess_mode="livesum", registry=r)
@@ -333,8 +336,8 @@ class ServeMetrics:
         hist.observe(max(0.0, seconds))
 
     def batch(self, bucket: str, rows: int, real_tokens: int, padded_tokens: int,
-              inference_seconds: float, queue_waits: Sequence[float]) -> None:
-        """One batch ran. `padded_tokens` counts every token the device computed, padding included
+              inference_seconds: float, queue_waits: Sequence[float], packed: bool = False) -> None:
+        """One batch ran (`packed`: several rows per sequence). `padded_tokens` counts every token the device computed, padding included
         (bucket batch_size x seq_len), so padded >= real; their ratio is the padding overhead."""
         if padded_tokens < real_tokens and not self._warned_padding:
             self._warned_padding = True
@@ -354,6 +357,8 @@ class ServeMetrics:
         tok_real.inc(real_tokens)
         tok_padded.inc(padded_tokens)
         batches.inc()
+        if packed:
+            self._m.packed_batches.labels(self.model, bucket).inc()
         self._rows.inc(rows)
         for w in queue_waits:
             self._queue_wait.observe(max(0.0, w))

@@ -38,6 +38,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=None, help="extra wait for fuller batches (0: none)")
     p.add_argument("--max-concurrent-batches", type=int, default=None,
                    help="batches in flight per replica (default: 1 on Neuron; on CPU one per core of the replica)")
+    p.add_argument("--no-packing", dest="packing", action="store_const", const=False, default=None,
+                   help="never pack several short rows into one sequence (CPU artifacts with a packed graph)")
     p.add_argument("--max-queued-rows", type=int, default=None, help="queued rows per replica before 429")
     p.add_argument("--request-timeout-s", type=float, default=None)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port (default 9400); 0 disables")
@@ -60,6 +62,7 @@ def _app_args(args, artifacts: Path, metrics_dir: str | None):
         "batch_wait_ms": args.batch_wait_ms,
         "max_concurrent_batches": args.max_concurrent_batches,
         "max_queued_rows": args.max_queued_rows,
+        "packing": args.packing,
         "request_timeout_s": args.request_timeout_s,
         "metrics_port": args.metrics_port,
         "instance_type": args.instance_type,

@@ -35,6 +35,7 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(0.0, ge=0, le=10_000, description="extra wait for a fuller batch; 0 dispatches as soon as the device is idle")
     max_concurrent_batches: int = Field(1, ge=1, le=64, description="batches in flight per replica")
     max_queued_rows: int = Field(2048, ge=1, description="rows waiting per replica before 429")
+    packing: bool = Field(True, description="pack several short rows per sequence when the artifact has a packed graph (CPU)")
     # requests
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + inference")
     max_inputs_per_request: int = Field(256, ge=1)

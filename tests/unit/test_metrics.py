@@ -88,6 +88,8 @@ def test_request_batch_and_queue(reg, clock):
             queue_waits=[0.0] * 8)
     m.batch("1x32", rows=1, real_tokens=20, padded_tokens=32, inference_seconds=0.001,
             queue_waits=[0.5])
+    m.batch("2x64", rows=6, real_tokens=120, padded_tokens=128, inference_seconds=0.002,
+            queue_waits=[0.0] * 6, packed=True)
     m.set_queue(queued_rows=7, inflight_rows=3)
     s = _samples(reg)
 
@@ -102,14 +104,16 @@ def test_request_batch_and_queue(reg, clock):
     assert _value(s, "neuronserve_tokens_padded_total", model="mini", bucket="8x128") == 2048
     assert _value(s, "neuronserve_tokens_padded_total", model="mini", bucket="1x32") == 32
     assert _value(s, "neuronserve_batches_total", model="mini", bucket="8x128") == 2
-    assert _value(s, "neuronserve_rows_total", model="mini") == 14
+    assert _value(s, "neuronserve_rows_total", model="mini") == 20
+    assert _value(s, "neuronserve_packed_batches_total", model="mini", bucket="2x64") == 1
+    assert _value(s, "neuronserve_packed_batches_total", model="mini", bucket="8x128") is None
     assert _value(s, "neuronserve_batch_rows_sum", model="mini", bucket="8x128") == 13
     assert _value(s, "neuronserve_batch_rows_bucket", model="mini", bucket="8x128", le="4.0") == 0
     assert _value(s, "neuronserve_batch_rows_bucket", model="mini", bucket="8x128", le="6.0") == 1
-    assert _value(s, "neuronserve_queue_wait_seconds_count", model="mini") == 14
+    assert _value(s, "neuronserve_queue_wait_seconds_count", model="mini") == 20
     assert _value(s, "neuronserve_queue_wait_seconds_sum", model="mini") == pytest.approx(0.515)
     assert _value(s, "neuronserve_inference_seconds_count", model="mini", bucket="8x128") == 2
-    assert _value(s, "neuronserve_device_busy_seconds_total", model="mini") == pytest.approx(0.031)
+    assert _value(s, "neuronserve_device_busy_seconds_total", model="mini") == pytest.approx(0.033)
     assert _value(s, "neuronserve_queued_rows", model="mini") == 7
     assert _value(s, "neuronserve_inflight_rows", model="mini") == 3
     assert _value(s, "neuronserve_replica_info", model="mini", backend="cpu",
