@@ -259,7 +259,8 @@ def main() -> int:
     p.add_argument("--workload", default="mixed", choices=["mixed", "short", "long"])
     p.add_argument("--duration", type=int, default=10, help="seconds per step")
     p.add_argument("--concurrency", default="1,8,32,64")
-    p.add_argument("--servers", default="neuronserve,naive,plain-ray")
+    p.add_argument("--servers", default="neuronserve,naive,plain-ray",
+                   help="any of neuronserve, neuronserve-nopack (serve --no-packing), naive, plain-ray")
     p.add_argument("--threads", type=int, help="torch threads per neuronserve replica (default: the server's)")
     p.add_argument("--replicas", help="neuronserve replicas (default: the server's, auto)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
@@ -284,10 +285,11 @@ def main() -> int:
     for name in a.servers.split(","):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        if name == "neuronserve":
+        if name in ("neuronserve", "neuronserve-nopack"):
             mport = free_port()
             argv = [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(a.artifacts), "--port", str(port),
                     "--metrics-port", str(mport)]
+            argv += ["--no-packing"] if name == "neuronserve-nopack" else []
             argv += ["--threads-per-replica", str(a.threads)] if a.threads else []
             argv += ["--replicas", a.replicas] if a.replicas else []
             servers.append(Server(name, argv, url, None, lambda m=mport: neuronserve_stats(f"http://127.0.0.1:{m}/metrics")))
