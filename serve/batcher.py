@@ -313,7 +313,8 @@ class Batcher:
         never drag a short majority into a wasteful batch.
 
         With `pack`, the cheapest packed batch holding the oldest row (`_packed_cut`) runs instead
-        when its device time per real token is below that of the whole plan."""
+        when its cost per real token is below that of the whole plan, both counted alike: device
+        time plus the padding charge on tokens padded beyond the rows' own buckets."""
         groups = [self.queues[s] for s in self.buckets.seq_lens if self.queues[s]]
         live = (r for r in heapq.merge(*groups, key=lambda r: r.enqueued) if not r.cancelled)
         window = list(islice(live, self.plan_window_rows))
@@ -350,8 +351,9 @@ class Batcher:
         chosen = rows[i:j]
         cut = Cut(self.buckets.bucket_for(len(chosen), chosen[-1].seq_len), chosen)
         if self.pack:
-            packed = self._packed_cut(window, oldest)
-            if packed is not None and self._per_token_s(packed) < self._plan_per_token_s(rows, start):
+            packed = self._packed_cut(window, oldest, pad_s)
+            plan_s = best[n] / sum(len(r.ids) for r in rows)  # the plan's charged time per real token
+            if packed is not None and self._charged_s(packed, pad_s) / sum(len(r.ids) for r in packed.rows) < plan_s:
                 cut = packed
         chosen = cut.rows
         picked = {id(r) for r in chosen}
@@ -365,22 +367,15 @@ class Batcher:
             chosen.sort(key=lambda r: r.enqueued)
         return cut
 
-    def _per_token_s(self, cut: Cut) -> float:
-        return self.cost_s(cut.bucket) / sum(len(r.ids) for r in cut.rows)
+    def _charged_s(self, cut: Cut, pad_s: float) -> float:
+        """A batch's cost as the plan counts it: device time plus `pad_s` per padded token beyond
+        its rows' own buckets (none for a packed batch that pads less than they would)."""
+        return self.cost_s(cut.bucket) + pad_s * max(0, cut.bucket.padded_tokens - sum(r.seq_len for r in cut.rows))
 
-    def _plan_per_token_s(self, rows: list[Row], start: list[int]) -> float:
-        """Device time per real token of the whole plan `_cut` made (its batches walked back from
-        the end through `start`), without the padding charge."""
-        total, j = 0.0, len(rows)
-        while j > 0:
-            i = start[j]
-            total += self.cost_s(self.buckets.bucket_for(j - i, rows[j - 1].seq_len))
-            j = i
-        return total / sum(len(r.ids) for r in rows)
-
-    def _packed_cut(self, window: list[Row], oldest: Row) -> Cut | None:
-        """The packed batch holding the oldest row that costs the least device time per real
-        token, or None when no packing holds more than that row.
+    def _packed_cut(self, window: list[Row], oldest: Row, pad_s: float) -> Cut | None:
+        """The packed batch holding the oldest row that costs the least per real token (device
+        time plus `pad_s` per token padded beyond the rows' own buckets), or None when no packing
+        holds more than that row.
 
         Several rows share a sequence of a compiled length L, each attending only to itself
         (`models.tasks.PackedEncoder`), so short rows of different lengths fill one fuller batch
@@ -420,7 +415,7 @@ class Batcher:
                         layout = [[new_index[i] for i in seq] for seq in layout]
                     if len(take) >= 2:
                         cut = Cut(self.buckets.bucket_for(len(layout), seq_len), take, layout)
-                        per_token = self._per_token_s(cut)
+                        per_token = self._charged_s(cut, pad_s) / sum(len(r.ids) for r in take)
                         if per_token < best_s:
                             best, best_s = cut, per_token
                 if size * seq_len >= available:

@@ -294,6 +294,28 @@ def test_packed_batches_keep_to_the_budget_and_answer_every_caller():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("weight, expected", [(0.0, ("1x64", True)), (3.0, ("2x16", False))])
+def test_packing_pays_the_padding_charge_like_any_merge(weight, expected):
+    """Two 12-token rows: packed into one 64-token sequence they pad 32 tokens beyond their own
+    buckets. A lucky timing makes 1x64 look 5% cheaper than 2x16; only device time would pack
+    them, the padding charge keeps them in their own bucket."""
+
+    async def main():
+        dev = FakeDevice(gated=True)
+        costs = dict(PADDING_BOUND)
+        costs[Bucket(1, 64)] = 0.0040  # 2x16 costs 0.0042
+        b = make(dev, pack=True, costs_s=costs, padding_weight=weight)
+        blocker = await occupy(b, dev)
+        tasks = [asyncio.create_task(b.submit([row(10 + i, 12)])) for i in range(2)]
+        await wait_until(lambda: b.queued_rows == 2)
+        dev.gate.set()
+        await asyncio.gather(blocker, *tasks)
+        (bucket, rows), layout = dev.calls[1], dev.layouts[1]
+        return str(bucket), layout is not None
+
+    assert asyncio.run(main()) == expected
+
+
 def test_a_lone_row_and_rows_that_fill_their_sequences_never_pack():
     async def main():
         dev = FakeDevice(gated=True)
