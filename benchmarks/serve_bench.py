@@ -265,6 +265,10 @@ def main() -> int:
     p.add_argument("--replicas", help="neuronserve replicas (default: the server's, auto)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args()
+    known = ("neuronserve", "neuronserve-nopack", "naive", "plain-ray")
+    unknown = [n for n in a.servers.split(",") if n not in known]
+    if unknown:
+        p.error(f"unknown server {unknown[0]!r} in --servers; choose from {', '.join(known)}")
     concurrencies = [int(x) for x in a.concurrency.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.artifacts is None:
