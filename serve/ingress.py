@@ -6,7 +6,7 @@ from 21 ms to 14 ms and throughput at c=32 rose by ~40%, because the Python prox
 third of a core. So `neuronserve serve` turns it on unless the environment already says otherwise.
 
 HAProxy binds two more ports (its stats and its own metrics, 8404 and 9101 by default); they are
-moved to free ports so several servers can share a machine, and the HAProxy a local Ray started is
+moved to free ports below the ephemeral range so several servers can share a machine, and the HAProxy a local Ray started is
 stopped with it (Ray's shutdown does not always reach it).
 """
 
@@ -27,14 +27,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
+    """A TCP port free on `host` now, below the kernel's ephemeral range when it can be.
+
+    A port the OS picks for `bind(0)` comes from the ephemeral range, the same range every outgoing
+    connection draws its local port from; Ray opens many, so between picking such a port and
+    HAProxy binding it, one of them can take it ("cannot bind socket (Address already in use)",
+    seen once in a test run here). Ports below that range are never handed out that way."""
+    import random
+
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    if low > 10000:
+        for _ in range(tries):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            return port
+    return free_port(host)
+
+
 def haproxy_env(environ: dict | None = None) -> dict[str, str]:
     """Environment for a local Ray with HAProxy ingress; values already set are kept."""
     environ = os.environ if environ is None else environ
     wanted = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # HAProxy binds these on every address.
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(port_outside_ephemeral_range()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(port_outside_ephemeral_range()),
         # Replicas behind HAProxy linger 30 s after they stop taking traffic (so a cluster's
         # HAProxies stop routing to them first). A local server stops as a whole, and its drain
         # still waits for every in-flight request, so 2 s is enough (measured: Ctrl-C took 31 s).

@@ -1,0 +1,21 @@
+"""HAProxy ingress settings for a local server."""
+
+import socket
+from pathlib import Path
+
+from serve.ingress import haproxy_env, port_outside_ephemeral_range
+
+
+def test_haproxy_ports_are_free_and_below_the_ephemeral_range():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {port_outside_ephemeral_range() for _ in range(20)}
+    assert all(p < low for p in ports) and len(ports) > 1
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", p))  # free on every address, where HAProxy binds
+
+
+def test_haproxy_env_keeps_what_the_environment_sets():
+    env = haproxy_env({"RAY_SERVE_HAPROXY_METRICS_PORT": "9999", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    assert "RAY_SERVE_HAPROXY_METRICS_PORT" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) > 0 and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
