@@ -392,7 +392,7 @@ def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: lis
         graph = torch.jit.trace(packed, example, check_trace=False)
     file = "graphs/cpu-packed.pt"
     torch.jit.save(graph, str(out / file))
-    with torch.inference_mode(), (torch.autocast("cpu", dtype=torch.bfloat16) if opts.auto_cast == "bf16" else contextlib.nullcontext()):
+    with torch.inference_mode(), cpu_autocast(opts):
         got = pool_packed(graph(*example).float(), example[2], len(rows), spec.pooling.mode)
     parity = measure_parity(opts.task, got, reference, opts.auto_cast)
     if not parity.passed:
@@ -405,17 +405,23 @@ def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: lis
     return PackedGraph(file=file, sha256=sha256_file(out / file), position_offset=offset, parity=parity)
 
 
+def cpu_autocast(opts: CompileOptions):
+    """bf16 autocast for a CPU graph compiled with --auto-cast bf16 (as the CPU backend runs it);
+    nothing otherwise (Neuron graphs carry their casting in the NEFF)."""
+    import torch
+
+    if opts.target == "cpu" and opts.auto_cast == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def run_parity(graph, example, reference, opts: CompileOptions, bucket: Bucket, log: Log) -> Parity | None:
     """Run the compiled graph on the sample batch and compare; None when it cannot run here."""
     import torch
 
     try:
-        with torch.inference_mode():
-            if opts.target == "cpu" and opts.auto_cast == "bf16":
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    got = graph(*example)
-            else:
-                got = graph(*example)
+        with torch.inference_mode(), cpu_autocast(opts):
+            got = graph(*example)
     except Exception as e:
         if opts.target == "cpu":
             raise CompileError(f"bucket {bucket}: the traced graph failed to run: {e}") from e

@@ -352,9 +352,9 @@ class Batcher:
         cut = Cut(self.buckets.bucket_for(len(chosen), chosen[-1].seq_len), chosen)
         if self.pack:
             packed = self._packed_cut(window, oldest, pad_s)
-            plan_s = best[n] / sum(len(r.ids) for r in rows)  # the plan's charged time per real token
-            if packed is not None and self._charged_s(packed, pad_s) / sum(len(r.ids) for r in packed.rows) < plan_s:
-                cut = packed
+            # Against the plan's charged time per real token.
+            if packed is not None and packed[1] < best[n] / sum(len(r.ids) for r in rows):
+                cut = packed[0]
         chosen = cut.rows
         picked = {id(r) for r in chosen}
         for s in {r.seq_len for r in chosen}:  # only the groups the batch takes rows from
@@ -372,10 +372,10 @@ class Batcher:
         its rows' own buckets (none for a packed batch that pads less than they would)."""
         return self.cost_s(cut.bucket) + pad_s * max(0, cut.bucket.padded_tokens - sum(r.seq_len for r in cut.rows))
 
-    def _packed_cut(self, window: list[Row], oldest: Row, pad_s: float) -> Cut | None:
+    def _packed_cut(self, window: list[Row], oldest: Row, pad_s: float) -> tuple[Cut, float] | None:
         """The packed batch holding the oldest row that costs the least per real token (device
-        time plus `pad_s` per token padded beyond the rows' own buckets), or None when no packing
-        holds more than that row.
+        time plus `pad_s` per token padded beyond the rows' own buckets) and that cost, or None
+        when no packing holds more than that row.
 
         Several rows share a sequence of a compiled length L, each attending only to itself
         (`models.tasks.PackedEncoder`), so short rows of different lengths fill one fuller batch
@@ -420,7 +420,7 @@ class Batcher:
                             best, best_s = cut, per_token
                 if size * seq_len >= available:
                     break  # a larger size holds no more rows
-        return best
+        return None if best is None else (best, best_s)
 
     def _learn(self, bucket: Bucket, elapsed: float) -> None:
         """A bucket without a cost gets its first timing; after that timings move only the scale

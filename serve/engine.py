@@ -127,7 +127,7 @@ class Engine:
         packed = self.manifest.packed
         arrays = pad_packed(rows, layout, bucket, self.pad_id, packed.position_offset)
         inputs = tuple(torch.from_numpy(a) for a in arrays)
-        hidden = self.backend.forward_packed(bucket, inputs, threads) if threads else self.backend.forward_packed(bucket, inputs)
+        hidden = self.backend.forward_packed(bucket, inputs, threads)  # only the CPU backend packs
         return pool_packed(hidden, inputs[2], len(rows), self.manifest.pooling.mode).numpy()
 
     def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:

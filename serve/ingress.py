@@ -6,8 +6,8 @@ from 21 ms to 14 ms and throughput at c=32 rose by ~40%, because the Python prox
 third of a core. So `neuronserve serve` turns it on unless the environment already says otherwise.
 
 HAProxy binds two more ports (its stats and its own metrics, 8404 and 9101 by default); they are
-moved to free ports below the ephemeral range so several servers can share a machine, and the HAProxy a local Ray started is
-stopped with it (Ray's shutdown does not always reach it).
+moved to free ports below the ephemeral range so several servers can share a machine, and the
+HAProxy a local Ray started is stopped with it (Ray's shutdown does not always reach it).
 """
 
 from __future__ import annotations

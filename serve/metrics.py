@@ -337,8 +337,9 @@ class ServeMetrics:
 
     def batch(self, bucket: str, rows: int, real_tokens: int, padded_tokens: int,
               inference_seconds: float, queue_waits: Sequence[float], packed: bool = False) -> None:
-        """One batch ran (`packed`: several rows per sequence). `padded_tokens` counts every token the device computed, padding included
-        (bucket batch_size x seq_len), so padded >= real; their ratio is the padding overhead."""
+        """One batch ran (`packed`: several rows per sequence). `padded_tokens` counts every token
+        the device computed, padding included (bucket batch_size x seq_len), so padded >= real;
+        their ratio is the padding overhead."""
         if padded_tokens < real_tokens and not self._warned_padding:
             self._warned_padding = True
             log.warning("batch reported padded_tokens=%d < real_tokens=%d; padded_tokens must "
