@@ -480,3 +480,28 @@ def test_cuts_serve_the_queue_in_the_least_device_time(weight):
             served += rows
         assert sorted(map(id, served)) == sorted(map(id, queued))
         assert spent == pytest.approx(best), (trial, lengths)
+
+
+def test_a_forward_thread_takes_the_next_batch_without_waiting_for_the_event_loop():
+    """When a batch ends while rows wait, its forward thread cuts and starts the next batch
+    itself: here the event loop is blocked (as by a burst of requests to parse and answer) from
+    before the first batch ends until after the second has started."""
+
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev)
+        first = asyncio.create_task(b.submit([row(1, 5)]))
+        await wait_until(dev.started.is_set)
+        second = asyncio.create_task(b.submit([row(2, 40)]))
+        await wait_until(lambda: b.queued_rows == 1)
+        dev.started.clear()
+        dev.gate.set()  # the first batch ends, the second can run, while the loop is blocked:
+        started_while_blocked = dev.started.wait(5)
+        assert started_while_blocked
+        assert [str(c[0]) for c in dev.calls] == ["1x16", "1x64"]
+        assert not first.done()  # answering is the event loop's job, once it is free again
+        results = await asyncio.gather(first, second)
+        assert [r[0].tolist() for r in results] == [[1, 5], [2, 40]]
+        assert b.inflight_rows == 0 and b.inflight_batches == 0 and b.queued_rows == 0
+
+    asyncio.run(main())
