@@ -155,7 +155,7 @@ def run(args) -> int:
     from ray import serve
 
     from serve.app import build_app
-    from serve.ingress import haproxy_env, stop_haproxy
+    from serve.ingress import local_ray_env, stop_haproxy
 
     started_ray = False
     node_id = None
@@ -166,7 +166,7 @@ def run(args) -> int:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            os.environ.update(haproxy_env())  # read by the Ray processes started next
+            os.environ.update(local_ray_env())  # read by the Ray processes started next
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
             ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             started_ray = True

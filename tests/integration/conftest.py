@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from serve.ingress import free_port, haproxy_env, stop_haproxy
+from serve.ingress import free_port, local_ray_env, stop_haproxy
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def serve_instance(ray_home):
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["NEURONSERVE_EXTRA_PYTHONPATH"] = f"{repo}:{repo}/tests/doubles"
-    ingress = haproxy_env()  # the ingress `neuronserve serve` uses, for this Ray's processes only:
+    ingress = local_ray_env()  # the ingress `neuronserve serve` uses, for this Ray's processes only:
     os.environ.update(ingress)  # other clusters started by tests must pick their own ports
     ray.init(address="local", num_cpus=2, resources={"neuron_cores": 4}, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), logging_level="WARNING",

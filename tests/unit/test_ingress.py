@@ -1,9 +1,9 @@
-"""HAProxy ingress settings for a local server."""
+"""Ray settings for a local server: HAProxy ingress and its ports, lighter bookkeeping."""
 
 import socket
 from pathlib import Path
 
-from serve.ingress import haproxy_env, port_outside_ephemeral_range
+from serve.ingress import local_ray_env, port_outside_ephemeral_range
 
 
 def test_haproxy_ports_are_free_and_below_the_ephemeral_range():
@@ -15,7 +15,10 @@ def test_haproxy_ports_are_free_and_below_the_ephemeral_range():
             s.bind(("0.0.0.0", p))  # free on every address, where HAProxy binds
 
 
-def test_haproxy_env_keeps_what_the_environment_sets():
-    env = haproxy_env({"RAY_SERVE_HAPROXY_METRICS_PORT": "9999", "RAY_SERVE_ENABLE_HA_PROXY": "0"})
+def test_local_ray_env_keeps_what_the_environment_sets():
+    env = local_ray_env({"RAY_SERVE_HAPROXY_METRICS_PORT": "9999", "RAY_SERVE_ENABLE_HA_PROXY": "0",
+                         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"})
     assert "RAY_SERVE_HAPROXY_METRICS_PORT" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in env
     assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) > 0 and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
