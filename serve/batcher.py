@@ -475,7 +475,7 @@ class Batcher:
         """A forward thread: run `cut`, then cut and run the next batch right here while rows wait
         (without batch_wait_ms), handing each finished batch to the event loop to answer. The
         thread never waits for the loop, which may be busy parsing and answering requests: going
-        back to it between batches left each forward thread idle ~5% of the time at c=32."""
+        back to it between batches left each forward thread idle ~6% of the time at c=32."""
         while cut is not None:
             started = time.perf_counter()
             try:
@@ -486,10 +486,14 @@ class Batcher:
             with self._lock:
                 self.inflight_batches -= 1
                 done, cut = cut, None
-                if (self.batch_wait_s == 0 and self.inflight_batches < self.max_concurrent_batches
-                        and self._oldest_group() is not None):
-                    cut = self._cut()
-                    self._begin(cut)
+                try:
+                    if (self.batch_wait_s == 0 and self.inflight_batches < self.max_concurrent_batches
+                            and self._oldest_group() is not None):
+                        cut = self._cut()
+                        self._begin(cut)
+                except Exception:  # a bug: leave the rows to the event loop, answer this batch
+                    log.exception("cutting the next batch on the forward thread failed")
+                    cut = None
             try:
                 loop.call_soon_threadsafe(self._complete, done, started, finished, out, error)
             except RuntimeError:  # the loop is closed: the replica is gone, nobody to answer
@@ -499,12 +503,13 @@ class Batcher:
                   inline: bool = False) -> None:
         """On the event loop: answer a finished batch's rows, record it, and wake the loop."""
         bucket, rows = cut.bucket, cut.rows
-        if error is not None:
-            log.error("batch %s of %d rows failed", bucket, len(rows), exc_info=error)
-            for r in rows:
-                if not r.future.done():
-                    r.future.set_exception(BackendFailure("inference failed on the backend; see the server log"))
-        else:
+        try:
+            if error is not None:
+                log.error("batch %s of %d rows failed", bucket, len(rows), exc_info=error)
+                for r in rows:
+                    if not r.future.done():
+                        r.future.set_exception(BackendFailure("inference failed on the backend; see the server log"))
+                return
             for r, vec in zip(rows, out):
                 r.started, r.finished = started, finished
                 if not r.future.done():
@@ -522,9 +527,10 @@ class Batcher:
                                               [started - r.enqueued for r in rows], cut.layout is not None))
                 except Exception:
                     log.exception("batch metrics hook failed")
-        with self._lock:
-            self.inflight_rows -= len(rows)
-        self._wake.set()
+        finally:
+            with self._lock:
+                self.inflight_rows -= len(rows)
+            self._wake.set()
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running (for graceful shutdown)."""
