@@ -153,7 +153,8 @@ class NeuronServe:
         self.args = AppArgs.model_validate({**self.args.model_dump(), **user_config})
         if self.batcher is not None:
             a = self.args
-            self.batcher.configure(a.max_batch_tokens, a.batch_wait_ms, a.max_concurrent_batches, a.max_queued_rows)
+            self.batcher.configure(a.max_batch_tokens, a.batch_wait_ms, a.max_concurrent_batches, a.max_queued_rows,
+                                   pack=self.engine.packing and a.packing)
 
     def check_health(self) -> None:
         if self.warmup_error:

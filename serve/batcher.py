@@ -156,8 +156,12 @@ class Batcher:
         self._lock = threading.RLock()
         self.configure(max_batch_tokens, batch_wait_ms, max_concurrent_batches, max_queued_rows)
 
-    def configure(self, max_batch_tokens: int, batch_wait_ms: float, max_concurrent_batches: int, max_queued_rows: int) -> None:
-        """Live reconfiguration (Serve user_config); takes effect at the next cut."""
+    def configure(self, max_batch_tokens: int, batch_wait_ms: float, max_concurrent_batches: int, max_queued_rows: int,
+                  pack: bool | None = None) -> None:
+        """Live reconfiguration (Serve user_config); takes effect at the next cut. `pack` None
+        keeps packing as it is."""
+        if pack is not None:
+            self.pack = bool(pack)
         self.max_batch_tokens = int(max_batch_tokens)
         self.batch_wait_s = float(batch_wait_ms) / 1000.0
         self.max_queued_rows = int(max_queued_rows)

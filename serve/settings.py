@@ -24,7 +24,7 @@ def openmp_env(environ) -> dict[str, str]:
     return own or dict(OPENMP_ENV)
 
 
-BATCHING_KNOBS = ("max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows")
+BATCHING_KNOBS = ("max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing")
 
 
 class ServeSettings(BaseSettings):

@@ -274,6 +274,30 @@ def test_packing_puts_short_rows_of_different_lengths_in_one_sequence():
     assert run_two_short_two_long(PADDING_BOUND) == ["2x16", "2x64"]
 
 
+def test_packing_turns_off_and_on_live():
+    """`configure(pack=...)` (Serve's user_config `packing`) changes the next cuts; None keeps it."""
+
+    async def main():
+        dev = FakeDevice(gated=True)
+        b = make(dev, pack=True)
+        runs = []
+        for pack in (False, None, True):
+            dev.gate.clear()
+            dev.started.clear()
+            n = len(dev.calls)
+            blocker = await occupy(b, dev)
+            b.configure(512, 0, 1, 2048, pack=pack)
+            tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(2)]
+            tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(2)]
+            await wait_until(lambda: b.queued_rows == 4)
+            dev.gate.set()
+            await asyncio.gather(blocker, *tasks)
+            runs.append([str(bk) for bk, _ in dev.calls[n + 1:]])
+        assert runs == [["2x16", "2x64"], ["2x16", "2x64"], ["1x64", "1x64"]]
+
+    asyncio.run(main())
+
+
 def test_packed_batches_keep_to_the_budget_and_answer_every_caller():
     async def main():
         dev = FakeDevice(gated=True)
