@@ -29,13 +29,7 @@ HAPROXY_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now, below the ephemeral range when it can be (see
-    `port_outside_ephemeral_range`): for servers started next by tests and benchmarks."""
-    return port_outside_ephemeral_range(host)
-
-
-def _os_port(host: str) -> int:
-    """A TCP port free on `host` right now, as the OS picks it (from the ephemeral range)."""
+    """A TCP port free on `host` right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -64,7 +58,7 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
                 except OSError:
                     continue
             return port
-    return _os_port(host)
+    return free_port(host)
 
 
 def local_ray_env(environ: dict | None = None) -> dict[str, str]:
