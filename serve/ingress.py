@@ -25,6 +25,10 @@ import signal
 import socket
 from pathlib import Path
 
+# Ray gives its workers ports 10002-19999 by default (`--min-worker-port`/`--max-worker-port`):
+# ports picked here stay above them.
+RAY_WORKER_PORTS_END = 19999
+
 HAPROXY_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
@@ -49,9 +53,9 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         pass
-    if low > 10000:
+    if low > RAY_WORKER_PORTS_END + 1000:
         for _ in range(tries):
-            port = random.randrange(10000, low)
+            port = random.randrange(RAY_WORKER_PORTS_END + 1, low)
             with socket.socket() as s:
                 try:
                     s.bind((host, port))
