@@ -261,14 +261,10 @@ class Batcher:
                         pass
                     continue
                 if inline:
-                    started = time.perf_counter()
-                    try:
-                        out, error = self.run_inline(*self._call_args(cut)), None
-                    except Exception as e:
-                        out, error = None, e
+                    outcome = self._execute(self.run_inline, cut)
                     with self._lock:
                         self.inflight_batches -= 1
-                    self._complete(cut, started, time.perf_counter(), out, error, inline=True)
+                    self._complete(cut, *outcome, inline=True)
                 else:
                     self._executor.submit(self._work, cut, loop)
 
@@ -467,8 +463,15 @@ class Batcher:
         ratio = min(4.0, max(0.25, elapsed / self._envelope[bucket]))
         self.cost_scale = 0.9 * self.cost_scale + 0.1 * ratio
 
-    def _call_args(self, cut: Cut) -> tuple:
-        return (cut.bucket, [r.ids for r in cut.rows]) + ((cut.layout,) if cut.layout is not None else ())
+    def _execute(self, run: Callable, cut: Cut) -> tuple[float, float, np.ndarray | None, Exception | None]:
+        """Run `cut` with `run` (`run_bucket` or `run_inline`): (started, finished, out, error)."""
+        args = (cut.bucket, [r.ids for r in cut.rows]) + ((cut.layout,) if cut.layout is not None else ())
+        started = time.perf_counter()
+        try:
+            out, error = run(*args), None
+        except Exception as e:
+            out, error = None, e
+        return started, time.perf_counter(), out, error
 
     def _begin(self, cut: Cut) -> None:
         """`cut` takes a forward slot (under the lock)."""
@@ -481,12 +484,7 @@ class Batcher:
         thread never waits for the loop, which may be busy parsing and answering requests: going
         back to it between batches left each forward thread idle ~6% of the time at c=32."""
         while cut is not None:
-            started = time.perf_counter()
-            try:
-                out, error = self.run_bucket(*self._call_args(cut)), None
-            except Exception as e:
-                out, error = None, e
-            finished = time.perf_counter()
+            outcome = self._execute(self.run_bucket, cut)
             with self._lock:
                 self.inflight_batches -= 1
                 done, cut = cut, None
@@ -499,7 +497,7 @@ class Batcher:
                     log.exception("cutting the next batch on the forward thread failed")
                     cut = None
             try:
-                loop.call_soon_threadsafe(self._complete, done, started, finished, out, error)
+                loop.call_soon_threadsafe(self._complete, done, *outcome)
             except RuntimeError:  # the loop is closed: the replica is gone, nobody to answer
                 return
 

@@ -6,8 +6,9 @@ from 21 ms to 14 ms and throughput at c=32 rose by ~40%, because the Python prox
 third of a core. So `neuronserve serve` turns it on unless the environment already says otherwise.
 
 HAProxy binds two more ports (its stats and its own metrics, 8404 and 9101 by default); they are
-moved to free ports below the ephemeral range so several servers can share a machine, and the
-HAProxy a local Ray started is stopped with it (Ray's shutdown does not always reach it).
+moved to free ports between Ray's worker ports and the ephemeral range so several servers can
+share a machine, and the HAProxy a local Ray started is stopped with it (Ray's shutdown does not
+always reach it).
 
 Two more settings trim what Ray itself spends next to the model (measured on the 2-core machine):
 - Ray's per-request HTTP metrics behind HAProxy come from a Python actor parsing one HAProxy log
@@ -45,7 +46,9 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
     A port the OS picks for `bind(0)` comes from the ephemeral range, the same range every outgoing
     connection draws its local port from; Ray opens many, so between picking such a port and
     HAProxy binding it, one of them can take it ("cannot bind socket (Address already in use)",
-    seen once in a test run here). Ports below that range are never handed out that way."""
+    seen once in a test run here). Ports below that range are never handed out that way. Ports up
+    to RAY_WORKER_PORTS_END are left to Ray, which refuses a port of its own that is in its worker
+    range (a test run here failed when ports were drawn from 10000 up)."""
     import random
 
     low = 32768
