@@ -189,9 +189,11 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
     }
     steps: list[dict] = []
     latencies: list[list[float]] = []
+    from deploy.loadtest.client import run as run_async
+
     interrupted = False
     try:
-        asyncio.run(_sweep(config, headers, workload, price, metadata, steps, latencies))
+        run_async(_sweep(config, headers, workload, price, metadata, steps, latencies))
     except KeyboardInterrupt:
         interrupted = True
     if not steps:

@@ -1,7 +1,10 @@
 """The load generator: one aiohttp session, closed-loop workers or an open-loop arrival schedule.
 
 aiohttp (C HTTP parser) costs about 0.25 ms of client CPU per request here against 2.2 ms for httpx,
-which matters when the generator shares the machine with the server it measures.
+which matters when the generator shares the machine with the server it measures. Responses are
+parsed with orjson (a 384-float embedding response: 10 us against 95 us for the json module) and
+the steps run on uvloop where it is installed (`run`): together 0.46-0.51 -> 0.33-0.34 ms of client
+CPU per request at c=32 against a local server here (three runs each).
 
 A request counts in a step if it is *issued* inside the step's measurement window (after the
 warm-up); it is timed with time.perf_counter from just before sending until the whole response
@@ -18,6 +21,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import orjson
 
 from deploy.loadtest.config import LoadtestError
 from deploy.loadtest.schedule import iter_arrival_times
@@ -57,6 +62,16 @@ class Target:
         else:
             payload = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
         return json.dumps(payload).encode()
+
+
+def run(coro):
+    """`asyncio.run` on uvloop when it is installed (it is, with Ray Serve, on Linux and macOS):
+    its event loop costs the generator about a third less CPU per request than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def error_kind(exc: BaseException) -> str:
@@ -265,8 +280,8 @@ class StepRunner:
             rec.http_error(status)
             return
         try:
-            payload = json.loads(content)
-        except ValueError:
+            payload = orjson.loads(content)
+        except ValueError:  # orjson.JSONDecodeError is one
             rec.transport_error("invalid_response_body")
             return
         tokens = server_tokens(payload)

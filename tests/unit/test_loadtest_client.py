@@ -40,3 +40,17 @@ def test_server_tokens():
 
 def test_locustfile_compiles():
     py_compile.compile(str(REPO / "deploy" / "locustfile.py"), doraise=True)
+
+
+def test_steps_run_on_uvloop_when_it_is_installed_and_on_asyncio_without(monkeypatch):
+    import sys
+
+    from deploy.loadtest.client import run
+
+    async def loop_module():
+        await asyncio.sleep(0)
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run(loop_module()).startswith("uvloop")  # installed with Ray Serve
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails: plain asyncio
+    assert run(loop_module()).startswith("asyncio")
