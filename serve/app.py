@@ -10,7 +10,6 @@ import asyncio
 import base64
 import concurrent.futures
 import functools
-import json
 import logging
 import os
 import time
@@ -40,6 +39,35 @@ log = logging.getLogger("neuronserve.app")
 DEPLOYMENT_NAME = "NeuronServe"
 
 api = FastAPI(title="neuronserve", docs_url=None, redoc_url=None)
+
+# The replica of this process (Ray runs each replica in a process of its own), for `FastRoutes`.
+_replica: "NeuronServe | None" = None
+
+
+class FastRoutes:
+    """ASGI middleware: POST /v1/embeddings, the hot route, goes straight to the replica's handler,
+    past FastAPI's routing, dependency solving and exception middleware (the handler answers every
+    error itself). The same handler and Response as through FastAPI; every other route, and any
+    request before the replica exists, takes FastAPI's way. Measured here at c=32 (one pair of
+    server starts): 1.23 -> 1.18 ms of event-loop CPU per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        replica = _replica
+        if replica is not None and scope["type"] == "http" and scope["method"] == "POST":
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path == "/v1/embeddings":
+                response = await replica.embeddings(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(FastRoutes)
 
 
 def dumps(obj: Any) -> bytes:
@@ -74,6 +102,8 @@ class NeuronServe:
         # can say 503 until every bucket is warm; requests that arrive meanwhile wait for it.
         self._startup = asyncio.get_running_loop().create_task(self._start())
         self._ticker: asyncio.Task | None = None
+        global _replica
+        _replica = self
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -193,8 +223,8 @@ class NeuronServe:
         if len(raw) > limit:
             raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {limit} bytes (max_body_bytes)")
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as e:  # invalid UTF-8 included
             raise BadRequest(f"body is not valid JSON: {e}") from None
 
     def _check_model(self, name: Any) -> None:
