@@ -174,7 +174,7 @@ def raw_limit(artifacts: Path, texts: list[str], min_s: float = SCAN_S, batch1: 
     for procs, threads, forwards in ((1, cores, 1), (cores, 1, 1)) + (((1, 1, cores),) if cores > 1 else ()):
         name = f"{procs}x{threads}" + (f"x{forwards}" if forwards > 1 else "")
         totals = measure(procs, threads, forwards, buckets, min_s)
-        # The highest of ~50 short, noisy measurements overstates its bucket (here by 2-4%): the
+        # The highest of ~50 short, noisy measurements overstates its bucket (here by up to 13%): the
         # best few are measured again for longer, and the best of those is the layout's limit.
         top = [buckets[i] for i in np.argsort(totals)[::-1][:CONFIRM_TOP]]
         again = measure(procs, threads, forwards, top, CONFIRM_S)

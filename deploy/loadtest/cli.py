@@ -151,8 +151,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
-    import asyncio
-
+    from deploy.loadtest.client import run as run_async
     from deploy.loadtest.cost import resolve_price
     from deploy.loadtest.workload import load_workload
 
@@ -189,8 +188,6 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
     }
     steps: list[dict] = []
     latencies: list[list[float]] = []
-    from deploy.loadtest.client import run as run_async
-
     interrupted = False
     try:
         run_async(_sweep(config, headers, workload, price, metadata, steps, latencies))

@@ -65,8 +65,8 @@ class Target:
 
 
 def run(coro):
-    """`asyncio.run` on uvloop when it is installed (it is, with Ray Serve, on Linux and macOS):
-    its event loop costs the generator about a third less CPU per request than asyncio's."""
+    """`asyncio.run` on uvloop when it is installed (a dependency of this package except on
+    Windows): its event loop costs the generator about a third less CPU per request."""
     try:
         import uvloop
     except ImportError:
