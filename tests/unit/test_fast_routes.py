@@ -20,7 +20,7 @@ class FakeReplica:
 
 
 def call(mw, method, path, body=b"{}", root_path=""):
-    """One ASGI request through `mw`: (messages sent, fallback app calls)."""
+    """One ASGI request through `mw`: the messages it sent back."""
     sent = []
 
     async def receive():

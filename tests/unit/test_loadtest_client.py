@@ -51,6 +51,6 @@ def test_steps_run_on_uvloop_when_it_is_installed_and_on_asyncio_without(monkeyp
         await asyncio.sleep(0)
         return type(asyncio.get_running_loop()).__module__
 
-    assert run(loop_module()).startswith("uvloop")  # installed with Ray Serve
+    assert run(loop_module()).startswith("uvloop")  # a dependency on Linux
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails: plain asyncio
     assert run(loop_module()).startswith("asyncio")
