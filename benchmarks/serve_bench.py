@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,11 +27,18 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from neuronserve.serve.settings import OPENMP_ENV
 
-from serve.ingress import free_port  # noqa: E402
-from serve.settings import OPENMP_ENV  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 TARGETS = {
     "ratio_to_limit_c32": 0.6,  # served real tokens/s at c=32 >= 0.6 x raw limit
@@ -45,7 +53,7 @@ def log(msg: str) -> None:
 
 
 def write_workload(kind: str, path: Path, n: int = 1024) -> None:
-    from deploy.loadtest.workload import generate
+    from neuronserve.deploy.loadtest.workload import generate
 
     texts = generate(kind, count=n, seed=0).texts
     path.write_text("".join(json.dumps(t) + "\n" for t in texts))
@@ -63,8 +71,8 @@ def _padded_rate(engine, bucket, inputs, min_s: float) -> float:
 def _raw_worker(artifacts: str, threads: int, buckets: list[str], min_s: float, barrier) -> list[float]:
     """Padded tokens/s of each bucket, pre-padded, run for at least `min_s`; every worker of one
     measurement starts each bucket together (the barrier), so concurrent workers share the cores."""
-    from models.artifact import parse_buckets
-    from serve.engine import Engine
+    from neuronserve.models.artifact import parse_buckets
+    from neuronserve.serve.engine import Engine
 
     engine = Engine(artifacts, "cpu", backend_options={"threads": threads})
     rates = []
@@ -83,8 +91,8 @@ def _raw_forwards_worker(artifacts: str, forwards: int, buckets: list[str], min_
     one engine (the server's CPU default: one forward per core in one replica)."""
     import threading
 
-    from models.artifact import parse_buckets
-    from serve.engine import Engine
+    from neuronserve.models.artifact import parse_buckets
+    from neuronserve.serve.engine import Engine
 
     engine = Engine(artifacts, "cpu", backend_options={"threads": 1})
     barrier = threading.Barrier(forwards)
@@ -110,7 +118,7 @@ def _raw_forwards_worker(artifacts: str, forwards: int, buckets: list[str], min_
 def _batch1_ms(artifacts: str, threads: int, median_len: int) -> tuple[float, str]:
     import numpy as np
 
-    from serve.engine import Engine
+    from neuronserve.serve.engine import Engine
 
     engine = Engine(artifacts, "cpu", backend_options={"threads": threads})
     bucket = engine.buckets.bucket_for(1, engine.buckets.seq_len_for(median_len))
@@ -142,8 +150,8 @@ def raw_limit(artifacts: Path, texts: list[str], min_s: float = SCAN_S, batch1: 
 
     import numpy as np
 
-    from models.artifact import load_manifest
-    from serve.engine import Engine
+    from neuronserve.models.artifact import load_manifest
+    from neuronserve.serve.engine import Engine
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     manifest = load_manifest(artifacts)
@@ -191,8 +199,8 @@ def raw_limit(artifacts: Path, texts: list[str], min_s: float = SCAN_S, batch1: 
 def _tensors(engine, rows, bucket):
     import torch
 
-    from models.families import graph_inputs
-    from serve.buckets import pad_rows
+    from neuronserve.models.families import graph_inputs
+    from neuronserve.serve.buckets import pad_rows
 
     ids, mask = pad_rows(rows, bucket, engine.pad_id)
     return graph_inputs(engine.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
@@ -251,7 +259,7 @@ def run_steps(server: Server, workload: Path, concurrencies: list[int], duration
     for c in concurrencies:
         before = server.stats() if server.stats else {}
         step_out = out / f"{server.name}-c{c}"
-        cmd = [sys.executable, "-m", "deploy.loadtest", "--url", server.url, "--concurrency", str(c),
+        cmd = [sys.executable, "-m", "neuronserve.deploy.loadtest", "--url", server.url, "--concurrency", str(c),
                "--duration", f"{duration}s", "--warmup", "2s", "--workload", str(workload), "--no-progress",
                "--out", str(step_out)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
@@ -290,7 +298,7 @@ def main() -> int:
     concurrencies = [int(x) for x in a.concurrency.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.artifacts is None:
-        from compile.compiler import CompileOptions, compile_artifact
+        from neuronserve.compile.compiler import CompileOptions, compile_artifact
 
         log("compiling the default model for cpu (cached after the first run) ...")
         a.artifacts = compile_artifact(CompileOptions(model="default", target="cpu")).out_dir
@@ -309,7 +317,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         if name in ("neuronserve", "neuronserve-nopack"):
             mport = free_port()
-            argv = [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(a.artifacts), "--port", str(port),
+            argv = [sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(a.artifacts), "--port", str(port),
                     "--metrics-port", str(mport)]
             argv += ["--no-packing"] if name == "neuronserve-nopack" else []
             argv += ["--threads-per-replica", str(a.threads)] if a.threads else []

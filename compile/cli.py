@@ -36,7 +36,7 @@ def add_subcommand(subparsers) -> None:
 
 
 def buckets_from_args(args):
-    from models.artifact import bucket_grid, parse_buckets, parse_int_list
+    from neuronserve.models.artifact import bucket_grid, parse_buckets, parse_int_list
 
     if args.buckets and (args.batch_sizes or args.seq_lens):
         raise ValueError("give either --buckets or --batch-sizes/--seq-lens, not both")
@@ -50,15 +50,15 @@ def buckets_from_args(args):
 
 
 def run(args) -> int:
-    from serve.console import err, fail
+    from neuronserve.common.console import err, fail
 
     try:
         buckets = buckets_from_args(args)
     except ValueError as e:
         return fail(str(e), code=2)
-    from compile.compiler import CompileError, CompileOptions, compile_artifact
-    from models.families import UnsupportedModelError
-    from models.loading import ModelError
+    from neuronserve.compile.compiler import CompileError, CompileOptions, compile_artifact
+    from neuronserve.models.families import UnsupportedModelError
+    from neuronserve.models.loading import ModelError
 
     opts = CompileOptions(
         model=args.model, task=args.task, target=args.target, buckets=buckets, out=args.out,

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from models.artifact import (
+from neuronserve.models.artifact import (
     SCHEMA_VERSION,
     TARGETS,
     Bucket,
@@ -33,8 +33,8 @@ from models.artifact import (
     save_manifest,
     sha256_file,
 )
-from models.families import graph_inputs
-from models.loading import ModelSpec, build_module, inspect_model, load_tokenizer
+from neuronserve.models.families import graph_inputs
+from neuronserve.models.loading import ModelSpec, build_module, inspect_model, load_tokenizer
 
 AUTO_CASTS = ("none", "bf16")
 # Parity floors against the eager fp32 reference (min cosine over sample rows). fp32 graphs match
@@ -117,7 +117,7 @@ def library_versions(target: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "unknown"
     if target != "cpu":
-        from compile.neuron import NeuronSDKMissing, sdk_versions
+        from neuronserve.common.neuron_sdk import NeuronSDKMissing, sdk_versions
 
         try:
             versions.update(sdk_versions())
@@ -129,7 +129,7 @@ def library_versions(target: str) -> dict[str, str]:
 def compiler_args_for(opts: CompileOptions) -> list[str]:
     if opts.target == "cpu":
         return []
-    from compile.neuron import compiler_args
+    from neuronserve.compile.neuron import compiler_args
 
     try:
         return compiler_args(opts.target, auto_cast=opts.auto_cast, optlevel=opts.optlevel, extra=opts.extra_compiler_args)
@@ -291,7 +291,8 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                 torch.jit.save(cpu_graph, str(out / file))
             graph = cpu_graph
         else:
-            from compile.neuron import NeuronCompileError, NeuronSDKMissing, trace_bucket
+            from neuronserve.common.neuron_sdk import NeuronSDKMissing
+            from neuronserve.compile.neuron import NeuronCompileError, trace_bucket
 
             file = f"graphs/b{bucket.batch_size}_s{bucket.seq_len}.pt"
             workdir = out / "neuron-workdir" / str(bucket)
@@ -368,8 +369,8 @@ def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: lis
     lengths, packed several per sequence, must pool to what the eager model gives each row alone."""
     import torch
 
-    from models.tasks import PackedEncoder, pool_packed
-    from serve.buckets import pack_rows, pad_packed
+    from neuronserve.models.tasks import PackedEncoder, pool_packed
+    from neuronserve.models.packing import pack_rows, pad_packed
 
     t0 = time.perf_counter()
     embeddings = getattr(module.encoder, "embeddings", None)
@@ -425,7 +426,7 @@ def run_parity(graph, example, reference, opts: CompileOptions, bucket: Bucket, 
     except Exception as e:
         if opts.target == "cpu":
             raise CompileError(f"bucket {bucket}: the traced graph failed to run: {e}") from e
-        from compile.neuron import neuron_device_present
+        from neuronserve.common.neuron_sdk import neuron_device_present
 
         if neuron_device_present():
             raise CompileError(f"bucket {bucket}: the compiled graph failed on the NeuronCore: {e}") from e

@@ -58,8 +58,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def run(args) -> int:
-    from deploy.render import DEFAULT_AWS_CLI_IMAGE, RenderError, RenderOptions, render_yaml
-    from serve.console import fail
+    from neuronserve.deploy.render import DEFAULT_AWS_CLI_IMAGE, RenderError, RenderOptions, render_yaml
+    from neuronserve.common.console import fail
 
     opts = RenderOptions(
         artifacts=args.artifacts,

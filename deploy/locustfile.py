@@ -10,16 +10,13 @@ rounds latencies under 100 ms to whole milliseconds; for encoder latencies prefe
 
 import itertools
 import os
-import sys
-from pathlib import Path
 
 from locust import HttpUser, constant, task
 
 try:
-    from deploy.loadtest.workload import generate
-except ImportError:  # run from a checkout: locust puts only deploy/ on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from deploy.loadtest.workload import generate
+    from neuronserve.deploy.loadtest.workload import generate
+except ImportError as e:
+    raise SystemExit(f"the locustfile needs neuronserve installed in locust's Python (pip install -e .): {e}") from e
 
 TEXTS = generate("mixed", seed=int(os.environ.get("NEURONSERVE_LOADTEST_SEED", "0"))).texts
 _NEXT = itertools.count()

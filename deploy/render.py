@@ -30,12 +30,12 @@ from typing import Any
 
 import yaml
 
-from serve.settings import OPENMP_ENV
+from neuronserve.serve.settings import OPENMP_ENV
 
 # --- fixed names and ports ------------------------------------------------------------------------
 APP_NAME = "neuronserve"
 DEPLOYMENT_NAME = "NeuronServe"
-IMPORT_PATH = "serve.app:build_app"
+IMPORT_PATH = "neuronserve.serve.app:build_app"
 RAY_VERSION = "2.60.0"
 
 IMAGE_ARTIFACTS_DIR = "/opt/neuronserve/artifacts"  # baked into the image (Dockerfile COPY)
@@ -92,7 +92,7 @@ class Instance:
 
 
 def known_instances() -> list[str]:
-    from deploy import pricing
+    from neuronserve.common import pricing
 
     return sorted(n for n, i in pricing.INSTANCES.items() if not i.gpus)
 
@@ -103,7 +103,7 @@ def get_instance(name: str) -> Instance:
     >>> get_instance("inf2.48xlarge").neuron_cores
     24
     """
-    from deploy import pricing
+    from neuronserve.common import pricing
 
     try:
         inst = pricing.get_instance(name)
@@ -235,7 +235,7 @@ def _is_remote(artifacts: str) -> bool:
 
 
 def _facts(opts: RenderOptions) -> ArtifactFacts:
-    from models.artifact import ArtifactError, Manifest, load_manifest
+    from neuronserve.models.artifact import ArtifactError, Manifest, load_manifest
 
     if opts.facts is not None:
         return opts.facts
@@ -382,7 +382,7 @@ def plan(opts: RenderOptions) -> Plan:
 
 # --- Serve config ---------------------------------------------------------------------------------
 def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
-    """The typed arguments of `serve.app:build_app` (serve.app.AppArgs)."""
+    """The typed arguments of `neuronserve.serve.app:build_app` (serve.app.AppArgs)."""
     return {
         "artifacts": p.pod_artifacts_dir,
         "backend": opts.backend,

@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.artifact import Pooling
-from models.families import Family, get_family, max_positions
+from neuronserve.models.artifact import Pooling
+from neuronserve.models.families import Family, get_family, max_positions
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -91,7 +91,7 @@ def model_hash(path: Path) -> str:
 
 def inspect_model(model: str, task: str) -> ModelSpec:
     """Read config and sentence-transformers files; no weights are loaded."""
-    from models.tasks import read_pooling
+    from neuronserve.models.tasks import read_pooling
 
     if task not in ("embed", "classify"):
         raise ModelError(f"unknown task {task!r}: expected embed or classify")
@@ -150,7 +150,7 @@ def build_module(spec: ModelSpec):
     """The eager fp32 module whose trace becomes each bucket's graph: encoder + head."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    from models.tasks import ClassifyHead, EmbedHead
+    from neuronserve.models.tasks import ClassifyHead, EmbedHead
 
     cls = AutoModelForSequenceClassification if spec.task == "classify" else AutoModel
     try:

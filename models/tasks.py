@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifact import Pooling
+from neuronserve.models.artifact import Pooling
 
 _POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",

@@ -3,7 +3,7 @@ their NeuronCore(s) (or CPU threads) and answer HTTP themselves (FastAPI ingress
 
 Routes: OpenAI `/v1/embeddings` and `/v1/models`; TEI-style `/predict` for classifiers; KServe Open
 Inference Protocol v2 under `/v2`. Start it with `neuronserve serve`, or from a Serve config with
-`import_path: serve.app:build_app` and `args:` any `serve.settings.AppArgs` field.
+`import_path: neuronserve.serve.app:build_app` and `args:` any `serve.settings.AppArgs` field.
 """
 
 import asyncio
@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from serve.errors import (
+from neuronserve.serve.errors import (
     BadRequest,
     NotFound,
     NotReady,
@@ -32,8 +32,8 @@ from serve.errors import (
     tei_body,
     v2_body,
 )
-from serve.costs import make_metrics
-from serve.settings import BATCHING_KNOBS, AppArgs, openmp_env
+from neuronserve.serve.costs import make_metrics
+from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs, openmp_env
 
 log = logging.getLogger("neuronserve.app")
 DEPLOYMENT_NAME = "NeuronServe"
@@ -133,10 +133,10 @@ class NeuronServe:
                 log.exception("metrics tick failed")
 
     def _load(self) -> None:
-        from serve.batcher import Batcher
-        from serve.engine import Engine
+        from neuronserve.serve.batcher import Batcher
+        from neuronserve.serve.engine import Engine
 
-        from models.artifact import Bucket, load_manifest
+        from neuronserve.models.artifact import Bucket, load_manifest
 
         a = self.args
         backend = a.backend
@@ -257,7 +257,7 @@ class NeuronServe:
                       "x-inputs": str(len(rows))}
 
     async def _tokenize(self, texts: list, truncate: bool) -> list[list[int]]:
-        from serve.engine import InputError
+        from neuronserve.serve.engine import InputError
 
         try:
             return self.engine.tokenize(texts, truncate)
@@ -293,7 +293,7 @@ class NeuronServe:
         return await self._guard("/v1/embeddings", openai_body, lambda: self._embeddings(request))
 
     async def _embeddings(self, request: Request) -> Response:
-        from serve.engine import InputError
+        from neuronserve.serve.engine import InputError
 
         body = await self._body(request)
         if not isinstance(body, dict):
@@ -328,7 +328,7 @@ class NeuronServe:
         return Response(dumps(payload), media_type="application/json", headers=headers)
 
     async def _rows_from_openai_input(self, value: Any, truncate: bool) -> list[list[int]]:
-        from serve.engine import InputError
+        from neuronserve.serve.engine import InputError
 
         if value is None:
             raise BadRequest("missing field `input`: a string, a list of strings, or token ids", param="input")
@@ -488,7 +488,7 @@ CPU_FORWARDS_PER_REPLICA = 4
 def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     """Ray Serve options for `NeuronServe`, derived from the artifact and the cluster, and the
     arguments the replicas get: on CPU with the layout (`cpu_layout`) filled in."""
-    from models.artifact import load_manifest
+    from neuronserve.models.artifact import load_manifest
 
     manifest = load_manifest(args.artifacts)
     neuron = args.backend == "neuron" or (args.backend == "auto" and manifest.target != "cpu")
@@ -569,7 +569,7 @@ def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
 
 
 def build_app(args: AppArgs):
-    """Ray Serve application builder (`import_path: serve.app:build_app`); Serve validates the
+    """Ray Serve application builder (`import_path: neuronserve.serve.app:build_app`); Serve validates the
     config's `args` into `AppArgs`."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)

@@ -51,9 +51,10 @@ from typing import Callable
 
 import numpy as np
 
-from models.artifact import Bucket
-from serve.buckets import BucketSet, pack_rows
-from serve.errors import BackendFailure, Overloaded
+from neuronserve.models.artifact import Bucket
+from neuronserve.models.packing import pack_rows
+from neuronserve.serve.buckets import BucketSet
+from neuronserve.serve.errors import BackendFailure, Overloaded
 
 log = logging.getLogger("neuronserve.batcher")
 

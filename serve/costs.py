@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from serve.settings import AppArgs
+from neuronserve.serve.settings import AppArgs
 
 
 def make_metrics(args: AppArgs, model_name: str, engine):
     """ServeMetrics for this replica. Price and cores per instance come from `deploy.pricing`
     (settings and NEURONSERVE_PRICES_JSON override it); without an instance type, cost is off."""
-    from deploy.pricing import detect_instance_type
-    from serve.metrics import ServeMetrics
+    from neuronserve.common.pricing import detect_instance_type
+    from neuronserve.serve.metrics import ServeMetrics
 
     kind = engine.backend.kind
     if kind == "neuron":

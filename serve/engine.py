@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.artifact import Bucket, Manifest, load_manifest
-from models.families import graph_inputs
-from models.tasks import normalize_rows, softmax
-from serve.backends.base import Backend, load_backend
-from serve.buckets import BucketSet, Run, pad_packed, pad_rows, unpad
+from neuronserve.models.artifact import Bucket, Manifest, load_manifest
+from neuronserve.models.families import graph_inputs
+from neuronserve.models.tasks import normalize_rows, softmax
+from neuronserve.serve.backends.base import Backend, load_backend
+from neuronserve.models.packing import pad_packed
+from neuronserve.serve.buckets import BucketSet, Run, pad_rows, unpad
 
 
 class InputError(ValueError):
@@ -122,7 +123,7 @@ class Engine:
         """Run `rows` packed into `bucket`'s sequences as `layout` says (`serve.buckets.pack_rows`:
         per sequence, the indices of its rows); returns (len(rows), output_dim) in row order, each
         row as it would be alone."""
-        from models.tasks import pool_packed
+        from neuronserve.models.tasks import pool_packed
 
         packed = self.manifest.packed
         arrays = pad_packed(rows, layout, bucket, self.pad_id, packed.position_offset)

@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from serve.metrics import HEARTBEAT_PREFIX, MULTIPROC_ENV, ensure_multiproc_dir
+from neuronserve.serve.metrics import HEARTBEAT_PREFIX, MULTIPROC_ENV, ensure_multiproc_dir
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def build_registry(multiproc_dir: str | os.PathLike, neuron_monitor: bool = True
     reg.register(aggregate)
     monitor = None
     if neuron_monitor:
-        from serve.neuron_monitor import NeuronMonitorCollector, start_neuron_monitor
+        from neuronserve.serve.neuron_monitor import NeuronMonitorCollector, start_neuron_monitor
 
         collector = NeuronMonitorCollector()
         monitor = start_neuron_monitor(collector, period_s=neuron_monitor_period_s)

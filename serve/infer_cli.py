@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from serve.console import err, fail
+from neuronserve.common.console import err, fail
 
 
 def add_subcommand(subparsers) -> None:
@@ -42,13 +42,13 @@ def add_subcommand(subparsers) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
-    from serve.jsonl import read_texts as read_jsonl
+    from neuronserve.common.jsonl import read_texts as read_jsonl
 
     return read_jsonl(path, allow_empty=True)
 
 
 def _engine(args):
-    from serve.engine import Engine
+    from neuronserve.serve.engine import Engine
 
     options = {"threads": args.threads} if args.threads else {}
     return Engine(args.artifacts, args.backend, backend_options=options)
@@ -57,9 +57,9 @@ def _engine(args):
 def run_infer(args) -> int:
     from tqdm import tqdm
 
-    from models.artifact import ArtifactError
-    from serve.backends.base import BackendError
-    from serve.engine import InputError
+    from neuronserve.models.artifact import ArtifactError
+    from neuronserve.serve.backends.base import BackendError
+    from neuronserve.serve.engine import InputError
 
     try:
         texts = read_texts(args.input)
@@ -106,9 +106,9 @@ def run_bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from models.artifact import ArtifactError, load_manifest
-    from models.families import graph_inputs
-    from serve.backends.base import BackendError, load_backend
+    from neuronserve.models.artifact import ArtifactError, load_manifest
+    from neuronserve.models.families import graph_inputs
+    from neuronserve.serve.backends.base import BackendError, load_backend
 
     if args.iterations < 1:
         return fail("--iterations must be >= 1", code=2)

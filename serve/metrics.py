@@ -402,7 +402,7 @@ class ServeMetrics:
 
 def _resolve_price(instance_type: str, price: float | None,
                    cores_per_instance: int | None) -> tuple[float | None, int | None]:
-    from deploy import pricing
+    from neuronserve.common import pricing
 
     if price is not None and (math.isnan(price) or price < 0):
         raise ValueError(f"price_per_hour_usd must be a non-negative number, got {price}")

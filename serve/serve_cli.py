@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from serve.console import err, fail
+from neuronserve.common.console import err, fail
 
 APP_NAME = "neuronserve"
 
@@ -50,7 +50,7 @@ def add_subcommand(subparsers) -> None:
 
 
 def _app_args(args, artifacts: Path, metrics_dir: str | None):
-    from serve.settings import AppArgs
+    from neuronserve.serve.settings import AppArgs
 
     values = {
         "artifacts": str(artifacts),
@@ -73,7 +73,7 @@ def _app_args(args, artifacts: Path, metrics_dir: str | None):
 
 
 def _default_artifacts(auto_cast: str) -> Path:
-    from compile.compiler import CompileOptions, compile_artifact
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
 
     err("no --artifacts given: using the default model (all-MiniLM-L6-v2) on the CPU backend")
     result = compile_artifact(CompileOptions(model="default", target="cpu", auto_cast=auto_cast), log=err)
@@ -131,9 +131,9 @@ def run(args) -> int:
         return fail(f"--replicas must be a number or 'auto', got {args.replicas!r}", code=2)
     from pydantic import ValidationError
 
-    from compile.compiler import CompileError
-    from models.artifact import ArtifactError, load_manifest
-    from models.loading import ModelError
+    from neuronserve.compile.compiler import CompileError
+    from neuronserve.models.artifact import ArtifactError, load_manifest
+    from neuronserve.models.loading import ModelError
 
     try:
         artifacts = args.artifacts or _default_artifacts(args.auto_cast)
@@ -154,8 +154,8 @@ def run(args) -> int:
     import ray
     from ray import serve
 
-    from serve.app import build_app
-    from serve.ingress import local_ray_env, stop_haproxy
+    from neuronserve.serve.app import build_app
+    from neuronserve.serve.local_ray import local_ray_env, stop_haproxy
 
     started_ray = False
     node_id = None
@@ -207,8 +207,8 @@ def run(args) -> int:
 
 
 def _start_exporter(metrics_dir: str, port: int, host: str):
-    from serve.exporter import start_exporter
-    from serve.metrics import ensure_multiproc_dir
+    from neuronserve.serve.exporter import start_exporter
+    from neuronserve.serve.metrics import ensure_multiproc_dir
 
     ensure_multiproc_dir(metrics_dir, clean=True)
     return start_exporter(metrics_dir, port, host=host)

@@ -50,7 +50,7 @@ class ServeSettings(BaseSettings):
 
 
 class AppArgs(ServeSettings):
-    """Typed arguments of the Ray Serve application builder `serve.app:build_app`."""
+    """Typed arguments of the Ray Serve application builder `neuronserve.serve.app:build_app`."""
 
     artifacts: str
     backend: Literal["auto", "cpu", "neuron"] = "auto"

@@ -20,8 +20,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def minilm_artifact(tmp_path_factory):
     """The default model compiled for CPU with a few buckets (about 10 s), shared by the session."""
-    from compile.compiler import CompileOptions, compile_artifact
-    from models.artifact import parse_buckets
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
+    from neuronserve.models.artifact import parse_buckets
 
     out = tmp_path_factory.mktemp("minilm")
     return compile_artifact(CompileOptions(model="default", buckets=parse_buckets("1x16,4x16,8x16,4x32,4x64,2x128,2x256"), out=out)).out_dir

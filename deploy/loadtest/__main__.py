@@ -1,5 +1,5 @@
 """`python -m deploy.loadtest ...` runs the same command as `neuronserve loadtest ...`."""
 
-from deploy.loadtest.cli import main
+from neuronserve.deploy.loadtest.cli import main
 
 raise SystemExit(main())

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.loadtest.config import (ARRIVALS, BUILTIN_WORKLOADS, HARD_MAX_REQUESTS_PER_STEP, ROUTES,
+from neuronserve.deploy.loadtest.config import (ARRIVALS, BUILTIN_WORKLOADS, HARD_MAX_REQUESTS_PER_STEP, ROUTES,
                                     LoadtestConfig, LoadtestError, UsageError, config_from_args, format_value)
 
 PROG = "neuronserve loadtest"
@@ -117,7 +117,7 @@ def _parse_headers(items: list[str]) -> dict[str, str]:
 
 
 def _compare(args) -> int:
-    from deploy.loadtest.report import load_result, render_compare
+    from neuronserve.deploy.loadtest.report import load_result, render_compare
 
     path_a, path_b = args.compare
     text = render_compare(load_result(path_a), load_result(path_b), path_a, path_b)
@@ -151,9 +151,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
-    from deploy.loadtest.client import run as run_async
-    from deploy.loadtest.cost import resolve_price
-    from deploy.loadtest.workload import load_workload
+    from neuronserve.deploy.loadtest.client import run as run_async
+    from neuronserve.deploy.loadtest.cost import resolve_price
+    from neuronserve.deploy.loadtest.workload import load_workload
 
     price, price_source = resolve_price(config.instance_type, config.price_per_hour_usd)
     workload = load_workload(config.workload, seed=config.seed)
@@ -202,7 +202,7 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
         print("warning: interrupted: writing the steps completed so far", file=sys.stderr)
 
     report = _write_outputs(config, metadata, steps, latencies)
-    from deploy.loadtest.report import markdown_table, warnings_for
+    from neuronserve.deploy.loadtest.report import markdown_table, warnings_for
 
     print(markdown_table(steps))
     for note in warnings_for(steps):  # metadata notes were printed as they happened
@@ -218,9 +218,9 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
 
 async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, price: float | None,
                  metadata: dict, steps: list[dict], latencies: list[list[float]]) -> None:
-    from deploy.loadtest.client import StepRunner, Target, discover_model, make_client, preflight, raise_fd_limit
-    from deploy.loadtest.report import step_label
-    from deploy.loadtest.stats import summarize
+    from neuronserve.deploy.loadtest.client import StepRunner, Target, discover_model, make_client, preflight, raise_fd_limit
+    from neuronserve.deploy.loadtest.report import step_label
+    from neuronserve.deploy.loadtest.stats import summarize
 
     if config.mode == "concurrency":
         pool = int(max(config.values))
@@ -274,7 +274,7 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
 
 
 def _write_outputs(config: LoadtestConfig, metadata: dict, steps: list[dict], latencies: list[list[float]]) -> Path:
-    from deploy.loadtest.report import plot_latency_cdf, plot_latency_vs_throughput, render_report
+    from neuronserve.deploy.loadtest.report import plot_latency_cdf, plot_latency_vs_throughput, render_report
 
     sweep = {"metadata": metadata, "steps": steps}
     _write_json(config.out / "sweep.json", sweep)

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from deploy.loadtest.config import LoadtestError
-from deploy.loadtest.schedule import iter_arrival_times
-from deploy.loadtest.stats import StepRecorder
+from neuronserve.deploy.loadtest.config import LoadtestError
+from neuronserve.deploy.loadtest.schedule import iter_arrival_times
+from neuronserve.deploy.loadtest.stats import StepRecorder
 
 if TYPE_CHECKING:  # pragma: no cover
     import aiohttp
 
-    from deploy.loadtest.workload import Workload
+    from neuronserve.deploy.loadtest.workload import Workload
 
 
 @dataclass

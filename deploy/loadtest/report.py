@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deploy.loadtest.config import UsageError, format_value
+from neuronserve.deploy.loadtest.config import UsageError, format_value
 
 
 def step_label(step: dict) -> str:

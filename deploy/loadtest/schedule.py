@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from deploy.loadtest.config import ARRIVALS, UsageError
+from neuronserve.deploy.loadtest.config import ARRIVALS, UsageError
 
 
 def iter_arrival_times(rate_per_s: float, horizon_s: float, *, arrival: str = "poisson",

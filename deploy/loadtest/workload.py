@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.loadtest.config import BUILTIN_WORKLOADS, UsageError
+from neuronserve.deploy.loadtest.config import BUILTIN_WORKLOADS, UsageError
 
 POOL_SIZE = 1024
 TOKENS_PER_WORD = 1.3
@@ -129,7 +129,7 @@ def generate(name: str, *, count: int = POOL_SIZE, seed: int = 0) -> Workload:
 
 def load_jsonl(path: str | Path) -> Workload:
     """Texts from a JSONL file: each non-blank line is a non-empty JSON string or an object with a "text" string."""
-    from serve.jsonl import read_texts
+    from neuronserve.common.jsonl import read_texts
 
     try:
         texts = read_texts(path, allow_empty=False)

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from models.artifact import Bucket, Manifest
+from neuronserve.models.artifact import Bucket, Manifest
 
 
 class BackendError(Exception):
@@ -55,17 +55,17 @@ def check_shape(bucket: Bucket, inputs: tuple[torch.Tensor, ...], n_inputs: int)
 
 def load_backend(artifact_dir: str | Path, kind: str = "auto", **options) -> Backend:
     """Load the backend an artifact's target calls for (`auto`), or the one named."""
-    from models.artifact import load_manifest
+    from neuronserve.models.artifact import load_manifest
 
     manifest = load_manifest(artifact_dir)
     if kind == "auto":
         kind = "cpu" if manifest.target == "cpu" else "neuron"
     if kind == "cpu":
-        from serve.backends.cpu import CpuBackend
+        from neuronserve.serve.backends.cpu import CpuBackend
 
         return CpuBackend(artifact_dir, manifest, **options)
     if kind == "neuron":
-        from serve.backends.neuron import NeuronBackend
+        from neuronserve.serve.backends.neuron import NeuronBackend
 
         return NeuronBackend(artifact_dir, manifest, **options)
     raise BackendError(f"unknown backend {kind!r}: expected cpu, neuron or auto")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import Bucket, Manifest
-from models.families import graph_inputs
-from serve.backends.base import BackendError, check_shape
+from neuronserve.models.artifact import Bucket, Manifest
+from neuronserve.models.families import graph_inputs
+from neuronserve.serve.backends.base import BackendError, check_shape
 
 
 def configure_threads(threads: int | None) -> int:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from models.artifact import Bucket, Manifest, sha256_file
-from models.families import graph_inputs
-from serve.backends.base import BackendError, check_shape
+from neuronserve.models.artifact import Bucket, Manifest, sha256_file
+from neuronserve.models.families import graph_inputs
+from neuronserve.serve.backends.base import BackendError, check_shape
 
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 
@@ -67,7 +67,7 @@ class NeuronBackend:
         expected_target: str | None = None,
         verify_files: bool = True,
     ) -> None:
-        from compile.neuron import NeuronSDKMissing, import_torch_neuronx, sdk_mismatch, sdk_versions
+        from neuronserve.common.neuron_sdk import NeuronSDKMissing, import_torch_neuronx, sdk_mismatch, sdk_versions
 
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.artifact import Bucket, Manifest
-from serve.backends.base import Backend, BackendError, load_backend
+from neuronserve.models.artifact import Bucket, Manifest
+from neuronserve.serve.backends.base import Backend, BackendError, load_backend
 from tests.fixtures.neuron_standin import standin_installed
 from tests.fixtures.tiny_models import make_tiny_model
 
@@ -57,7 +57,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _compile_and_load(name: str, model_dir: Path, task: str, out: Path) -> Served:
-    from compile.compiler import CompileOptions, compile_artifact
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
 
     target = "cpu" if name == "cpu" else os.environ.get("NEURONSERVE_TEST_TARGET", "inf2")
     sdk = standin_installed() if name == "neuron-standin" else contextlib.nullcontext()

@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from serve.ingress import free_port, local_ray_env, stop_haproxy
+from neuronserve.serve.local_ray import local_ray_env, stop_haproxy
+from tests.fixtures.ports import free_port
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +55,7 @@ def deploy(url: str, args, name: str = "neuronserve", timeout_s: float = 180) ->
     """Deploy the real application and wait until every replica reports ready."""
     from ray import serve
 
-    from serve.app import build_app
+    from neuronserve.serve.app import build_app
 
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
     deadline = time.monotonic() + timeout_s
@@ -69,14 +70,14 @@ def deploy(url: str, args, name: str = "neuronserve", timeout_s: float = 180) ->
     raise AssertionError(f"app not ready within {timeout_s} s")
 
 
-def start_server(artifacts, port, metrics_port, *extra):
+def start_server(artifacts, port, metrics_port, *extra, cwd=None):
     env = {**os.environ, "HOME": tempfile.mkdtemp(prefix="nsh-"), "PYTHONUNBUFFERED": "1"}
     for key in [k for k in env if k == "RAY_ADDRESS" or k.startswith("RAY_SERVE_HAPROXY_")]:
         env.pop(key)  # its own Ray and ingress ports, not the test session's
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+        [sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(artifacts), "--port", str(port),
          "--metrics-port", str(metrics_port), "--threads-per-replica", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, cwd=cwd,
     )
     lines: queue.Queue = queue.Queue()
     stderr: list[str] = []

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from serve.ingress import free_port
+from tests.fixtures.ports import free_port
 
 T = TypeVar("T")
 

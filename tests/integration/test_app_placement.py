@@ -7,9 +7,9 @@ import httpx
 import numpy as np
 import pytest
 
-from compile.compiler import CompileOptions, compile_artifact
-from models.artifact import parse_buckets
-from serve.settings import AppArgs
+from neuronserve.compile.compiler import CompileOptions, compile_artifact
+from neuronserve.models.artifact import parse_buckets
+from neuronserve.serve.settings import AppArgs
 from tests.fixtures.neuron_standin import standin_installed
 from tests.fixtures.tiny_models import make_tiny_model
 from tests.integration.conftest import deploy
@@ -57,7 +57,7 @@ def test_one_replica_per_neuron_core_each_on_its_own_core(neuron_app, artifacts)
     r = httpx.post(serve_instance + "/v1/embeddings", json={"input": texts}, timeout=60)
     assert r.status_code == 200, r.text
     got = np.array([d["embedding"] for d in r.json()["data"]])
-    from serve.engine import Engine
+    from neuronserve.serve.engine import Engine
 
     want = Engine(cpu_dir, "cpu").embed(texts)
     assert np.abs(got - want).max() < 1e-4

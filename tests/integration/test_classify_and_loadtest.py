@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from compile.compiler import CompileOptions, compile_artifact
-from models.artifact import parse_buckets
-from serve.settings import AppArgs
+from neuronserve.compile.compiler import CompileOptions, compile_artifact
+from neuronserve.models.artifact import parse_buckets
+from neuronserve.serve.settings import AppArgs
 from tests.fixtures.tiny_models import make_tiny_model
 from tests.integration.conftest import deploy
 
@@ -67,7 +67,7 @@ def test_loadtest_against_the_real_server(serve_instance, minilm_artifact, tmp_p
     deploy(serve_instance, AppArgs(artifacts=str(minilm_artifact), num_replicas=1, threads_per_replica=1))
     out = tmp_path / "lt"
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "loadtest", "--url", serve_instance, "--concurrency", "1,4",
+        [sys.executable, "-m", "neuronserve", "loadtest", "--url", serve_instance, "--concurrency", "1,4",
          "--duration", "3s", "--warmup", "1s", "--workload", "mixed", "--instance-type", "inf2.xlarge",
          "--slo-p99-ms", "2000", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=180,

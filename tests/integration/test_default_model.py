@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from serve.engine import Engine, InputTooLong
+from neuronserve.serve.engine import Engine, InputTooLong
 
 WORDS = ("serving transformer encoders on inferentia means padding every batch to a compiled shape "
          "so the batcher groups requests by length and reports the padding it could not avoid").split()
@@ -66,7 +66,7 @@ def test_infer_cli_end_to_end(minilm_artifact, tmp_path, reference):
     src.write_text("\n".join(json.dumps(t if i % 2 else {"text": t}) for i, t in enumerate(TEXTS)) + "\n")
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "infer", "--artifacts", str(minilm_artifact), "--input", str(src), "--output", str(out)],
+        [sys.executable, "-m", "neuronserve", "infer", "--artifacts", str(minilm_artifact), "--input", str(src), "--output", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -82,7 +82,7 @@ def test_infer_cli_no_truncate_is_a_clear_error(minilm_artifact, tmp_path):
     src.write_text(json.dumps("short") + "\n" + json.dumps(text_of(400)) + "\n")
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "infer", "--artifacts", str(minilm_artifact), "--input", str(src),
+        [sys.executable, "-m", "neuronserve", "infer", "--artifacts", str(minilm_artifact), "--input", str(src),
          "--output", str(out), "--no-truncate"],
         capture_output=True, text=True, timeout=300,
     )
@@ -95,7 +95,7 @@ def test_infer_cli_bad_input_file(minilm_artifact, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text('"ok"\n{not json\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "infer", "--artifacts", str(minilm_artifact), "--input", str(src),
+        [sys.executable, "-m", "neuronserve", "infer", "--artifacts", str(minilm_artifact), "--input", str(src),
          "--output", str(tmp_path / "o.jsonl")],
         capture_output=True, text=True, timeout=120,
     )

@@ -8,8 +8,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve.engine import Engine
-from serve.settings import AppArgs
+from neuronserve.serve.engine import Engine
+from neuronserve.serve.settings import AppArgs
 from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.integration

@@ -110,8 +110,8 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 import pytest  # noqa: E402
 
-from deploy.loadtest.cli import build_parser, main, run  # noqa: E402
-from serve.ingress import free_port  # noqa: E402
+from neuronserve.deploy.loadtest.cli import build_parser, main, run  # noqa: E402
+from tests.fixtures.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -200,7 +200,7 @@ def test_closed_loop_sweep_with_errors(fake_server, tmp_path, capsys):
 def test_open_loop_via_subprocess_classify(fake_server, tmp_path):
     _control(fake_server, p429=0.2)
     out = tmp_path / "open"
-    code = "from deploy.loadtest.cli import main; raise SystemExit(main())"
+    code = "from neuronserve.deploy.loadtest.cli import main; raise SystemExit(main())"
     proc = subprocess.run(
         [sys.executable, "-c", code, "--url", fake_server, "--route", "classify", "--rate", "20",
          "--duration", "2s", "--warmup", "0.5", "--workload", "short", "--price-per-hour-usd", "1.0",
@@ -255,7 +255,7 @@ def test_all_requests_failing_exits_1_with_report(fake_server, tmp_path, capsys)
 def test_refused_connection_is_one_clear_line(tmp_path):
     port = free_port()  # nothing listens here
     proc = subprocess.run(
-        [sys.executable, "-m", "deploy.loadtest", "--url", f"http://127.0.0.1:{port}", "--concurrency", "1",
+        [sys.executable, "-m", "neuronserve.deploy.loadtest", "--url", f"http://127.0.0.1:{port}", "--concurrency", "1",
          "--duration", "1s", "--warmup", "0", "--out", str(tmp_path / "x")],
         cwd=str(REPO), capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -272,7 +272,7 @@ def test_bad_url_and_bad_duration_are_usage_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--duration" in err and "Traceback" not in err
     proc = subprocess.run(
-        [sys.executable, "-c", "from deploy.loadtest.cli import main; raise SystemExit(main())",
+        [sys.executable, "-c", "from neuronserve.deploy.loadtest.cli import main; raise SystemExit(main())",
          "--url", "not-a-url"], cwd=str(REPO), capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.pricing import cost_per_million
-from serve.exporter import start_exporter
-from serve.metrics import ensure_multiproc_dir, multiproc_env
+from neuronserve.common.pricing import cost_per_million
+from neuronserve.serve.exporter import start_exporter
+from neuronserve.serve.metrics import ensure_multiproc_dir, multiproc_env
 from tests.integration.prom import prometheus_factory, scrape_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ WRITERS = 2
 
 WRITER = textwrap.dedent("""
     import sys, time
-    from serve.metrics import ServeMetrics
+    from neuronserve.serve.metrics import ServeMetrics
     model, price, cpi, cores, dt, k, steps, inf_s, real, padded, pace = sys.argv[1:]
     dt, inf_s, price, pace = float(dt), float(inf_s), float(price), float(pace)
     cpi, cores, k, steps, real, padded = map(int, (cpi, cores, k, steps, real, padded))

@@ -3,6 +3,8 @@
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -68,3 +70,43 @@ def test_serve_metrics_endpoint_counts_requests(minilm_artifact):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+SHADOWS = ("models", "serve", "compile", "deploy")
+
+
+def _shadowing_packages(root):
+    """Packages named like neuronserve's folders whose import fails, as a user's repository may hold."""
+    for name in SHADOWS:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package')\n")
+    return root
+
+
+def test_serve_starts_from_a_directory_whose_packages_shadow_generic_names(minilm_artifact, tmp_path, monkeypatch):
+    # Ray puts the driver's working directory first on sys.path in every worker, and PYTHONPATH
+    # comes before site-packages: neither may change which code the server runs.
+    cwd = _shadowing_packages(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(cwd))
+    port, mport = free_port(), free_port()
+    proc, out, stderr = start_server(minilm_artifact, port, mport, cwd=cwd)
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["hello world"]}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"][0]["embedding"]) == 384
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_every_subcommand_loads_with_shadowing_packages_on_the_path(tmp_path):
+    cwd = _shadowing_packages(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    for command, expected in (["deploy", "--help"], "render"), (["compile", "--help"], "--model"), (["serve", "--help"], "--artifacts"):
+        r = subprocess.run([sys.executable, "-m", "neuronserve", *command], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and expected in r.stdout, (command, r.stdout, r.stderr)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.ingress import free_port
+from tests.fixtures.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -198,8 +198,8 @@ def compile_cpu_artifact(c: Cluster) -> Path:
     out = c.root / "artifact"
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from compile.compiler import CompileOptions, compile_artifact
-        from models.artifact import Bucket
+        from neuronserve.compile.compiler import CompileOptions, compile_artifact
+        from neuronserve.models.artifact import Bucket
         compile_artifact(CompileOptions(model="default", task="embed", target="cpu",
                                         buckets=[Bucket(1, 32), Bucket(4, 32)], out=Path({str(out)!r})))
     """)
@@ -210,7 +210,7 @@ def compile_cpu_artifact(c: Cluster) -> Path:
 
 def serve_config_for_test(c: Cluster, artifact: Path) -> dict:
     """The rendered serveConfigV2, adjusted only where one machine differs from a cluster."""
-    from deploy.render import RenderOptions, plan, serve_config
+    from neuronserve.deploy.render import RenderOptions, plan, serve_config
 
     opts = RenderOptions(artifacts=str(artifact), instance_type="c7i.xlarge", image="unused", backend="cpu",
                          min_replicas=2, max_replicas=2, threads_per_replica=1)
@@ -228,10 +228,10 @@ def serve_config_for_test(c: Cluster, artifact: Path) -> dict:
 
 
 def test_replicas_on_both_nodes_and_http_works(cluster):
-    pytest.importorskip("serve.app", reason="serve/app.py is not in the tree yet")
+    pytest.importorskip("neuronserve.serve.app", reason="serve/app.py is not in the tree yet")
     import httpx
 
-    from deploy.validate import validate_serve_config
+    from tests.fixtures.k8s_validate import validate_serve_config
 
     c = cluster
     artifact = compile_cpu_artifact(c)

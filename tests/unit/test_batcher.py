@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from models.artifact import Bucket, parse_buckets
-from serve.batcher import Batcher
-from serve.buckets import BucketSet
-from serve.errors import BackendFailure, Overloaded
+from neuronserve.models.artifact import Bucket, parse_buckets
+from neuronserve.serve.batcher import Batcher
+from neuronserve.serve.buckets import BucketSet
+from neuronserve.serve.errors import BackendFailure, Overloaded
 
 BUCKETS = BucketSet(parse_buckets("1x16,2x16,4x16,8x16,1x64,2x64,4x64,8x64"))
 
@@ -460,7 +460,7 @@ def test_cuts_serve_the_queue_in_the_least_device_time(weight):
     padded token of the table."""
     import random
 
-    from serve.batcher import Row
+    from neuronserve.serve.batcher import Row
 
     buckets = BucketSet(parse_buckets(",".join(f"{b}x{s}" for b in (1, 2, 4) for s in (8, 16, 32, 64))))
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from compile.compiler import CompileError, CompileOptions, compile_artifact, default_buckets
-from models.artifact import ArtifactError, Bucket, BucketSpecError, load_manifest, parse_buckets
-from models.families import UnsupportedModelError
-from models.loading import ModelError
-from serve.engine import Engine
+from neuronserve.compile.compiler import CompileError, CompileOptions, compile_artifact, default_buckets
+from neuronserve.models.artifact import ArtifactError, Bucket, BucketSpecError, load_manifest, parse_buckets
+from neuronserve.models.families import UnsupportedModelError
+from neuronserve.models.loading import ModelError
+from neuronserve.serve.engine import Engine
 from tests.fixtures.tiny_models import make_tiny_model
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a",
@@ -72,7 +72,7 @@ def test_compiled_artifact_matches_eager_model(models_dir, tmp_path, family, tas
 def test_packed_rows_match_each_row_alone(models_dir, tmp_path, family):
     """Several rows packed into each sequence (positions restarting per row, RoBERTa's offset
     included) give every row the embedding it gets alone, in any order and with empty sequences."""
-    from serve.buckets import pack_rows
+    from neuronserve.models.packing import pack_rows
 
     model = make_tiny_model(models_dir, family=family, task="embed")
     result = compile_artifact(CompileOptions(model=str(model), buckets=parse_buckets("1x64,2x64,4x64"), out=tmp_path / "art"))
@@ -101,7 +101,7 @@ def test_packing_is_compiled_for_cpu_embedding_artifacts_only(models_dir, tmp_pa
     assert not on.cache_hit and on.manifest.packed is not None  # packing is part of the cache key
     cls = compile_artifact(CompileOptions(model=str(classify), task="classify", buckets=BUCKETS, out=tmp_path / "cls"))
     assert cls.manifest.packed is None
-    from compile.compiler import packs
+    from neuronserve.compile.compiler import packs
 
     assert packs(CompileOptions(target="cpu")) and not packs(CompileOptions(target="inf2"))  # Neuron: not built
 
@@ -195,7 +195,7 @@ def test_cli_errors_are_one_line_without_traceback(models_dir, tmp_path):
         (["--batch-sizes", "1,8"], 2, "go together"),
         (["--buckets", "1x4096"], 1, "max positions"),
     ):
-        proc = subprocess.run([sys.executable, "-m", "serve.cli", "compile", "--model", str(model), "--out",
+        proc = subprocess.run([sys.executable, "-m", "neuronserve", "compile", "--model", str(model), "--out",
                                str(tmp_path / "o"), *argv], capture_output=True, text=True, timeout=120)
         assert proc.returncode == code, proc.stderr
         assert needle in proc.stderr and "Traceback" not in proc.stderr
@@ -203,7 +203,7 @@ def test_cli_errors_are_one_line_without_traceback(models_dir, tmp_path):
 
 def test_cli_compile_reports_progress_and_cache_hit(models_dir, tmp_path):
     model = make_tiny_model(models_dir)
-    argv = [sys.executable, "-m", "serve.cli", "compile", "--model", str(model), "--batch-sizes", "1,2",
+    argv = [sys.executable, "-m", "neuronserve", "compile", "--model", str(model), "--batch-sizes", "1,2",
             "--seq-lens", "8,16", "--out", str(tmp_path / "o")]
     first = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr

@@ -3,8 +3,8 @@ fixed is kept."""
 
 import pytest
 
-from serve.app import CPU_FORWARDS_PER_REPLICA, cpu_layout
-from serve.settings import AppArgs
+from neuronserve.serve.app import CPU_FORWARDS_PER_REPLICA, cpu_layout
+from neuronserve.serve.settings import AppArgs
 
 
 def args(**kw) -> AppArgs:
@@ -45,7 +45,7 @@ def test_application_reserves_the_cpus_its_forwards_use(tmp_path):
     torch threads and the user_config's concurrent batches all follow one layout."""
     import os
 
-    from serve.app import build_app
+    from neuronserve.serve.app import build_app
     from tests.fixtures.manifests import make_artifact
 
     art = str(make_artifact(tmp_path / "art", "cpu"))
@@ -65,8 +65,8 @@ def test_replicas_get_a_short_openmp_spin_unless_the_user_set_one(tmp_path, monk
     """Multi-threaded forwards (a lone batch runs on all of its replica's cores) need OpenMP's
     workers to spin briefly between operators; PASSIVE waiting made them slower than one thread.
     An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is passed on instead."""
-    from serve.app import build_app
-    from serve.settings import OPENMP_ENV
+    from neuronserve.serve.app import build_app
+    from neuronserve.serve.settings import OPENMP_ENV
     from tests.fixtures.manifests import make_artifact
 
     art = str(make_artifact(tmp_path / "art", "cpu"))

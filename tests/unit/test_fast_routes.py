@@ -6,8 +6,8 @@ import asyncio
 import pytest
 from starlette.responses import Response
 
-import serve.app as app_module
-from serve.app import FastRoutes
+import neuronserve.serve.app as app_module
+from neuronserve.serve.app import FastRoutes
 
 
 class FakeReplica:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import kustomize
-from deploy.render import METRICS_PORT_NAME, OVERLAYS, kustomize_tree, overlay_options, render_objects
-from deploy.validate import validate_object
+from tests.fixtures import kustomize
+from neuronserve.deploy.render import METRICS_PORT_NAME, OVERLAYS, kustomize_tree, overlay_options, render_objects
+from tests.fixtures.k8s_validate import validate_object
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 MONITORING = K8S / "monitoring"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import aiohttp
 
-from deploy.loadtest.client import Target, error_kind, server_tokens
+from neuronserve.deploy.loadtest.client import Target, error_kind, server_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_locustfile_compiles():
 def test_steps_run_on_uvloop_when_it_is_installed_and_on_asyncio_without(monkeypatch):
     import sys
 
-    from deploy.loadtest.client import run
+    from neuronserve.deploy.loadtest.client import run
 
     async def loop_module():
         await asyncio.sleep(0)

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-from deploy.loadtest.cli import build_parser
-from deploy.loadtest.config import (UsageError, config_from_args, normalise_url, parse_duration,
+from neuronserve.deploy.loadtest.cli import build_parser
+from neuronserve.deploy.loadtest.config import (UsageError, config_from_args, normalise_url, parse_duration,
                                     parse_values)
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from deploy.loadtest.config import UsageError
-from deploy.loadtest.report import (load_result, markdown_table, plot_latency_cdf, plot_latency_vs_throughput,
+from neuronserve.deploy.loadtest.config import UsageError
+from neuronserve.deploy.loadtest.report import (load_result, markdown_table, plot_latency_cdf, plot_latency_vs_throughput,
                                     render_compare, render_report, step_label, warnings_for)
 
 

@@ -2,8 +2,8 @@ import statistics
 
 import pytest
 
-from deploy.loadtest.config import UsageError
-from deploy.loadtest.schedule import arrival_times, iter_arrival_times
+from neuronserve.deploy.loadtest.config import UsageError
+from neuronserve.deploy.loadtest.schedule import arrival_times, iter_arrival_times
 
 
 def test_poisson_mean_rate_and_gaps():

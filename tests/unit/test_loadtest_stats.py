@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from deploy.loadtest.stats import StepRecorder, cost_per_million, percentile, summarize
+from neuronserve.deploy.loadtest.stats import StepRecorder, cost_per_million, percentile, summarize
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 99.9, 100])

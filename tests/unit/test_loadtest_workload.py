@@ -3,8 +3,8 @@ import statistics
 
 import pytest
 
-from deploy.loadtest.config import UsageError
-from deploy.loadtest.workload import (MIXED_TAIL_MAX, POOL_SIZE, TOKENS_PER_WORD, generate, load_jsonl,
+from neuronserve.deploy.loadtest.config import UsageError
+from neuronserve.deploy.loadtest.workload import (MIXED_TAIL_MAX, POOL_SIZE, TOKENS_PER_WORD, generate, load_jsonl,
                                       load_workload)
 
 
@@ -80,7 +80,7 @@ def test_empty_or_missing_jsonl(tmp_path):
 
 
 def test_infer_and_loadtest_read_jsonl_alike_except_empty_texts(tmp_path):
-    from serve.infer_cli import read_texts
+    from neuronserve.serve.infer_cli import read_texts
 
     path = tmp_path / "texts.jsonl"
     path.write_text('"a b"\n\n{"text": "c"}\n""\n')

@@ -16,9 +16,9 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import exporter as exp
-from serve import metrics as sm
-from serve.metrics import LATENCY_BUCKETS, Metrics, ServeMetrics
+from neuronserve.serve import exporter as exp
+from neuronserve.serve import metrics as sm
+from neuronserve.serve.metrics import LATENCY_BUCKETS, Metrics, ServeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "k8s" / "monitoring"
@@ -152,7 +152,7 @@ def test_price_comes_from_table_and_env_overrides(reg, clock, monkeypatch):
 
 
 def test_unknown_price_disables_cost_with_one_warning(reg, clock, caplog):
-    with caplog.at_level(logging.WARNING, logger="serve.metrics"):
+    with caplog.at_level(logging.WARNING, logger="neuronserve.serve.metrics"):
         m = ServeMetrics("x", "neuron", 1, "trn2.48xlarge", None, None, clock=clock,
                          metrics=Metrics(reg))
         m2 = ServeMetrics("y", "cpu", 1, "laptop", 1.0, None, clock=clock,
@@ -215,7 +215,7 @@ def test_multiproc_env_and_dir(tmp_path):
 
 WRITER = textwrap.dedent("""
     import sys
-    from serve.metrics import ServeMetrics
+    from neuronserve.serve.metrics import ServeMetrics
     mode, n = sys.argv[1], int(sys.argv[2])
     m = ServeMetrics("m", "neuron", 1, "inf2.xlarge", 0.7582, 2)
     m.set_queue(5, 2)
@@ -293,7 +293,7 @@ def test_multiprocess_env_set_after_import_still_writes_files(tmp_path):
     code = textwrap.dedent(f"""
         import os, prometheus_client
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = {str(d)!r}
-        from serve.metrics import ServeMetrics
+        from neuronserve.serve.metrics import ServeMetrics
         ServeMetrics("late", "cpu", 1, "c7g.xlarge", None, None).request("/r", 200, 0.1)
     """)
     env = {k: v for k, v in os.environ.items() if k != sm.MULTIPROC_ENV}
@@ -360,7 +360,7 @@ def test_exporter_serves_only_our_prefix(tmp_path):
     d = sm.ensure_multiproc_dir(tmp_path / "foreign", clean=True)
     code = textwrap.dedent("""
         from prometheus_client import Counter
-        from serve.metrics import ServeMetrics
+        from neuronserve.serve.metrics import ServeMetrics
         Counter("ray_dashboard_requests", "someone else's", ["x"]).labels("y").inc()
         ServeMetrics("m", "cpu", 1, "c7g.xlarge", None, None).request("/r", 200, 0.1)
     """)
@@ -406,7 +406,7 @@ def test_cli_runs_until_sigterm(tmp_path):
     port_probe.bind(("127.0.0.1", 0))
     port = port_probe.getsockname()[1]
     port_probe.close()
-    code = ("import argparse, sys; from serve import exporter as e; p = argparse.ArgumentParser();"
+    code = ("import argparse, sys; from neuronserve.serve import exporter as e; p = argparse.ArgumentParser();"
             "e.add_subcommand(p.add_subparsers()); a = p.parse_args(sys.argv[1:]);"
             "sys.exit(a.func(a))")
     p = subprocess.Popen([sys.executable, "-c", code, "metrics-exporter", "--dir", str(d),
@@ -439,7 +439,7 @@ def _known_metric_names() -> set[str]:
                 names.update({base + "_bucket", base + "_sum", base + "_count"})
             else:
                 names.add(base)
-    from serve.neuron_monitor import NeuronMonitorCollector, parse_report
+    from neuronserve.serve.neuron_monitor import NeuronMonitorCollector, parse_report
 
     c = NeuronMonitorCollector()
     c.update(parse_report((REPO / "tests/fixtures/neuron_monitor_report.json").read_text()))

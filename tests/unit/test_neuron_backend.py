@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from compile import neuron
-from models.artifact import Bucket, load_manifest, save_manifest
-from serve.backends.base import Backend, BackendError, load_backend
-from serve.backends.neuron import NeuronBackend, parse_visible_cores
+from neuronserve.common import neuron_sdk as neuron
+from neuronserve.models.artifact import Bucket, load_manifest, save_manifest
+from neuronserve.serve.backends.base import Backend, BackendError, load_backend
+from neuronserve.serve.backends.neuron import NeuronBackend, parse_visible_cores
 from tests.fixtures.neuron_standin import build_standin_artifact, standin_installed, toy_module
 
 B1, B2 = Bucket(1, 8), Bucket(2, 16)

@@ -1,4 +1,4 @@
-"""compile/neuron.py against the torch_neuronx stand-in (a test double; no Neuron hardware here)."""
+"""compile/neuron.py and common/neuron_sdk.py against the torch_neuronx stand-in (a test double; no Neuron hardware here)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,9 @@ import types
 import pytest
 import torch
 
-from compile import neuron
-from compile.neuron import (
-    NeuronCompileError,
-    NeuronSDKMissing,
-    compiler_args,
-    describe_sdk,
-    import_torch_neuronx,
-    sdk_mismatch,
-    sdk_versions,
-    trace_bucket,
-)
+from neuronserve.common import neuron_sdk as neuron
+from neuronserve.common.neuron_sdk import NeuronSDKMissing, describe_sdk, import_torch_neuronx, sdk_mismatch, sdk_versions
+from neuronserve.compile.neuron import NeuronCompileError, compiler_args, trace_bucket
 from tests.fixtures.neuron_standin import standin_installed, toy_module
 
 INSTALL = "pip install --extra-index-url https://pip.repos.neuron.amazonaws.com 'neuronserve[neuron]'"

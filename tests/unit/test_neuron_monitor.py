@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve import neuron_monitor as nm
-from serve.neuron_monitor import NeuronMonitorCollector, parse_report
+from neuronserve.serve import neuron_monitor as nm
+from neuronserve.serve.neuron_monitor import NeuronMonitorCollector, parse_report
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "neuron_monitor_report.json"
 
@@ -189,6 +189,6 @@ def test_absent_binary_is_logged_not_raised(monkeypatch, caplog):
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(nm, "DEFAULT_BINARY", "/nonexistent/neuron-monitor")
     assert nm.find_binary() is None
-    with caplog.at_level(logging.INFO, logger="serve.neuron_monitor"):
+    with caplog.at_level(logging.INFO, logger="neuronserve.serve.neuron_monitor"):
         assert nm.start_neuron_monitor(NeuronMonitorCollector()) is None
     assert any("neuron-monitor not found" in r.message for r in caplog.records)

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.artifact import Bucket
-from models.tasks import pool, pool_packed
-from serve.buckets import pack_rows, pad_packed
+from neuronserve.models.artifact import Bucket
+from neuronserve.models.tasks import pool, pool_packed
+from neuronserve.models.packing import pack_rows, pad_packed
 
 
 @settings(max_examples=300, deadline=None)

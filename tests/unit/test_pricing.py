@@ -1,12 +1,11 @@
-import doctest
 import json
 import math
 
 import pytest
 from hypothesis import given, strategies as st
 
-from deploy import pricing
-from deploy.pricing import (INSTANCES, InstanceType, MissingPriceError, UnknownInstanceError,
+from neuronserve.common import pricing
+from neuronserve.common.pricing import (INSTANCES, InstanceType, MissingPriceError, UnknownInstanceError,
                             cost_per_million, detect_instance_type, get_instance, load_overrides,
                             price_per_core_second, price_per_hour)
 
@@ -22,10 +21,6 @@ NEURON_FACTS = {
     "trn2.48xlarge": (64, 192, 2048, None),
 }
 
-
-def test_module_doctests_run():
-    failures, tried = doctest.testmod(pricing)
-    assert tried > 0 and failures == 0
 
 
 @pytest.mark.parametrize("name", sorted(NEURON_FACTS))

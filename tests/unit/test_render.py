@@ -8,8 +8,8 @@ import argparse
 import pytest
 import yaml
 
-from deploy import cli as deploy_cli
-from deploy.render import (
+from neuronserve.deploy import cli as deploy_cli
+from neuronserve.deploy.render import (
     DEPLOYMENT_NAME,
     IMAGE_ARTIFACTS_DIR,
     IMPORT_PATH,
@@ -24,7 +24,7 @@ from deploy.render import (
     render_objects,
     render_yaml,
 )
-from deploy.validate import ManifestInvalid, validate_object, validate_serve_config
+from tests.fixtures.k8s_validate import ManifestInvalid, validate_object, validate_serve_config
 from tests.fixtures.manifests import make_artifact
 
 APP_ARG_KEYS = {
@@ -211,7 +211,7 @@ def test_s3_artifacts_use_an_init_container(tmp_path, artifact):
 
 
 def test_app_args_match_the_app_contract(artifact):
-    app = pytest.importorskip("serve.app", reason="serve/app.py is not in the tree yet")
+    app = pytest.importorskip("neuronserve.serve.app", reason="serve/app.py is not in the tree yet")
     for instance_type, target in (("inf2.xlarge", "inf2"), ("c7i.4xlarge", "cpu")):
         rs, _ = split(render_objects(opts(artifact(target), instance_type)))
         args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
@@ -265,7 +265,7 @@ def test_cli_writes_file(tmp_path, artifact):
 
 
 def test_registered_in_neuronserve():
-    from serve.cli import build_parser
+    from neuronserve.cli import build_parser
 
     args = build_parser().parse_args(base_argv("x", "inf2.xlarge"))
     assert args.func is deploy_cli.run

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from serve.app import dumps
+from neuronserve.serve.app import dumps
 
 
 def test_float32_arrays_are_written_short_and_read_back_exactly():

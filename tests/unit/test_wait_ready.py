@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serve.serve_cli import wait_ready
+from neuronserve.serve.serve_cli import wait_ready
 
 
 @pytest.fixture

@@ -8,14 +8,14 @@ import importlib
 import os
 import sys
 
-# (module, attribute): each exposes add_subcommand(subparsers).
+# Each module exposes add_subcommand(subparsers).
 SUBCOMMANDS = (
-    "compile.cli",
-    "serve.infer_cli",
-    "serve.serve_cli",
-    "serve.exporter",
-    "deploy.cli",
-    "deploy.loadtest.cli",
+    "neuronserve.compile.cli",
+    "neuronserve.serve.infer_cli",
+    "neuronserve.serve.serve_cli",
+    "neuronserve.serve.exporter",
+    "neuronserve.deploy.cli",
+    "neuronserve.deploy.loadtest.cli",
 )
 
 
@@ -29,12 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue  # feature not installed in this build
-            raise
+        except Exception as e:  # never a silent skip: a missing command would look like a typo
+            raise CommandImportError(
+                f"cannot load a neuronserve command: importing {name} failed with "
+                f"{type(e).__name__}: {e}; reinstall neuronserve (pip install -e .) or check for a package "
+                f"or PYTHONPATH entry that shadows one it needs"
+            ) from e
         module.add_subcommand(sub)
     return parser
+
+
+class CommandImportError(RuntimeError):
+    """A subcommand's module failed to import; the message names it."""
 
 
 def _version() -> str:
@@ -49,7 +55,11 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CommandImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -33,13 +33,6 @@ RAY_WORKER_PORTS_END = 19999
 HAPROXY_ENV = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
     """A TCP port free on `host` now, below the kernel's ephemeral range when it can be.
 

@@ -3,7 +3,7 @@
 import socket
 from pathlib import Path
 
-from serve.ingress import local_ray_env, port_outside_ephemeral_range
+from neuronserve.serve.local_ray import local_ray_env, port_outside_ephemeral_range
 
 
 def test_haproxy_ports_are_free_and_below_the_ephemeral_range():
