@@ -182,7 +182,7 @@ def raw_limit(artifacts: Path, texts: list[str], min_s: float = SCAN_S, batch1: 
     for procs, threads, forwards in ((1, cores, 1), (cores, 1, 1)) + (((1, 1, cores),) if cores > 1 else ()):
         name = f"{procs}x{threads}" + (f"x{forwards}" if forwards > 1 else "")
         totals = measure(procs, threads, forwards, buckets, min_s)
-        # The highest of ~50 short, noisy measurements overstates its bucket (here by up to 13%): the
+        # The highest of ~50 short, noisy measurements overstates its bucket: the
         # best few are measured again for longer, and the best of those is the layout's limit.
         top = [buckets[i] for i in np.argsort(totals)[::-1][:CONFIRM_TOP]]
         again = measure(procs, threads, forwards, top, CONFIRM_S)
@@ -336,7 +336,7 @@ def main() -> int:
         with server:
             rows += run_steps(server, workload, concurrencies, a.duration, work)
         if i == last_ours:
-            # This machine's speed drifts by 10-30% over minutes: the limit is measured again right
+            # A machine's speed drifts over minutes: the limit is measured again right
             # after neuronserve's steps, and the ratios use the mean of the two measurements.
             log("measuring the raw backend limit again ...")
             again = raw_limit(a.artifacts, texts, batch1=False)

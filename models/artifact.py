@@ -145,7 +145,7 @@ class BucketEntry(BaseModel):
 
 
 class PackedGraph(BaseModel):
-    """CPU embedding artifacts: one graph that runs several rows per sequence (`models.tasks.PackedEncoder`)."""
+    """CPU embedding artifacts: one graph that runs several rows per sequence (`neuronserve.models.tasks.PackedEncoder`)."""
 
     file: str
     sha256: str

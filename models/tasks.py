@@ -89,7 +89,7 @@ class EmbedHead(torch.nn.Module):
 class PackedEncoder(torch.nn.Module):
     """The encoder run on packed sequences: several rows one after another in each sequence.
 
-    Inputs ``(input_ids, position_ids, segment_ids)``, int64 ``[B, S]`` (`serve.buckets.pad_packed`):
+    Inputs ``(input_ids, position_ids, segment_ids)``, int64 ``[B, S]`` (`neuronserve.serve.buckets.pad_packed`):
     a token attends only to tokens of its own segment (its row), and positions restart for each
     row, so every row's token states are those it would get alone. Returns the token states
     ``[B, S, hidden]``; `pool_packed` pools them per row. Padding (segment 0) attends to nothing

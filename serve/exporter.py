@@ -1,8 +1,8 @@
 """The per-node metrics exporter: one HTTP endpoint with everything Prometheus scrapes here.
 
 Serves, on `metrics_port` (default 9400):
-* the aggregate of every replica's multiprocess files in the directory (`serve.metrics`),
-* NeuronCore metrics from `neuron-monitor` when the binary exists (`serve.neuron_monitor`),
+* the aggregate of every replica's multiprocess files in the directory (`neuronserve.serve.metrics`),
+* NeuronCore metrics from `neuron-monitor` when the binary exists (`neuronserve.serve.neuron_monitor`),
 * a few exporter self-metrics (`neuronserve_exporter_*`).
 
 It also removes the live-gauge files of writers that died, so gauges such as

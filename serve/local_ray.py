@@ -1,22 +1,20 @@
 """Ray and Ray Serve settings for a local server (the Ray `neuronserve serve` starts itself).
 
-Ray Serve 2.55+ can put HAProxy (C) in front of the replicas instead of its Python proxy actor.
-Measured on a 2-core machine (all-MiniLM-L6-v2, one short sentence per request): p50 at c=1 fell
-from 21 ms to 14 ms and throughput at c=32 rose by ~40%, because the Python proxy no longer takes a
-third of a core. So `neuronserve serve` turns it on unless the environment already says otherwise.
+Ray Serve 2.55+ can put HAProxy (C) in front of the replicas instead of its Python proxy actor,
+which takes a large share of a small machine's CPU. `neuronserve serve` turns it on unless the
+environment already says otherwise (docs/decisions.md has the measurements behind each setting).
 
 HAProxy binds two more ports (its stats and its own metrics, 8404 and 9101 by default); they are
 moved to free ports between Ray's worker ports and the ephemeral range so several servers can
 share a machine, and the HAProxy a local Ray started is stopped with it (Ray's shutdown does not
 always reach it).
 
-Two more settings trim what Ray itself spends next to the model (measured on the 2-core machine):
+Two more settings trim what Ray itself spends next to the model:
 - Ray's per-request HTTP metrics behind HAProxy come from a Python actor parsing one HAProxy log
-  line per request (27 ticks of CPU per 10 s at c=32, 8 without). A local server has no Ray
-  dashboard to show them, and neuronserve exports its own request metrics, so they are off.
-- Serve's controller checks its deployments every 0.1 s (38 ticks per 10 s on an idle server);
-  every 0.5 s is enough for one local application (17 ticks). Idle, the whole server took 154
-  ticks per 10 s (7.7% of the machine) before these two settings and 112 after.
+  line per request. A local server has no Ray dashboard to show them, and neuronserve exports its
+  own request metrics, so they are off.
+- Serve's controller checks its deployments every 0.5 s instead of every 0.1 s: enough for one
+  local application.
 """
 
 from __future__ import annotations
@@ -38,10 +36,9 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
 
     A port the OS picks for `bind(0)` comes from the ephemeral range, the same range every outgoing
     connection draws its local port from; Ray opens many, so between picking such a port and
-    HAProxy binding it, one of them can take it ("cannot bind socket (Address already in use)",
-    seen once in a test run here). Ports below that range are never handed out that way. Ports up
-    to RAY_WORKER_PORTS_END are left to Ray, which refuses a port of its own that is in its worker
-    range (a test run here failed when ports were drawn from 10000 up)."""
+    HAProxy binding it, one of them can take it ("cannot bind socket (Address already in use)").
+    Ports below that range are never handed out that way. Ports up to RAY_WORKER_PORTS_END are left
+    to Ray, which refuses a port of its own that is in its worker range."""
     import random
 
     low = 32768
@@ -72,7 +69,7 @@ def local_ray_env(environ: dict | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port_outside_ephemeral_range()),
         # Replicas behind HAProxy linger 30 s after they stop taking traffic (so a cluster's
         # HAProxies stop routing to them first). A local server stops as a whole, and its drain
-        # still waits for every in-flight request, so 2 s is enough (measured: Ctrl-C took 31 s).
+        # still waits for every in-flight request, so 2 s is enough and Ctrl-C returns in seconds.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",

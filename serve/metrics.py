@@ -3,10 +3,10 @@
 Two modes, chosen by the environment when prometheus_client is first imported:
 
 * multiprocess (`PROMETHEUS_MULTIPROC_DIR` set): each replica process writes its values to
-  memory-mapped files in that directory; the per-node exporter (`serve.exporter`) serves the sum.
+  memory-mapped files in that directory; the per-node exporter (`neuronserve.serve.exporter`) serves the sum.
   Counters of processes that died stay in the files, so aggregated counters never go down when a
   replica restarts. Gauges that describe live state use the `livesum` mode and are dropped by the
-  exporter once their process is gone (see `write_heartbeat` and `serve.exporter`).
+  exporter once their process is gone (see `write_heartbeat` and `neuronserve.serve.exporter`).
 * in-process (variable unset): a private registry in this process, for offline tools and tests;
   `exposition()` renders it.
 
@@ -275,9 +275,9 @@ class ServeMetrics:
 
     Cost: the replica holds `cores` of an instance with `cores_per_instance` cores that costs
     `price_per_hour_usd`; one core-second costs price / 3600 / cores_per_instance.
-    `price_per_hour_usd=None` looks the price up in `deploy.pricing` (with `NEURONSERVE_PRICES_JSON`
-    overrides); `cores_per_instance=None` takes the table's cores. If either stays unknown the cost
-    counters are not written and one warning says what to set.
+    `price_per_hour_usd=None` looks the price up in `neuronserve.common.pricing` (with
+    `NEURONSERVE_PRICES_JSON` overrides); `cores_per_instance=None` takes the table's cores. If
+    either stays unknown the cost counters are not written and one warning says what to set.
     """
 
     def __init__(self, model: str, backend: str, cores: int, instance_type: str,

@@ -4,7 +4,7 @@
 with a config that collects every metric group at one common period, so each report carries a
 fresh copy of every group; the execution and ECC counts in a report are per period (not running
 totals), so they are summed into our counters. Everything is exported under `neuronserve_` by
-`NeuronMonitorCollector`, fed from the latest report; `serve.exporter` registers it.
+`NeuronMonitorCollector`, fed from the latest report; `neuronserve.serve.exporter` registers it.
 
 Without the binary (CPU machines, images without aws-neuronx-tools) `start_neuron_monitor` logs one
 info line and returns None.
