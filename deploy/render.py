@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from neuronserve.serve.settings import OPENMP_ENV
+from neuronserve.serve.placement import OPENMP_ENV
 
 # --- fixed names and ports ------------------------------------------------------------------------
 APP_NAME = "neuronserve"

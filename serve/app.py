@@ -33,10 +33,10 @@ from neuronserve.serve.errors import (
     v2_body,
 )
 from neuronserve.serve.costs import make_metrics
-from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs, openmp_env
+from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
+from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger("neuronserve.app")
-DEPLOYMENT_NAME = "NeuronServe"
 
 api = FastAPI(title="neuronserve", docs_url=None, redoc_url=None)
 
@@ -480,92 +480,6 @@ class NeuronServe:
             ]
         payload = {"model_name": self.model_name, "id": body.get("id", ""), "outputs": outputs}
         return Response(dumps(payload), media_type="application/json", headers=headers)
-
-
-CPU_FORWARDS_PER_REPLICA = 4
-
-
-def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
-    """Ray Serve options for `NeuronServe`, derived from the artifact and the cluster, and the
-    arguments the replicas get: on CPU with the layout (`cpu_layout`) filled in."""
-    from neuronserve.models.artifact import load_manifest
-
-    manifest = load_manifest(args.artifacts)
-    neuron = args.backend == "neuron" or (args.backend == "auto" and manifest.target != "cpu")
-    env = {
-        **openmp_env(os.environ),
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    }
-    if args.metrics_dir:
-        env["PROMETHEUS_MULTIPROC_DIR"] = args.metrics_dir
-    if os.environ.get("NEURONSERVE_EXTRA_PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["NEURONSERVE_EXTRA_PYTHONPATH"]
-    if neuron:
-        actor = {"num_cpus": 0, "resources": {"neuron_cores": args.cores_per_replica}}
-        replicas = neuron_replicas(args) if args.num_replicas == "auto" else args.num_replicas
-    else:
-        # A Ray actor with num_cpus=0 would get 1 thread whatever it runs: reserve what it uses.
-        replicas, threads, forwards = cpu_layout(cluster_cpus(), args)
-        args = args.model_copy(update={"num_replicas": replicas, "threads_per_replica": threads,
-                                       "max_concurrent_batches": forwards})
-        actor = {"num_cpus": threads * forwards}
-    actor["runtime_env"] = {"env_vars": env}
-    return {
-        "num_replicas": replicas,
-        "ray_actor_options": actor,
-        "max_ongoing_requests": args.max_ongoing_requests,
-        "user_config": args.user_config(),
-        "graceful_shutdown_timeout_s": args.request_timeout_s + 5,
-        "graceful_shutdown_wait_loop_s": 0.5,
-        "health_check_period_s": 5,
-        "logging_config": {"enable_access_log": args.access_log},
-    }, args
-
-
-def neuron_replicas(args: AppArgs) -> int:
-    """One replica per `cores_per_replica` NeuronCores the cluster has (1 without Ray)."""
-    import ray
-
-    if not ray.is_initialized():
-        return 1
-    return max(1, int(ray.cluster_resources().get("neuron_cores", 0)) // args.cores_per_replica)
-
-
-def cluster_cpus() -> int:
-    """CPUs of the Ray cluster, or of this machine when no Ray is running."""
-    import ray
-
-    if ray.is_initialized():
-        return int(ray.cluster_resources().get("CPU", 1))
-    return os.cpu_count() or 1
-
-
-def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
-    """(replicas, torch threads per forward, concurrent forwards per replica) for the CPU backend,
-    so that replicas x threads x forwards never exceed the cluster's CPUs. What the arguments fix
-    is kept; by default each replica runs up to CPU_FORWARDS_PER_REPLICA single-threaded forwards
-    at once (one per core), with as few replicas as that allows.
-
-    Measured here (2 cores, c=32, mixed workload, two interleaved rounds): one replica running two
-    1-thread forwards served 1.10-1.11x the real tokens/s of two 1-thread replicas, which in turn
-    served 1.3x one replica with a 2-thread forward (a 2-thread forward stalls whenever anything
-    else takes one of its cores). One process also means one copy of the weights and a single
-    queue to batch from."""
-    fixed = args.model_fields_set
-    replicas = args.num_replicas
-    if args.threads_per_replica:
-        threads = args.threads_per_replica
-        forwards = args.max_concurrent_batches
-        if replicas == "auto":
-            replicas = max(1, cpus // (threads * forwards))
-        return replicas, threads, forwards
-    if replicas == "auto":
-        per = args.max_concurrent_batches if "max_concurrent_batches" in fixed else CPU_FORWARDS_PER_REPLICA
-        replicas = max(1, -(-cpus // per))
-    cores = max(1, cpus // replicas)
-    forwards = args.max_concurrent_batches if "max_concurrent_batches" in fixed else cores
-    return replicas, max(1, cores // forwards), forwards
 
 
 def build_app(args: AppArgs):

@@ -9,21 +9,6 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# OpenMP (libgomp, which torch uses) for CPU replicas. A multi-threaded forward needs its worker
-# threads to spin briefly between operators: measured here on a 2-thread 1x20 forward,
-# OMP_WAIT_POLICY=PASSIVE took 17-18 ms (one thread: 11), libgomp's default spin 9-12 ms but idle
-# threads then burnt ~7 ms of CPU after each forward, GOMP_SPINCOUNT=10000 9.4-10 ms with no idle
-# spin measurable. Single-threaded forwards start no OpenMP threads, so this only matters for
-# multi-threaded ones.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
-
-
-def openmp_env(environ) -> dict[str, str]:
-    """OPENMP_ENV, unless `environ` sets OpenMP's waiting itself (then that is kept)."""
-    own = {k: environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ}
-    return own or dict(OPENMP_ENV)
-
-
 BATCHING_KNOBS = ("max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing")
 
 
@@ -63,3 +48,13 @@ class AppArgs(ServeSettings):
 
     def user_config(self) -> dict:
         return {k: getattr(self, k) for k in BATCHING_KNOBS}
+
+
+def __getattr__(name: str):
+    # OPENMP_ENV moved to serve.placement (how replicas run); still importable from here for
+    # scripts written against the old place.
+    if name == "OPENMP_ENV":
+        from neuronserve.serve.placement import OPENMP_ENV
+
+        return OPENMP_ENV
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@ fixed is kept."""
 
 import pytest
 
-from neuronserve.serve.app import CPU_FORWARDS_PER_REPLICA, cpu_layout
+from neuronserve.serve.placement import CPU_FORWARDS_PER_REPLICA, cpu_layout
 from neuronserve.serve.settings import AppArgs
 
 
@@ -66,7 +66,7 @@ def test_replicas_get_a_short_openmp_spin_unless_the_user_set_one(tmp_path, monk
     workers to spin briefly between operators; PASSIVE waiting made them slower than one thread.
     An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT is passed on instead."""
     from neuronserve.serve.app import build_app
-    from neuronserve.serve.settings import OPENMP_ENV
+    from neuronserve.serve.placement import OPENMP_ENV
     from tests.fixtures.manifests import make_artifact
 
     art = str(make_artifact(tmp_path / "art", "cpu"))
