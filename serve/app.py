@@ -170,7 +170,7 @@ class NeuronServe:
             max_concurrent_batches=a.max_concurrent_batches,
             max_queued_rows=a.max_queued_rows,
             on_batch=self._on_batch,
-            costs_s={Bucket.parse(k): v for k, v in self.warmup_s.items()},
+            timings_s={Bucket.parse(k): v for k, v in self.warmup_s.items()},
             run_inline=run_inline,
             pack=self.engine.packing and a.packing,
         )

@@ -17,7 +17,9 @@ BUCKETS = BucketSet(parse_buckets("1x16,2x16,4x16,8x16,1x64,2x64,4x64,8x64"))
 class FakeDevice:
     """Records each batch; blocks each forward until released, so tests control timing."""
 
-    def __init__(self, gated: bool = False, fail: bool = False):
+    def __init__(self, gated: bool = False, fail: bool = False, clock: "FakeClock | None" = None,
+                 forward_s: float = 0.0):
+        self.clock, self.forward_s = clock, forward_s  # each forward moves `clock` on by `forward_s`
         self.calls: list[tuple[Bucket, list[list[int]]]] = []
         self.layouts: list[list[list[int]] | None] = []
         self.threads: list[str] = []
@@ -39,28 +41,43 @@ class FakeDevice:
         self.threads.append(threading.current_thread().name)
         self.started.set()
         assert self.gate.wait(10)
+        if self.clock is not None:
+            self.clock.advance(self.forward_s)
         if self.fail:
             raise RuntimeError("device exploded")
         # Output row = (first token id, length) so each caller can check it got its own row back.
         return np.array([[r[0], len(r)] for r in rows], dtype=np.float32)
 
 
+class FakeClock:
+    """The batcher's clock in tests: time moves only when a test (or a FakeDevice) moves it."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def row(tag: int, length: int) -> list[int]:
     return [tag] + [7] * (length - 1)
 
 
-def linear_costs(overhead_s: float, per_token_s: float) -> dict[Bucket, float]:
+def linear_timings(overhead_s: float, per_token_s: float) -> dict[Bucket, float]:
     return {b: overhead_s + b.padded_tokens * per_token_s for b in BUCKETS}
 
 
 # A device where padding is expensive next to the per-batch overhead: rows stay in their groups.
-PADDING_BOUND = linear_costs(0.001, 1e-4)
+PADDING_BOUND = linear_timings(0.001, 1e-4)
 
 
 def make(device, **kw) -> Batcher:
     kw.setdefault("max_batch_tokens", 512)
-    kw.setdefault("costs_s", PADDING_BOUND)
-    kw.setdefault("learn_costs", False)
+    kw.setdefault("timings_s", PADDING_BOUND)
+    kw.setdefault("learn_timings", False)
     kw.setdefault("inline_max_ms", 0)  # gated devices must not block the event loop
     records = []
     b = Batcher(BUCKETS, device, on_batch=records.append, **kw)
@@ -109,10 +126,10 @@ def test_rows_from_concurrent_requests_coalesce_by_bucket_while_busy():
         assert [r[0].tolist() for r in results] == [[1, 5]] + [[10 + i, 4] for i in range(5)] + [[20 + i, 40] for i in range(3)]
         buckets = [c[0] for c in dev.calls]
         assert buckets[0] == Bucket(1, 16)
-        # The least device time for the 8 queued rows (PADDING_BOUND costs, in ms): 4x16 + 1x16 for
-        # the short rows (7.4 + 2.6; 8x16 would cost 13.8), 2x64 + 1x64 for the long ones (13.8 +
-        # 7.4; 4x64 would cost 26.6), 31.2 in all. Riding the fifth short row in the free slot of
-        # a 4x64 would look cheap for that row but cost 34.0 in all. Oldest rows go first.
+        # The least device time for the 8 queued rows (PADDING_BOUND timings, in ms): 4x16 + 1x16 for
+        # the short rows (7.4 + 2.6; 8x16 would take 13.8), 2x64 + 1x64 for the long ones (13.8 +
+        # 7.4; 4x64 would take 26.6), 31.2 in all. Riding the fifth short row in the free slot of
+        # a 4x64 would look cheap for that row but take 34.0 in all. Oldest rows go first.
         assert [str(bk) for bk in buckets[1:]] == ["4x16", "1x16", "2x64", "1x64"]
         assert sum(PADDING_BOUND[bk] for bk in buckets[1:]) == pytest.approx(0.0312)
         assert [r[0] for r in dev.calls[1][1]] == [10, 11, 12, 13]
@@ -234,12 +251,12 @@ def test_reconfigure_changes_budget_live():
     asyncio.run(main())
 
 
-def run_two_short_two_long(costs_s: dict, **kw) -> list[str]:
+def run_two_short_two_long(timings_s: dict, **kw) -> list[str]:
     """The buckets run for two 4-token and two 40-token rows queued behind a busy device."""
 
     async def main():
         dev = FakeDevice(gated=True)
-        b = make(dev, costs_s=costs_s, **kw)
+        b = make(dev, timings_s=timings_s, **kw)
         blocker = await occupy(b, dev)
         tasks = [asyncio.create_task(b.submit([row(i, 4)])) for i in range(2)]
         tasks += [asyncio.create_task(b.submit([row(10 + i, 40)])) for i in range(2)]
@@ -255,20 +272,20 @@ def run_two_short_two_long(costs_s: dict, **kw) -> list[str]:
 def test_overhead_bound_device_merges_groups_into_one_fuller_batch():
     """Per-batch overhead dominates (small batches on CPU): one padded batch beats two small ones,
     even with the padded tokens charged again."""
-    assert run_two_short_two_long(linear_costs(0.050, 1e-5)) == ["4x64"]
+    assert run_two_short_two_long(linear_timings(0.050, 1e-5)) == ["4x64"]
 
 
 @pytest.mark.parametrize("weight, expected", [(0.0, ["4x64"]), (3.0, ["2x16", "2x64"])])
 def test_padding_weight_keeps_rows_apart_when_a_merge_saves_little(weight, expected):
     """Merging saves 2 ms of device time here for 96 padded tokens: done when only device time
     counts, not when each padded token is charged again at 3x the cheapest time per token."""
-    assert run_two_short_two_long(linear_costs(0.003, 1e-5), padding_weight=weight) == expected
+    assert run_two_short_two_long(linear_timings(0.003, 1e-5), padding_weight=weight) == expected
 
 
 def test_packing_puts_short_rows_of_different_lengths_in_one_sequence():
     """Two 4-token rows and a 40-token row share one 64-token sequence (1x64: 7.4 ms for 48 real
     tokens), the other 40-token row runs next (1x64): 14.8 ms, where the best plan without
-    packing takes 18.0 (2x16 + 2x64), and 2x64 packed with all four costs more per real token."""
+    packing takes 18.0 (2x16 + 2x64), and 2x64 packed with all four takes more per real token."""
     runs = run_two_short_two_long(PADDING_BOUND, pack=True)
     assert runs == ["1x64", "1x64"]
     assert run_two_short_two_long(PADDING_BOUND) == ["2x16", "2x64"]
@@ -326,9 +343,9 @@ def test_packing_pays_the_padding_charge_like_any_merge(weight, expected):
 
     async def main():
         dev = FakeDevice(gated=True)
-        costs = dict(PADDING_BOUND)
-        costs[Bucket(1, 64)] = 0.0040  # 2x16 costs 0.0042
-        b = make(dev, pack=True, costs_s=costs, padding_weight=weight)
+        timings = dict(PADDING_BOUND)
+        timings[Bucket(1, 64)] = 0.0040  # 2x16 takes 0.0042
+        b = make(dev, pack=True, timings_s=timings, padding_weight=weight)
         blocker = await occupy(b, dev)
         tasks = [asyncio.create_task(b.submit([row(10 + i, 12)])) for i in range(2)]
         await wait_until(lambda: b.queued_rows == 2)
@@ -354,29 +371,24 @@ def test_a_lone_row_and_rows_that_fill_their_sequences_never_pack():
     asyncio.run(main())
 
 
-def test_costs_are_learned_from_the_batches_that_run():
-    """A bucket without a cost takes its first timing; later timings scale the whole table, so
+def test_timings_are_learned_from_the_batches_that_run():
+    """A bucket without a timing takes its first one; later timings scale the whole table, so
     absolute estimates follow the served speed while no choice between buckets changes."""
 
     async def main():
-        dev = FakeDevice()
-        costs = {b: c for b, c in PADDING_BOUND.items() if b != Bucket(1, 16)}
-        b = make(dev, learn_costs=True, costs_s=costs)
+        clock = FakeClock()
+        dev = FakeDevice(clock=clock, forward_s=0.002)
+        timings = {b: t for b, t in PADDING_BOUND.items() if b != Bucket(1, 16)}
+        b = make(dev, learn_timings=True, timings_s=timings, clock=clock)
         await b.submit([row(1, 5)])
-        first = b.costs_s[Bucket(1, 16)]
-        assert 0 < first < 0.05 and b.cost_scale == 1.0
-        before = {bk: b.cost_s(bk) for bk in BUCKETS}
-        dev.gate.clear()
-        dev.started.clear()
-        task = asyncio.create_task(b.submit([row(2, 5)]))
-        await wait_until(dev.started.is_set)
-        await asyncio.sleep(0.05)  # this batch is slow: every estimate must rise, by one factor
-        dev.gate.set()
-        await task
-        assert b.costs_s[Bucket(1, 16)] == first  # the table itself is kept
-        assert b.cost_scale > 1.2
+        assert b.timings.measured_s[Bucket(1, 16)] == pytest.approx(0.002) and b.timings.scale == 1.0
+        before = {bk: b.timings.device_s(bk) for bk in BUCKETS}
+        dev.forward_s = 0.05  # this batch is slow: every estimate must rise, by one factor
+        await b.submit([row(2, 5)])
+        assert b.timings.measured_s[Bucket(1, 16)] == pytest.approx(0.002)  # the table itself is kept
+        assert b.timings.scale == pytest.approx(0.9 + 0.1 * 4)  # the ratio 25 clipped to 4
         for bk in BUCKETS:
-            assert b.cost_s(bk) == pytest.approx(before[bk] * b.cost_scale)
+            assert b.timings.device_s(bk) == pytest.approx(before[bk] * b.timings.scale)
 
     asyncio.run(main())
 
@@ -384,10 +396,10 @@ def test_costs_are_learned_from_the_batches_that_run():
 def test_a_lucky_timing_never_pads_rows_to_a_longer_bucket():
     async def main():
         dev = FakeDevice()
-        costs = dict(PADDING_BOUND)
-        costs[Bucket(1, 64)] = 1e-6  # noise: a 1x64 run that looked faster than 1x16
-        b = make(dev, costs_s=costs)
-        assert b.cost_s(Bucket(1, 64)) >= b.cost_s(Bucket(1, 16))  # costs are made monotone
+        timings = dict(PADDING_BOUND)
+        timings[Bucket(1, 64)] = 1e-6  # noise: a 1x64 run that looked faster than 1x16
+        b = make(dev, timings_s=timings)
+        assert b.timings.device_s(Bucket(1, 64)) >= b.timings.device_s(Bucket(1, 16))  # made monotone
         await b.submit([row(1, 5)])
         assert [str(bk) for bk, _ in dev.calls] == ["1x16"]
 
@@ -396,29 +408,30 @@ def test_a_lucky_timing_never_pads_rows_to_a_longer_bucket():
 
 def test_timing_splits_queue_wait_from_device_time():
     async def main():
-        dev = FakeDevice(gated=True)
-        b = make(dev)
+        clock = FakeClock()
+        dev = FakeDevice(gated=True, clock=clock, forward_s=0.001)
+        b = make(dev, clock=clock)
         blocker = await occupy(b, dev)
         timing: dict = {}
         waiting = asyncio.create_task(b.submit([row(1, 5), row(2, 40)], timing))
         await wait_until(lambda: b.queued_rows == 2)
-        await asyncio.sleep(0.05)  # the queued rows wait behind the blocked batch
+        clock.advance(0.05)  # the queued rows wait behind the blocked batch
         dev.gate.set()
         await asyncio.gather(blocker, waiting)
-        assert timing["queue_s"] >= 0.05
-        assert 0 <= timing["inference_s"] < timing["queue_s"]
         # Two rows in two sequence-length groups: the window spans both batches.
         assert len(dev.calls) == 3
-        spans = [r.inference_s for r in b.records[1:]]
-        assert timing["inference_s"] >= max(spans)
+        assert timing["queue_s"] == pytest.approx(0.051)  # the wait, then the blocker's forward
+        assert timing["inference_s"] == pytest.approx(0.002)  # the two batches, one after the other
+        assert [r.inference_s for r in b.records[1:]] == [pytest.approx(0.001)] * 2
+        assert b.records[1].queue_waits_s == [pytest.approx(0.051)]
 
     asyncio.run(main())
 
 
-def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the_forward_thread():
+def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_slow_one_on_the_forward_thread():
     async def main():
         dev = FakeDevice()
-        b = make(dev, inline_max_ms=5)  # 1x16 costs 2.6 ms, 1x64 7.4 ms in PADDING_BOUND
+        b = make(dev, inline_max_ms=5)  # 1x16 takes 2.6 ms, 1x64 7.4 ms in PADDING_BOUND
         loop_thread = threading.current_thread().name
         assert (await b.submit([row(1, 10)]))[0].tolist() == [1, 10]
         assert (await b.submit([row(2, 50)]))[0].tolist() == [2, 50]
@@ -429,81 +442,26 @@ def test_cheap_batch_on_idle_device_runs_on_the_event_loop_and_costly_one_on_the
     asyncio.run(main())
 
 
-def test_batches_on_the_event_loop_run_wide_and_their_timings_leave_the_cost_table_alone():
+def test_batches_on_the_event_loop_run_wide_and_their_timings_leave_the_timing_table_alone():
     """A cheap batch on an idle device runs on the event loop (nothing else can run meanwhile), so
     it goes to `run_inline` (on CPU, all of the replica's cores); batches on the forward threads
-    run narrow, and only their timings scale the cost table."""
+    run narrow, and only their timings scale the timing table."""
 
     async def main():
         wide, narrow = FakeDevice(), FakeDevice()
-        b = make(narrow, max_concurrent_batches=2, run_inline=wide, learn_costs=True, inline_max_ms=5)
+        b = make(narrow, max_concurrent_batches=2, run_inline=wide, learn_timings=True, inline_max_ms=5)
         loop_thread = threading.current_thread().name
         assert (await b.submit([row(1, 10)]))[0].tolist() == [1, 10]  # 1x16: 2.6 ms, cheap
         assert [c[0] for c in wide.calls] == [Bucket(1, 16)] and wide.threads == [loop_thread]
-        assert narrow.calls == [] and b.cost_scale == 1.0
+        assert narrow.calls == [] and b.timings.scale == 1.0
         assert (await b.submit([row(2, 50)]))[0].tolist() == [2, 50]  # 1x64: 7.4 ms, not cheap
         assert [c[0] for c in narrow.calls] == [Bucket(1, 64)] and narrow.threads[0].startswith("forward")
-        assert b.cost_scale != 1.0  # a fake device: far quicker than the table
-        scale = b.cost_scale
+        assert b.timings.scale != 1.0  # a fake device: far quicker than the table
+        scale = b.timings.scale
         assert (await b.submit([row(3, 12)]))[0].tolist() == [3, 12]
-        assert len(wide.calls) == 2 and b.cost_scale == scale
+        assert len(wide.calls) == 2 and b.timings.scale == scale
 
     asyncio.run(main())
-
-
-@pytest.mark.parametrize("weight", [0.0, 3.0])
-def test_cuts_serve_the_queue_in_the_least_device_time(weight):
-    """With nothing new arriving, the batches cut one after another cost exactly the optimum over
-    every way of splitting the queued rows into batches (brute force over set partitions), and
-    each batch holds the oldest row still waiting. The cost is device time plus every padded
-    token (beyond its row's own bucket, or in an empty row) at `weight` x the cheapest time per
-    padded token of the table."""
-    import random
-
-    from neuronserve.serve.batcher import Row
-
-    buckets = BucketSet(parse_buckets(",".join(f"{b}x{s}" for b in (1, 2, 4) for s in (8, 16, 32, 64))))
-
-    def partitions(items):
-        if not items:
-            yield []
-            return
-        first, rest = items[0], items[1:]
-        for p in partitions(rest):
-            yield [[first]] + p
-            for i in range(len(p)):
-                yield p[:i] + [[first] + p[i]] + p[i + 1:]
-
-    rng = random.Random(7)
-    for trial in range(60):
-        costs = {b: rng.uniform(0.5, 1.5) * (0.004 + b.padded_tokens * rng.choice([1e-5, 1e-4])) for b in buckets}
-        b = Batcher(buckets, None, max_batch_tokens=4096, costs_s=costs, learn_costs=False, padding_weight=weight)
-        token_s = min(b.cost_s(k) / k.padded_tokens for k in buckets)
-        lengths = [rng.choice([3, 8, 12, 16, 20, 33, 60]) for _ in range(rng.randint(1, 7))]
-        queued = []
-        for t, n in enumerate(lengths):
-            r = Row([1] * n, None, buckets.seq_len_for(n), enqueued=float(t))
-            b.queues[r.seq_len].append(r)
-            b.queued_rows += 1
-            queued.append(r)
-
-        def cost_of(rows):
-            bucket = buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
-            return b.cost_s(bucket) + weight * token_s * (bucket.padded_tokens - sum(r.seq_len for r in rows))
-
-        best = min(sum(cost_of(p) for p in parts) for parts in partitions(queued)
-                   if all(len(p) <= 4 for p in parts))
-        spent, served = 0.0, []
-        while b.queued_rows:
-            oldest = min((r for r in queued if r not in served), key=lambda r: r.enqueued)
-            cut = b._cut()
-            bucket, rows = cut.bucket, cut.rows
-            assert oldest in rows
-            assert bucket == buckets.bucket_for(len(rows), max(r.seq_len for r in rows))
-            spent += cost_of(rows)
-            served += rows
-        assert sorted(map(id, served)) == sorted(map(id, queued))
-        assert spent == pytest.approx(best), (trial, lengths)
 
 
 def test_a_forward_thread_takes_the_next_batch_without_waiting_for_the_event_loop():
