@@ -9,10 +9,30 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import free_port, start_server
 
 pytestmark = pytest.mark.integration
+
+
+def _queued_rows(metrics_url: str) -> float:
+    """Rows waiting in the replicas' queues, as the server's metrics show them."""
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "neuronserve_queued_rows")
+
+
+def _wait_until_rows_are_queued(metrics_url: str, futures, timeout_s: float = 60) -> None:
+    """Return once the server shows rows of the submitted requests waiting in a replica's queue.
+
+    The queued-rows gauge, not the in-flight one: the latter can still show the warm-up's row
+    until the replica's next once-a-second update."""
+    deadline = time.monotonic() + timeout_s
+    while _queued_rows(metrics_url) == 0:
+        assert not all(f.done() for f in futures), "requests finished before any was seen queued; make them longer"
+        assert time.monotonic() < deadline, f"no rows queued after {timeout_s:.0f} s"
+        time.sleep(0.05)  # polling interval
 
 
 def test_serve_prints_how_to_call_it_exports_metrics_and_drains_on_sigterm(minilm_artifact):
@@ -28,7 +48,7 @@ def test_serve_prints_how_to_call_it_exports_metrics_and_drains_on_sigterm(minil
         texts = [" ".join(["draining keeps every accepted request"] * 45) + f" {i}" for i in range(16)]
         with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16)) as client, cf.ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(client.post, url + "/v1/embeddings", json={"input": texts}) for _ in range(6)]
-            time.sleep(0.5)  # let the requests reach the replica
+            _wait_until_rows_are_queued(f"http://127.0.0.1:{mport}/metrics", futures)
             assert not all(f.done() for f in futures), "requests finished before SIGTERM; make them longer"
             proc.send_signal(signal.SIGTERM)
             responses = [f.result() for f in futures]
