@@ -1,75 +1,32 @@
-"""Bucket planning: which compiled shape serves which rows, and padding rows to that shape.
+"""Compiled buckets: which compiled shape holds which rows, and padding rows to that shape.
 
-Every compiled graph has a fixed ``(batch_size, seq_len)`` (a `Bucket`). A request's rows are
-token-id lists of varying length, so they are grouped by the smallest compiled ``seq_len`` that
-holds them, cut into runs, and each run is padded to the smallest compiled batch size that holds
-it. This module is pure (numpy only, no I/O) so it can be tested exhaustively.
+Every compiled graph has a fixed ``(batch_size, seq_len)`` (a `Bucket`). A row of token ids
+belongs to the smallest compiled ``seq_len`` that holds it, and a batch of rows is padded to the
+smallest compiled batch size that holds them. Which rows run together is `serve.planner`'s
+choice. This module is pure (numpy only, no I/O) so it can be tested exhaustively.
 
 >>> bs = BucketSet([Bucket(1, 32), Bucket(8, 32), Bucket(8, 128)])
->>> [(str(r.bucket), r.rows) for r in bs.plan([10, 100, 20])]
-[('1x32', (0,)), ('8x128', (1,)), ('1x32', (2,))]
-
-Two 1x32 runs pad 64 tokens where one 8x32 run would pad 256: padding decides, not the
-number of forward calls.
+>>> bs.seq_len_for(100), bs.bucket_for(3, 32)
+(128, Bucket(batch_size=8, seq_len=32))
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from neuronserve.models.artifact import Bucket
+from neuronserve.serve.errors import InputTooLong
 
 __all__ = [
     "BucketSet",
-    "Run",
-    "TooLongError",
     "count_tokens",
     "pad_rows",
-    "split_rows",
     "truncate",
     "unpad",
 ]
-
-
-class TooLongError(ValueError):
-    """An input is longer than the largest compiled sequence length.
-
-    >>> e = TooLongError(700, 512)
-    >>> str(e), e.length, e.limit
-    ('input has 700 tokens; largest compiled bucket is 512 tokens', 700, 512)
-    """
-
-    def __init__(self, length: int, limit: int) -> None:
-        self.length = length
-        self.limit = limit
-        super().__init__(f"input has {length} tokens; largest compiled bucket is {limit} tokens")
-
-    def __reduce__(self):  # keep the attributes when pickled (e.g. across Ray workers)
-        return (type(self), (self.length, self.limit))
-
-
-@dataclass(frozen=True)
-class Run:
-    """One forward call: the rows (indices into the planned lengths) padded into `bucket`."""
-
-    bucket: Bucket
-    rows: tuple[int, ...]
-    real_tokens: int
-    padded_tokens: int
-
-    @property
-    def padding_ratio(self) -> float:
-        """Padded over real tokens (1.0 means no padding at all).
-
-        >>> Run(Bucket(2, 8), (0, 1), real_tokens=8, padded_tokens=16).padding_ratio
-        2.0
-        """
-        return self.padded_tokens / self.real_tokens if self.real_tokens else float("inf")
 
 
 def _check_length(length: int, what: str = "input") -> int:
@@ -133,17 +90,17 @@ class BucketSet:
         return self.batch_sizes(seq_len)[-1]
 
     def seq_len_for(self, length: int) -> int:
-        """The smallest compiled seq_len >= `length`; `TooLongError` if there is none."""
+        """The smallest compiled seq_len >= `length`; `InputTooLong` if there is none."""
         n = _check_length(length)
         i = bisect.bisect_left(self.seq_lens, n)
         if i == len(self.seq_lens):
-            raise TooLongError(n, self.max_seq_len)
+            raise InputTooLong(n, self.max_seq_len)
         return self.seq_lens[i]
 
     def bucket_for(self, n_rows: int, seq_len: int) -> Bucket:
         """At exactly `seq_len`: the smallest batch size >= `n_rows`, else the largest.
 
-        When even the largest is too small the caller must split the rows (`plan` does).
+        When even the largest is too small the caller must split the rows (`serve.planner` does).
         """
         if n_rows < 1:
             raise ValueError(f"n_rows is {n_rows}; a bucket holds at least 1 row")
@@ -159,112 +116,12 @@ class BucketSet:
         k = bisect.bisect_right(sizes, max_batch_tokens // seq_len)
         return sizes[: max(k, 1)]
 
-    def plan(self, lengths: Sequence[int], max_batch_tokens: int | None = None) -> list[Run]:
-        """Partition rows (given by their token counts) into runs, one forward call each.
-
-        1. Each row goes to the group of ``seq_len_for(length)``; a row longer than every
-           compiled seq_len raises `TooLongError` before anything is planned.
-        2. Allowed batch sizes at that seq_len are those whose bucket has ``padded_tokens <=
-           max_batch_tokens`` (all of them without a budget). If none fits the budget, only the
-           smallest batch size is allowed: a run still holds at least one row (and up to that
-           smallest batch size, which costs no more tokens than one row in the same bucket).
-        3. A group of ``n`` rows is cut with `split_rows` (see its rule), so padding is never
-           more than cutting runs of the largest allowed size and padding the last one to the
-           smallest fitting bucket.
-        4. Each run's bucket is ``bucket_for(len(rows), seq_len)``.
-
-        Rows keep arrival order: a group is cut into consecutive slices of its rows sorted by
-        index. Runs are returned ordered by their first row index (the oldest work first). The
-        result depends only on the arguments.
-
-        >>> bs = BucketSet([Bucket(1, 16), Bucket(8, 16), Bucket(32, 16)])
-        >>> [(str(r.bucket), r.rows) for r in bs.plan([5] * 9)]
-        [('8x16', (0, 1, 2, 3, 4, 5, 6, 7)), ('1x16', (8,))]
-        >>> [str(r.bucket) for r in bs.plan([5] * 40, max_batch_tokens=128)]
-        ['8x16', '8x16', '8x16', '8x16', '8x16']
-        """
-        if max_batch_tokens is not None and max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens is {max_batch_tokens}; it must be >= 1 (or None for no budget)")
-        lens = [_check_length(n, f"row {i}") for i, n in enumerate(lengths)]
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(lens):
-            groups.setdefault(self.seq_len_for(n), []).append(i)
-
-        runs: list[Run] = []
-        for seq_len, rows in groups.items():
-            start = 0
-            for count in split_rows(len(rows), self.allowed_sizes(seq_len, max_batch_tokens)):
-                chunk = tuple(rows[start : start + count])
-                start += count
-                bucket = self.bucket_for(count, seq_len)
-                runs.append(Run(bucket, chunk, sum(lens[i] for i in chunk), bucket.padded_tokens))
-        runs.sort(key=lambda r: r.rows[0])
-        return runs
-
-
-@functools.lru_cache(maxsize=256)
-def _first_run_table(sizes: tuple[int, ...]) -> tuple[int, ...]:
-    """For each remainder ``r < max(sizes)``: how many rows the next run takes (``r`` = all)."""
-    top = sizes[-1]
-    cost = [0] * top  # padded slots the rule spends on r rows
-    take = [0] * top
-    for r in range(1, top):
-        i = bisect.bisect_left(sizes, r)
-        cost[r], take[r] = sizes[i], r  # one run padded to the smallest fitting size
-        if sizes[i] != r and i > 0:
-            below = sizes[i - 1]
-            split = below + cost[r - below]
-            if split < cost[r]:  # strictly: on a tie one forward call beats two
-                cost[r], take[r] = split, below
-    return tuple(take)
-
-
-def split_rows(n: int, sizes: Sequence[int]) -> list[int]:
-    """Row counts of consecutive runs for `n` rows, given the allowed batch sizes.
-
-    Each run is later padded to the smallest size that holds it.
-
-    The rule: while at least ``max(sizes)`` rows remain, take a full run of that size. For a
-    remainder ``r`` below it, let ``fit`` be the smallest size >= r and ``below`` the largest
-    size < r. Take a full run of ``below`` (then apply the rule to ``r - below``) if that spends
-    strictly fewer padded slots than one run padded to ``fit``; otherwise finish with one run of
-    all ``r`` rows.
-
-    Never worse than the naive cut (full runs of ``max(sizes)``, the remainder padded to ``fit``):
-    both take the same full runs, and by induction on ``r`` the rule spends at most ``fit`` slots on
-    the remainder, because it only departs from the single ``fit`` run when that costs less.
-
-    >>> split_rows(9, [1, 8, 32])
-    [8, 1]
-    >>> split_rows(20, [8, 32])  # runs of 8, 8 and 4 rows: 24 slots instead of 32
-    [8, 8, 4]
-    >>> split_rows(28, [8, 32])
-    [28]
-    >>> split_rows(70, [4, 32])
-    [32, 32, 4, 2]
-    >>> split_rows(0, [4])
-    []
-    """
-    if n < 0:
-        raise ValueError(f"cannot split {n} rows")
-    sizes = tuple(sorted(set(int(s) for s in sizes)))
-    if not sizes or sizes[0] < 1:
-        raise ValueError(f"batch sizes {list(sizes)}: need at least one size >= 1")
-    top = sizes[-1]
-    full, r = divmod(n, top)
-    counts = [top] * full
-    take = _first_run_table(sizes)
-    while r:
-        counts.append(take[r])
-        r -= take[r]
-    return counts
-
 
 def _check_fits(lengths: Sequence[int], bucket: Bucket) -> None:
     if len(lengths) > bucket.batch_size:
         raise ValueError(
             f"{len(lengths)} rows do not fit bucket {bucket} (batch size {bucket.batch_size}); "
-            f"split them into runs with BucketSet.plan"
+            f"split them into batches with serve.planner.plan"
         )
     for i, n in enumerate(lengths):
         _check_length(n, f"row {i}")

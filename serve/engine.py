@@ -1,12 +1,13 @@
 """Engine: texts in, vectors or labels out, through one backend. Synchronous; no Ray, no HTTP.
 
 The serving layer uses the pieces (tokenize, run_bucket, postprocess) so it can batch rows from
-many requests; offline tools use `embed` / `classify`, which plan their own batches.
+many requests; offline tools use `embed` / `classify`, which plan their batches with the same
+planner (`serve.planner.plan`) over `timings`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +18,11 @@ from neuronserve.models.families import graph_inputs
 from neuronserve.models.tasks import normalize_rows, softmax
 from neuronserve.serve.backends.base import Backend, load_backend
 from neuronserve.models.packing import pad_packed
-from neuronserve.serve.buckets import BucketSet, Run, pad_rows, unpad
+from neuronserve.serve.buckets import BucketSet, pad_rows, unpad
+from neuronserve.serve.errors import InputError, InputTooLong
+from neuronserve.serve.planner import Batch, BatchRecord, TimingTable, plan
 
-
-class InputError(ValueError):
-    """A request's input cannot be served as given; the message names the value, limit and fix."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class InputTooLong(InputError):
-    def __init__(self, index: int, tokens: int, limit: int):
-        super().__init__(
-            f"input {index} has {tokens} tokens; the largest compiled bucket is {limit} tokens; "
-            "send shorter text or set truncate=true",
-            param="input",
-        )
-        self.index, self.tokens, self.limit = index, tokens, limit
-
-
-@dataclass
-class BatchStats:
-    bucket: Bucket
-    rows: int
-    real_tokens: int
-    padded_tokens: int
-    seconds: float
+__all__ = ["Engine", "InputError", "InputTooLong"]
 
 
 class Engine:
@@ -55,6 +33,9 @@ class Engine:
         self.manifest: Manifest = load_manifest(self.artifact_dir)
         self.backend: Backend = load_backend(self.artifact_dir, backend, **(backend_options or {}))
         self.buckets = BucketSet(self.manifest.bucket_list())
+        # Device seconds per bucket for planning offline batches: nominal until a caller gives
+        # measured ones (e.g. `TimingTable(engine.buckets, backend warm-up timings)`).
+        self.timings = TimingTable(self.buckets)
         # Truncate as sentence-transformers does, at the model's max_seq_length, unless the largest
         # compiled bucket is shorter.
         self.max_len = min(self.buckets.max_seq_len, self.manifest.model.max_seq_length)
@@ -79,7 +60,7 @@ class Engine:
         if not truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:
-                    raise InputTooLong(i, len(self._tok_full.encode(texts[i]).ids), self.max_len)
+                    raise InputTooLong(len(self._tok_full.encode(texts[i]).ids), self.max_len, index=i)
         return [enc.ids for enc in encodings]
 
     def rows_from_token_ids(self, ids_list: list[list[int]], truncate: bool = True) -> list[list[int]]:
@@ -92,7 +73,7 @@ class Engine:
                 raise InputError(f"input {i}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", "input")
             if len(ids) > room:
                 if not truncate:
-                    raise InputTooLong(i, len(ids) + len(self._prefix) + len(self._suffix), self.max_len)
+                    raise InputTooLong(len(ids) + len(self._prefix) + len(self._suffix), self.max_len, index=i)
                 ids = ids[:room]
             rows.append(self._prefix + list(ids) + self._suffix)
         return rows
@@ -120,7 +101,7 @@ class Engine:
 
     def run_packed(self, bucket: Bucket, rows: list[list[int]], layout: list[list[int]],
                    threads: int | None = None) -> np.ndarray:
-        """Run `rows` packed into `bucket`'s sequences as `layout` says (`serve.buckets.pack_rows`:
+        """Run `rows` packed into `bucket`'s sequences as `layout` says (`models.packing.pack_rows`:
         per sequence, the indices of its rows); returns (len(rows), output_dim) in row order, each
         row as it would be alone."""
         from neuronserve.models.tasks import pool_packed
@@ -131,18 +112,21 @@ class Engine:
         hidden = self.backend.forward_packed(bucket, inputs, threads)  # only the CPU backend packs
         return pool_packed(hidden, inputs[2], len(rows), self.manifest.pooling.mode).numpy()
 
-    def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Run]:
-        return self.buckets.plan([len(r) for r in rows], max_batch_tokens)
+    def plan(self, rows: list[list[int]], max_batch_tokens: int | None = None) -> list[Batch]:
+        """The batches `run_rows` runs: the planner's least-time split of `rows` over `timings`."""
+        return plan([len(r) for r in rows], self.timings, max_batch_tokens=max_batch_tokens)
 
-    def run_rows(self, rows: list[list[int]], max_batch_tokens: int | None = None, stats: list | None = None) -> np.ndarray:
-        import time
-
+    def run_rows(self, rows: list[list[int]], max_batch_tokens: int | None = None,
+                 records: list[BatchRecord] | None = None) -> np.ndarray:
+        """Every row's raw output, in order; `records`, if given, receives one `BatchRecord` per batch."""
         out = np.empty((len(rows), self.output_dim), dtype=np.float32)
-        for run in self.plan(rows, max_batch_tokens):
+        for batch in self.plan(rows, max_batch_tokens):
+            chosen = [rows[i] for i in batch.rows]
             t0 = time.perf_counter()
-            out[list(run.rows)] = self.run_bucket(run.bucket, [rows[i] for i in run.rows])
-            if stats is not None:
-                stats.append(BatchStats(run.bucket, len(run.rows), run.real_tokens, run.padded_tokens, time.perf_counter() - t0))
+            out[list(batch.rows)] = self.run_bucket(batch.bucket, chosen)
+            if records is not None:
+                records.append(BatchRecord(batch.bucket, len(chosen), sum(len(r) for r in chosen),
+                                           batch.bucket.padded_tokens, time.perf_counter() - t0))
         return out
 
     # -- outputs --------------------------------------------------------------------------------

@@ -3,6 +3,40 @@
 from __future__ import annotations
 
 
+class InputError(ValueError):
+    """A request's input cannot be served as given (HTTP 400); the message names the value, limit
+    and fix. Raised below the HTTP layer (engine, buckets), which maps it to `BadRequest`."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class InputTooLong(InputError):
+    """An input has more tokens than the largest compiled bucket (or the model) takes.
+
+    >>> e = InputTooLong(700, 512, index=3)
+    >>> str(e)
+    'input 3 has 700 tokens; the largest compiled bucket is 512 tokens; send shorter text or set truncate=true'
+    >>> str(InputTooLong(700, 512)), e.status
+    ('input has 700 tokens; the largest compiled bucket is 512 tokens; send shorter text or set truncate=true', 400)
+    """
+
+    def __init__(self, tokens: int, limit: int, index: int | None = None):
+        which = "input" if index is None else f"input {index}"
+        super().__init__(
+            f"{which} has {tokens} tokens; the largest compiled bucket is {limit} tokens; "
+            "send shorter text or set truncate=true",
+            param="input",
+        )
+        self.tokens, self.limit, self.index = tokens, limit, index
+
+    def __reduce__(self):  # keep the attributes when pickled (e.g. across Ray workers)
+        return (type(self), (self.tokens, self.limit, self.index))
+
+
 class ServeError(Exception):
     status = 500
     type = "server_error"

@@ -1,4 +1,4 @@
-"""neuronserve.serve.buckets: choosing buckets, planning runs, padding and unpadding."""
+"""neuronserve.serve.buckets: choosing buckets, padding and unpadding (planning: test_planner.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ from hypothesis import strategies as st
 from neuronserve.models.artifact import Bucket
 from neuronserve.serve.buckets import (
     BucketSet,
-    Run,
-    TooLongError,
     count_tokens,
     pad_rows,
-    split_rows,
     truncate,
     unpad,
 )
+from neuronserve.serve.errors import InputError, InputTooLong
 
 GRID = BucketSet([Bucket(b, s) for b in (1, 8, 32) for s in (32, 128, 512)])
 
@@ -68,14 +66,17 @@ def test_seq_len_for_picks_the_smallest_that_holds(length, seq_len):
 
 
 def test_too_long_error_carries_length_limit_and_message():
-    with pytest.raises(TooLongError) as info:
+    with pytest.raises(InputTooLong) as info:
         GRID.seq_len_for(700)
     err = info.value
-    assert isinstance(err, ValueError)
-    assert (err.length, err.limit) == (700, 512)
-    assert str(err) == "input has 700 tokens; largest compiled bucket is 512 tokens"
+    assert isinstance(err, InputError) and isinstance(err, ValueError) and err.status == 400
+    assert (err.tokens, err.limit, err.index) == (700, 512, None)
+    assert str(err) == ("input has 700 tokens; the largest compiled bucket is 512 tokens; "
+                        "send shorter text or set truncate=true")
     again = pickle.loads(pickle.dumps(err))
-    assert (again.length, again.limit, str(again)) == (700, 512, str(err))
+    assert (again.tokens, again.limit, str(again)) == (700, 512, str(err))
+    indexed = pickle.loads(pickle.dumps(InputTooLong(700, 512, index=2)))
+    assert indexed.index == 2 and str(indexed).startswith("input 2 has 700 tokens")
 
 
 @pytest.mark.parametrize("length", [0, -3])
@@ -94,179 +95,6 @@ def test_bucket_for_needs_a_compiled_seq_len_and_a_row():
         GRID.bucket_for(1, 100)
     with pytest.raises(ValueError, match="n_rows is 0"):
         GRID.bucket_for(0, 32)
-
-
-# --- plan: examples --------------------------------------------------------------------------
-
-
-def test_plan_of_nothing_is_empty():
-    assert GRID.plan([]) == []
-
-
-def test_plan_prefers_eight_plus_one_over_thirty_two():
-    runs = GRID.plan([20] * 9)
-    assert [(r.bucket, r.rows) for r in runs] == [
-        (Bucket(8, 32), tuple(range(8))),
-        (Bucket(1, 32), (8,)),
-    ]
-    assert sum(r.padded_tokens for r in runs) == 9 * 32
-
-
-def test_plan_groups_by_seq_len_and_keeps_arrival_order():
-    lengths = [10, 100, 20, 300, 30, 120]
-    runs = GRID.plan(lengths)
-    groups = {}
-    for r in runs:
-        groups.setdefault(r.bucket.seq_len, []).extend(r.rows)
-    assert groups == {32: [0, 2, 4], 128: [1, 5], 512: [3]}
-    assert [r.rows[0] for r in runs] == sorted(r.rows[0] for r in runs)
-
-
-def test_plan_fills_full_runs_then_the_remainder():
-    runs = GRID.plan([5] * 70)
-    assert [len(r.rows) for r in runs] == [32, 32, 1, 1, 1, 1, 1, 1]
-    assert runs[0].rows == tuple(range(32))
-    assert all(r.padded_tokens == r.bucket.padded_tokens for r in runs)
-
-
-def test_plan_counts_tokens():
-    (run,) = BucketSet([Bucket(4, 16)]).plan([3, 5, 7])
-    assert run == Run(Bucket(4, 16), (0, 1, 2), real_tokens=15, padded_tokens=64)
-    assert run.padding_ratio == pytest.approx(64 / 15)
-
-
-def test_plan_respects_the_token_budget():
-    runs = GRID.plan([100] * 40, max_batch_tokens=8 * 128)
-    assert all(r.padded_tokens <= 8 * 128 for r in runs)
-    assert [len(r.rows) for r in runs] == [8] * 5
-
-
-def test_plan_with_a_budget_below_every_bucket_still_serves_each_row():
-    bs = BucketSet([Bucket(4, 128), Bucket(16, 128)])
-    runs = bs.plan([100] * 6, max_batch_tokens=50)
-    assert [r.bucket for r in runs] == [Bucket(4, 128)] * 2
-    assert [r.rows for r in runs] == [(0, 1, 2, 3), (4, 5)]
-
-
-def test_plan_rejects_a_row_that_is_too_long_before_planning():
-    with pytest.raises(TooLongError, match="input has 513 tokens; largest compiled bucket is 512 tokens"):
-        GRID.plan([10, 513])
-
-
-def test_plan_rejects_empty_rows_and_bad_budgets():
-    with pytest.raises(ValueError, match="row 1 has 0 tokens"):
-        GRID.plan([3, 0])
-    with pytest.raises(ValueError, match="max_batch_tokens is 0"):
-        GRID.plan([3], max_batch_tokens=0)
-
-
-def test_padding_ratio_of_a_run_without_tokens_is_infinite():
-    assert Run(Bucket(1, 8), (), 0, 8).padding_ratio == float("inf")
-
-
-# --- plan: properties ------------------------------------------------------------------------
-
-bucket_sets = st.lists(
-    st.builds(Bucket, st.integers(1, 40), st.sampled_from([1, 3, 8, 16, 32, 64, 100, 128, 512])),
-    min_size=1,
-    max_size=8,
-).map(BucketSet)
-
-
-@st.composite
-def plan_inputs(draw):
-    bs = draw(bucket_sets)
-    # compiled seq_lens themselves are drawn often, so groups get big enough to fill batches
-    length = st.integers(1, bs.max_seq_len) | st.sampled_from(bs.seq_lens)
-    lengths = draw(st.lists(length, max_size=150))
-    # budgets near bucket sizes are where the cut changes
-    near_a_bucket = st.builds(lambda b, k: b.seq_len * b.batch_size + k, st.sampled_from(bs.buckets), st.integers(-1, 1))
-    budget = draw(st.none() | st.integers(1, 20_000) | near_a_bucket.filter(lambda t: t >= 1))
-    return bs, lengths, budget
-
-
-def naive_padded_tokens(bs: BucketSet, lengths, budget) -> int:
-    """Group by seq_len, cut runs of the largest allowed batch, pad each to the smallest fitting one."""
-    groups = {}
-    for n in lengths:
-        seq_len = min(s for s in bs.seq_lens if s >= n)
-        groups[seq_len] = groups.get(seq_len, 0) + 1
-    total = 0
-    for seq_len, n in groups.items():
-        sizes = bs.batch_sizes(seq_len)
-        allowed = [b for b in sizes if budget is None or b * seq_len <= budget] or [sizes[0]]
-        cap = max(allowed)
-        while n:
-            take = min(n, cap)
-            total += min(b for b in sizes if b >= take) * seq_len
-            n -= take
-    return total
-
-
-@settings(max_examples=200, deadline=None)
-@given(plan_inputs())
-def test_plan_properties(case):
-    bs, lengths, budget = case
-    runs = bs.plan(lengths, max_batch_tokens=budget)
-
-    # every row is served exactly once
-    served = sorted(i for r in runs for i in r.rows)
-    assert served == list(range(len(lengths)))
-
-    for run in runs:
-        b = run.bucket
-        assert b in bs
-        assert run.rows and list(run.rows) == sorted(run.rows)
-        # the run fits its bucket
-        assert len(run.rows) <= b.batch_size
-        assert all(lengths[i] <= b.seq_len for i in run.rows)
-        # no larger bucket than needed: every row needs this seq_len, no smaller batch holds the run
-        assert all(bs.seq_len_for(lengths[i]) == b.seq_len for i in run.rows)
-        assert not [s for s in bs.batch_sizes(b.seq_len) if len(run.rows) <= s < b.batch_size]
-        # token accounting
-        assert run.real_tokens == sum(lengths[i] for i in run.rows)
-        assert run.padded_tokens == b.padded_tokens
-        assert run.padding_ratio >= 1.0
-        # the budget holds whenever some bucket at that seq_len satisfies it
-        if budget is not None:
-            if bs.batch_sizes(b.seq_len)[0] * b.seq_len <= budget:
-                assert run.padded_tokens <= budget
-            else:
-                assert b.batch_size == bs.batch_sizes(b.seq_len)[0]
-
-    # arrival order within a group, oldest work first overall
-    by_seq = {}
-    for run in runs:
-        by_seq.setdefault(run.bucket.seq_len, []).extend(run.rows)
-    for rows in by_seq.values():
-        assert rows == sorted(rows)
-    assert [r.rows[0] for r in runs] == sorted(r.rows[0] for r in runs)
-
-    # padding never exceeds the naive plan; the plan is deterministic
-    assert sum(r.padded_tokens for r in runs) <= naive_padded_tokens(bs, lengths, budget)
-    assert bs.plan(list(lengths), max_batch_tokens=budget) == runs
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(1, 64), min_size=1, max_size=6), st.integers(0, 400))
-def test_split_rows_covers_the_rows_and_never_pads_more_than_naive(sizes, n):
-    counts = split_rows(n, sizes)
-    top = max(sizes)
-    assert sum(counts) == n
-    assert all(1 <= c <= top for c in counts)
-
-    def slots(c):
-        return min(s for s in sizes if s >= c)
-
-    naive = (n // top) * top + (slots(n % top) if n % top else 0)
-    assert sum(slots(c) for c in counts) <= naive
-
-
-def test_split_rows_rejects_bad_input():
-    with pytest.raises(ValueError, match="-1 rows"):
-        split_rows(-1, [1])
-    with pytest.raises(ValueError, match="batch sizes"):
-        split_rows(3, [])
 
 
 # --- padding ---------------------------------------------------------------------------------
