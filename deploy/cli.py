@@ -41,8 +41,9 @@ def add_subcommand(subparsers) -> None:
     r.add_argument("--target", choices=["cpu", "inf2", "trn1", "trn2"],
                    help="an s3:// artifact's target when no --manifest is given (default buckets assumed)")
     r.add_argument("--max-batch-tokens", type=int, help="padded-token budget per batch (default: largest bucket)")
-    r.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait to fill a batch")
-    r.add_argument("--max-concurrent-batches", type=int, default=2)
+    r.add_argument("--batch-wait-ms", type=float, help="extra wait for a fuller batch (default: the server's, 0)")
+    r.add_argument("--max-concurrent-batches", type=int,
+                   help="batches in flight per replica (default: the server's layout)")
     r.add_argument("--max-queued-rows", type=int, help="rows queued per replica before 429 (default: 8 largest batches)")
     r.add_argument("--price-per-hour-usd", type=float, help="instance price (default: deploy.pricing's table)")
     r.add_argument("--service-account", help="serviceAccountName for the Ray pods (e.g. an IRSA role to read S3)")

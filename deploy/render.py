@@ -1,9 +1,11 @@
 """Render Kubernetes manifests (a KubeRay RayService and its metrics Service) from an artifact.
 
-The artifact manifest decides the sizing: which instance family it runs on (`Manifest.target`), how
-many NeuronCores one replica takes, and how many rows a replica holds in flight (from its largest
-bucket). The instance type decides how many replicas fit on a node and how much CPU and memory a
-pod may take. Everything here is pure: no cluster access, no Ray, no torch.
+The artifact manifest decides which instance family it runs on (`Manifest.target`) and how many
+rows a replica holds in flight (from its largest bucket). The instance type decides how much CPU
+and memory a pod may take. How the deployment itself looks (its name, replica environment,
+`user_config`, defaults, replicas per node, threads and `num_cpus`) is `neuronserve.serve.placement`'s
+decision, the same the local server makes for the same settings on a machine of the pod's CPUs.
+Everything here is pure: no cluster access, no Ray, no torch.
 
 How artifacts reach the pods (a serving pod never compiles):
 
@@ -29,12 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from neuronserve.serve.placement import OPENMP_ENV
+from neuronserve.serve.placement import (
+    DEPLOYMENT_NAME,
+    POD_RESERVED_CPUS,
+    deployment_config,
+    place,
+    replica_env,
+)
+from neuronserve.serve.settings import AppArgs
 
 # --- fixed names and ports ------------------------------------------------------------------------
 APP_NAME = "neuronserve"
-DEPLOYMENT_NAME = "NeuronServe"
 IMPORT_PATH = "neuronserve.serve.app:build_app"
 RAY_VERSION = "2.60.0"
 
@@ -187,16 +196,18 @@ class RenderOptions:
     min_replicas: int | None = None  # default: one node's worth
     max_replicas: int | None = None  # default: two nodes' worth
     cores_per_replica: int | None = None  # Neuron only; default 1
-    threads_per_replica: int | None = None  # CPU: torch threads and num_cpus per replica
+    threads_per_replica: int | None = None  # CPU: torch threads per forward (default: serve.placement)
     name: str = APP_NAME
     namespace: str | None = None
     backend: str = "auto"
     manifest_file: str | None = None  # local manifest.json for an s3:// artifact
     target: str | None = None  # for an s3:// artifact without --manifest
-    max_batch_tokens: int | None = None  # default: the largest bucket's padded tokens
-    batch_wait_ms: float = 2.0
-    max_concurrent_batches: int = 2
-    max_queued_rows: int | None = None  # default: 8 full batches
+    # Batching knobs; None: the server's default (serve.settings), or on CPU its layout's forwards.
+    max_batch_tokens: int | None = None
+    batch_wait_ms: float | None = None
+    max_concurrent_batches: int | None = None
+    max_queued_rows: int | None = None
+    packing: bool | None = None
     price_per_hour_usd: float | None = None  # default: deploy.pricing
     metrics_port: int = METRICS_PORT
     service_account: str | None = None
@@ -214,8 +225,9 @@ class Plan:
     cores_per_pod: int  # NeuronCores the worker pod asks for (0 on CPU)
     pod_cpus: int
     pod_memory_gib: int
-    cpus_per_replica: int
-    threads_per_replica: int
+    cpus_per_replica: int  # Ray num_cpus of one replica (0 on Neuron: placed by its NeuronCores)
+    threads_per_replica: int  # torch threads per forward (0 on Neuron)
+    forwards_per_replica: int  # concurrent batches (max_concurrent_batches)
     min_replicas: int
     max_replicas: int
     min_workers: int
@@ -227,6 +239,7 @@ class Plan:
     pod_artifacts_dir: str
     s3_uri: str | None
     price_per_hour_usd: float | None
+    args: AppArgs  # what build_app gets, placed (serve.placement.place)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -289,44 +302,63 @@ def plan(opts: RenderOptions) -> Plan:
     if neuron and opts.backend == "cpu" or not neuron and opts.backend == "neuron":
         raise RenderError(f"--backend {opts.backend} cannot serve a {facts.target} artifact on {inst.name}")
     pod_cpus, pod_memory = allocatable(inst)
-
+    for flag, value in (("--cores-per-replica", opts.cores_per_replica), ("--threads-per-replica", opts.threads_per_replica),
+                        ("--max-batch-tokens", opts.max_batch_tokens), ("--max-concurrent-batches", opts.max_concurrent_batches),
+                        ("--max-queued-rows", opts.max_queued_rows)):
+        if value is not None and value < 1:
+            raise RenderError(f"{flag} {value}: must be >= 1")
     if neuron:
-        if opts.threads_per_replica is not None and opts.threads_per_replica < 1:
-            raise RenderError(f"--threads-per-replica {opts.threads_per_replica}: must be >= 1")
         cores = 1 if opts.cores_per_replica is None else opts.cores_per_replica
-        if cores < 1:
-            raise RenderError(f"--cores-per-replica {cores}: must be >= 1")
         if cores > inst.neuron_cores:
             raise RenderError(
                 f"--cores-per-replica {cores} is more than the {inst.neuron_cores} NeuronCores of one "
                 f"{inst.name}: use at most {inst.neuron_cores}, or a larger instance type"
             )
-        per_node = inst.neuron_cores // cores
-        cores_per_pod = per_node * cores
-        # One CPU stays with the raylet and the Serve proxy; the rest is split between replicas
-        # (tokenising and batching run on the host).
-        cpus = max(1, (pod_cpus - 1) // per_node)
-        threads = opts.threads_per_replica or cpus
+    elif opts.cores_per_replica is not None:
+        raise RenderError(
+            f"--cores-per-replica is for Neuron instances; {inst.name} is a CPU instance: "
+            "use --threads-per-replica"
+        )
+    price = opts.price_per_hour_usd if opts.price_per_hour_usd is not None else inst.price_per_hour_usd
+    s3 = opts.artifacts if _is_remote(opts.artifacts) else None
+    given = {
+        "artifacts": S3_ARTIFACTS_DIR if s3 else IMAGE_ARTIFACTS_DIR,
+        "backend": opts.backend,
+        "cores_per_replica": opts.cores_per_replica if neuron else None,
+        "threads_per_replica": None if neuron else opts.threads_per_replica,
+        "max_batch_tokens": opts.max_batch_tokens,
+        "batch_wait_ms": opts.batch_wait_ms,
+        "max_concurrent_batches": opts.max_concurrent_batches,
+        "max_queued_rows": opts.max_queued_rows,
+        "packing": opts.packing,
+        "instance_type": inst.name,
+        "price_per_hour_usd": price,
+        "metrics_port": opts.metrics_port,
+        "metrics_dir": METRICS_DIR,
+    }
+    try:  # model_validate: the render machine's NEURONSERVE_* environment does not leak in
+        args = AppArgs.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise RenderError("invalid setting: " + "; ".join(
+            f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())) from None
+    # A pod's replicas get its vCPUs but the ones the raylet and proxy keep; the layout on them is
+    # the local server's (serve.placement.place) on a machine of that many CPUs.
+    replica_cpus = max(1, pod_cpus - POD_RESERVED_CPUS)
+    args = place(args, neuron=neuron, cpus=replica_cpus, neuron_cores=inst.neuron_cores)
+    per_node = args.num_replicas
+    if neuron:
+        cores, cores_per_pod = args.cores_per_replica, per_node * args.cores_per_replica
+        threads = cpus = 0
     else:
-        if opts.cores_per_replica is not None:
-            raise RenderError(
-                f"--cores-per-replica is for Neuron instances; {inst.name} is a CPU instance: "
-                "use --threads-per-replica"
-            )
         cores = cores_per_pod = 0
-        # A CPU replica runs max_concurrent_batches forwards at once, each on `threads` threads.
-        forwards = max(1, opts.max_concurrent_batches)
-        threads = opts.threads_per_replica or max(1, min(4, max(1, pod_cpus - 1)) // forwards)
-        if threads < 1:
-            raise RenderError(f"--threads-per-replica {threads}: must be >= 1")
-        if threads * forwards > pod_cpus - 1 and pod_cpus > 1:
+        threads = args.threads_per_replica
+        cpus = threads * args.max_concurrent_batches
+        if cpus > replica_cpus:
             raise RenderError(
-                f"--threads-per-replica {threads} x --max-concurrent-batches {forwards} does not fit "
-                f"{inst.name}: a pod there gets {pod_cpus} vCPUs, one of which the raylet and proxy keep; "
-                f"use at most {max(1, pod_cpus - 1)} threads in all"
+                f"--threads-per-replica {threads} x --max-concurrent-batches {args.max_concurrent_batches} does not "
+                f"fit {inst.name}: a pod there gets {pod_cpus} vCPUs, {POD_RESERVED_CPUS} of which the raylet and "
+                f"proxy keep; use at most {replica_cpus} threads in all"
             )
-        cpus = threads * forwards
-        per_node = max(1, (pod_cpus - 1) // cpus)
 
     min_r = per_node if opts.min_replicas is None else opts.min_replicas
     max_r = max(min_r, 2 * per_node) if opts.max_replicas is None else opts.max_replicas
@@ -337,24 +369,13 @@ def plan(opts: RenderOptions) -> Plan:
     if min_r > max_r:
         raise RenderError(f"--min-replicas {min_r} is greater than --max-replicas {max_r}: make min <= max")
 
-    max_batch_tokens = opts.max_batch_tokens or facts.max_bucket_tokens
-    if max_batch_tokens < 1:
-        raise RenderError(f"--max-batch-tokens {max_batch_tokens}: must be >= 1")
-    if opts.max_concurrent_batches < 1:
-        raise RenderError(f"--max-concurrent-batches {opts.max_concurrent_batches}: must be >= 1")
-    in_flight = facts.max_batch_rows * opts.max_concurrent_batches
-    max_queued = opts.max_queued_rows if opts.max_queued_rows is not None else 8 * facts.max_batch_rows
-    if max_queued < 1:
-        raise RenderError(f"--max-queued-rows {max_queued}: must be >= 1")
+    in_flight = facts.max_batch_rows * args.max_concurrent_batches
     # Serve's default max_ongoing_requests (5) would starve a batching replica. Admit twice what the
     # replica can batch and queue, so overload reaches the replica and is answered by its own 429
     # (queue full, with Retry-After) instead of piling up unseen in Serve's router.
-    max_ongoing = 2 * (in_flight + max_queued)
+    args = args.model_copy(update={"max_ongoing_requests": 2 * (in_flight + args.max_queued_rows)})
     # Scale out when a replica holds more than its in-flight capacity on average.
     target_ongoing = max(1, in_flight)
-
-    price = opts.price_per_hour_usd if opts.price_per_hour_usd is not None else inst.price_per_hour_usd
-    s3 = opts.artifacts if _is_remote(opts.artifacts) else None
     return Plan(
         instance=inst,
         facts=facts,
@@ -366,69 +387,52 @@ def plan(opts: RenderOptions) -> Plan:
         pod_memory_gib=pod_memory,
         cpus_per_replica=cpus,
         threads_per_replica=threads,
+        forwards_per_replica=args.max_concurrent_batches,
         min_replicas=min_r,
         max_replicas=max_r,
         min_workers=math.ceil(min_r / per_node),
         max_workers=max(1, math.ceil(max_r / per_node)),
-        max_batch_tokens=max_batch_tokens,
-        max_queued_rows=max_queued,
-        max_ongoing_requests=max_ongoing,
+        max_batch_tokens=args.max_batch_tokens,
+        max_queued_rows=args.max_queued_rows,
+        max_ongoing_requests=args.max_ongoing_requests,
         target_ongoing_requests=target_ongoing,
-        pod_artifacts_dir=S3_ARTIFACTS_DIR if s3 else IMAGE_ARTIFACTS_DIR,
+        pod_artifacts_dir=args.artifacts,
         s3_uri=s3,
         price_per_hour_usd=price,
+        args=args,
     )
 
 
 # --- Serve config ---------------------------------------------------------------------------------
+# The placed settings build_app gets (num_replicas is the autoscaler's; the rest is its default).
+APP_ARG_KEYS = (
+    "artifacts", "backend", "cores_per_replica", "threads_per_replica", "max_batch_tokens", "batch_wait_ms",
+    "max_concurrent_batches", "max_queued_rows", "packing", "max_ongoing_requests", "instance_type",
+    "price_per_hour_usd", "metrics_port", "metrics_dir",
+)
+
+
 def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
-    """The typed arguments of `neuronserve.serve.app:build_app` (serve.app.AppArgs)."""
-    return {
-        "artifacts": p.pod_artifacts_dir,
-        "backend": opts.backend,
-        "cores_per_replica": p.cores_per_replica if p.neuron else 1,
-        "threads_per_replica": p.threads_per_replica,
-        "max_batch_tokens": p.max_batch_tokens,
-        "batch_wait_ms": float(opts.batch_wait_ms),
-        "max_queued_rows": p.max_queued_rows,
-        "instance_type": p.instance.name,
-        "price_per_hour_usd": p.price_per_hour_usd,
-        "metrics_port": opts.metrics_port,
-        "metrics_dir": METRICS_DIR,
-    }
+    """The typed arguments of `neuronserve.serve.app:build_app` (serve.settings.AppArgs): the placed
+    settings, so the cluster's build_app lays replicas out as this plan does."""
+    args = p.args.model_dump()
+    return {k: args[k] for k in APP_ARG_KEYS if args[k] is not None}
 
 
 def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
-    """The Serve config (ServeDeploySchema) KubeRay submits to the cluster."""
-    if p.neuron:
-        actor_options: dict[str, Any] = {"num_cpus": p.cpus_per_replica, "resources": {"neuron_cores": p.cores_per_replica}}
-    else:
-        actor_options = {"num_cpus": p.cpus_per_replica}
-    deployment = {
-        "name": DEPLOYMENT_NAME,
-        "max_ongoing_requests": p.max_ongoing_requests,
-        # Live-tunable batching knobs (the replica's reconfigure()); the same values as the args.
-        "user_config": {
-            "max_batch_tokens": p.max_batch_tokens,
-            "batch_wait_ms": float(opts.batch_wait_ms),
-            "max_concurrent_batches": opts.max_concurrent_batches,
-            "max_queued_rows": p.max_queued_rows,
-        },
-        "ray_actor_options": actor_options,
-        "autoscaling_config": {
-            "min_replicas": p.min_replicas,
-            "initial_replicas": max(p.min_replicas, 1),
-            "max_replicas": p.max_replicas,
-            "target_ongoing_requests": p.target_ongoing_requests,
-            # Replicas of compiled models load in tens of seconds and nodes take minutes: react to
-            # load quickly, give capacity back slowly.
-            "upscale_delay_s": 15.0,
-            "downscale_delay_s": 300.0,
-        },
-        # Loading and warming every bucket on a NeuronCore takes a while.
-        "graceful_shutdown_timeout_s": 30.0,
-        "health_check_period_s": 10.0,
-        "health_check_timeout_s": 60.0,
+    """The Serve config (ServeDeploySchema) KubeRay submits to the cluster: the deployment is
+    serve.placement's, with an autoscaling range instead of a fixed replica count."""
+    deployment = deployment_config(p.args, neuron=p.neuron, env=replica_env(p.args, {}))
+    del deployment["num_replicas"]
+    deployment["autoscaling_config"] = {
+        "min_replicas": p.min_replicas,
+        "initial_replicas": max(p.min_replicas, 1),
+        "max_replicas": p.max_replicas,
+        "target_ongoing_requests": p.target_ongoing_requests,
+        # Replicas of compiled models load in tens of seconds and nodes take minutes: react to
+        # load quickly, give capacity back slowly.
+        "upscale_delay_s": 15.0,
+        "downscale_delay_s": 300.0,
     }
     return {
         "proxy_location": "EveryNode",
@@ -438,8 +442,7 @@ def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
                 "args": app_args(p, opts),
-                # Serve's per-request access log costs about 12% throughput (measured).
-                "logging_config": {"enable_access_log": False},
+                "logging_config": {"enable_access_log": p.args.access_log},
                 "deployments": [deployment],
             }
         ],
@@ -544,12 +547,9 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
     env = [
         {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
         {"name": "NEURONSERVE_INSTANCE_TYPE", "value": p.instance.name},
-        # The config's ray_actor_options replace the app's (and its runtime_env), so the replica
-        # environment the app would set is set on the container, which Ray workers inherit.
-        # OpenMP threads spin only briefly between operators (serve.settings.OPENMP_ENV).
-        *({"name": k, "value": v} for k, v in OPENMP_ENV.items()),
-        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        # The replica environment (serve.placement.replica_env) is in the Serve config's runtime_env
+        # too; on the container, every Ray process of the pod has it.
+        *({"name": k, "value": v} for k, v in replica_env(p.args, {}).items() if k != "PROMETHEUS_MULTIPROC_DIR"),
         # Ray Serve's HAProxy ingress and direct replica ingress (Ray >= 2.55), as `neuronserve serve`
         # uses locally: measured there, -7 ms p50 at c=1 and +40% req/s at c=32 on 2 cores.
         {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
@@ -653,7 +653,8 @@ def render_yaml(opts: RenderOptions) -> str:
     header = (
         f"# neuronserve deploy render: {p.instance.name} ({p.instance.target}), "
         f"{p.replicas_per_node} replica(s) per node"
-        + (f" x {p.cores_per_replica} NeuronCore(s)" if p.neuron else f" x {p.threads_per_replica} vCPU(s)")
+        + (f" x {p.cores_per_replica} NeuronCore(s)" if p.neuron else
+           f" x {p.cpus_per_replica} vCPU(s) ({p.forwards_per_replica} concurrent batch(es) x {p.threads_per_replica} thread(s))")
         + f", replicas {p.min_replicas}..{p.max_replicas} on {p.min_workers}..{p.max_workers} node(s)\n"
         f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods"
         + (" (baked into the image)" if not p.s3_uri else " (init container sync)")

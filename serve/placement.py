@@ -15,6 +15,9 @@ from neuronserve.serve.settings import AppArgs
 
 DEPLOYMENT_NAME = "NeuronServe"
 
+# vCPUs of a Kubernetes worker pod kept for the raylet and the Serve proxy; replicas get the rest.
+POD_RESERVED_CPUS = 1
+
 # Why 4: docs/decisions.d/placement.md ("CPU: single-threaded forwards, several per replica").
 CPU_FORWARDS_PER_REPLICA = 4
 
@@ -53,42 +56,90 @@ def replica_env(args: AppArgs, environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
-    """Ray Serve options for `NeuronServe`, derived from the artifact and the cluster, and the
-    arguments the replicas get: on CPU with the layout (`cpu_layout`) filled in."""
-    from neuronserve.models.artifact import load_manifest
+def uses_neuron(args: AppArgs, target: str) -> bool:
+    """Whether replicas run on NeuronCores: `--backend`, or with "auto" the artifact's target.
 
-    manifest = load_manifest(args.artifacts)
-    neuron = args.backend == "neuron" or (args.backend == "auto" and manifest.target != "cpu")
+    >>> uses_neuron(AppArgs(artifacts="a"), "inf2"), uses_neuron(AppArgs(artifacts="a", backend="cpu"), "inf2")
+    (True, False)
+    """
+    return args.backend == "neuron" or (args.backend == "auto" and target != "cpu")
+
+
+def place(args: AppArgs, *, neuron: bool, cpus: int, neuron_cores: int | None = None) -> AppArgs:
+    """`args` with the layout filled in, for a cluster of `cpus` CPUs (and `neuron_cores`
+    NeuronCores, None when unknown): `num_replicas`, and on CPU `threads_per_replica` and
+    `max_concurrent_batches` (`cpu_layout`). Settings the user fixed are kept.
+
+    >>> a = place(AppArgs(artifacts="a"), neuron=False, cpus=2)
+    >>> a.num_replicas, a.threads_per_replica, a.max_concurrent_batches
+    (1, 1, 2)
+    >>> place(AppArgs(artifacts="a", cores_per_replica=2), neuron=True, cpus=4, neuron_cores=24).num_replicas
+    12
+    """
     if neuron:
-        actor = {"num_cpus": 0, "resources": {"neuron_cores": args.cores_per_replica}}
-        replicas = neuron_replicas(args) if args.num_replicas == "auto" else args.num_replicas
+        replicas = args.num_replicas
+        if replicas == "auto":
+            replicas = max(1, neuron_cores // args.cores_per_replica) if neuron_cores else 1
+        return args.model_copy(update={"num_replicas": replicas})
+    replicas, threads, forwards = cpu_layout(cpus, args)
+    return args.model_copy(update={"num_replicas": replicas, "threads_per_replica": threads,
+                                   "max_concurrent_batches": forwards})
+
+
+def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dict:
+    """Ray actor options of one replica of placed `args` (see `place`). A Neuron replica is placed by
+    its NeuronCores and shares the host's CPUs; a CPU replica reserves the CPUs its forwards use
+    (an actor with num_cpus=0 would get 1 thread whatever it runs).
+
+    >>> actor_options(place(AppArgs(artifacts="a"), neuron=False, cpus=8), neuron=False, env={})
+    {'num_cpus': 4, 'runtime_env': {'env_vars': {}}}
+    """
+    if neuron:
+        actor: dict = {"num_cpus": 0, "resources": {"neuron_cores": args.cores_per_replica}}
     else:
-        # A Ray actor with num_cpus=0 would get 1 thread whatever it runs: reserve what it uses.
-        replicas, threads, forwards = cpu_layout(cluster_cpus(), args)
-        args = args.model_copy(update={"num_replicas": replicas, "threads_per_replica": threads,
-                                       "max_concurrent_batches": forwards})
-        actor = {"num_cpus": threads * forwards}
-    actor["runtime_env"] = {"env_vars": replica_env(args, os.environ)}
+        actor = {"num_cpus": args.threads_per_replica * args.max_concurrent_batches}
+    actor["runtime_env"] = {"env_vars": dict(env)}
+    return actor
+
+
+def deployment_config(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dict:
+    """The `NeuronServe` deployment of placed `args`, as Serve config keys (`num_replicas` fixed;
+    `deploy render` replaces it with an autoscaling range)."""
     return {
-        "num_replicas": replicas,
-        "ray_actor_options": actor,
+        "name": DEPLOYMENT_NAME,
+        "num_replicas": args.num_replicas,
         "max_ongoing_requests": args.max_ongoing_requests,
+        # Live-tunable batching knobs (the replica's reconfigure()).
         "user_config": args.user_config(),
+        "ray_actor_options": actor_options(args, neuron=neuron, env=env),
         "graceful_shutdown_timeout_s": args.request_timeout_s + 5,
         "graceful_shutdown_wait_loop_s": 0.5,
-        "health_check_period_s": 5,
+        "health_check_period_s": 5.0,
+        # Loading and warming every bucket on a NeuronCore takes a while.
+        "health_check_timeout_s": 60.0,
         "logging_config": {"enable_access_log": args.access_log},
-    }, args
+    }
 
 
-def neuron_replicas(args: AppArgs) -> int:
-    """One replica per `cores_per_replica` NeuronCores the cluster has (1 without Ray)."""
+def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
+    """Ray Serve options for `NeuronServe` (`Deployment.options`), derived from the artifact and the
+    running cluster, and the arguments the replicas get (`place`)."""
+    from neuronserve.models.artifact import load_manifest
+
+    neuron = uses_neuron(args, load_manifest(args.artifacts).target)
+    args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
+    options = deployment_config(args, neuron=neuron, env=replica_env(args, os.environ))
+    del options["name"]  # the deployment's own (DEPLOYMENT_NAME)
+    return options, args
+
+
+def cluster_neuron_cores() -> int | None:
+    """NeuronCores of the Ray cluster (None when no Ray is running)."""
     import ray
 
     if not ray.is_initialized():
-        return 1
-    return max(1, int(ray.cluster_resources().get("neuron_cores", 0)) // args.cores_per_replica)
+        return None
+    return int(ray.cluster_resources().get("neuron_cores", 0))
 
 
 def cluster_cpus() -> int:
@@ -119,8 +170,10 @@ def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
             replicas = max(1, cpus // (threads * forwards))
         return replicas, threads, forwards
     if replicas == "auto":
-        per = args.max_concurrent_batches if "max_concurrent_batches" in fixed else CPU_FORWARDS_PER_REPLICA
-        replicas = max(1, -(-cpus // per))
+        if "max_concurrent_batches" in fixed:  # whole replicas of that many forwards
+            replicas = max(1, cpus // args.max_concurrent_batches)
+        else:  # each replica's forwards follow its share of cores: the last one may run fewer
+            replicas = max(1, -(-cpus // CPU_FORWARDS_PER_REPLICA))
     cores = max(1, cpus // replicas)
     forwards = args.max_concurrent_batches if "max_concurrent_batches" in fixed else cores
     return replicas, max(1, cores // forwards), forwards

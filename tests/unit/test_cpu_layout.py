@@ -33,6 +33,7 @@ def test_two_cores_run_one_replica_with_two_forwards():
         ({"num_replicas": 2}, 8, (2, 1, 4)),  # replicas given: each gets its share of cores
         ({"num_replicas": 1, "max_concurrent_batches": 2}, 8, (1, 4, 2)),
         ({"max_concurrent_batches": 1}, 4, (4, 1, 1)),  # one forward each: one replica per core
+        ({"max_concurrent_batches": 3}, 14, (4, 1, 3)),  # whole replicas of 3 forwards: 12 of 14 cores
         ({"num_replicas": 3}, 2, (3, 1, 1)),  # more replicas than cores: never below 1 thread
     ],
 )
@@ -81,3 +82,11 @@ def test_replicas_get_a_short_openmp_spin_unless_the_user_set_one(tmp_path, monk
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     env = replica_env()
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+
+
+@pytest.mark.parametrize("cpus", [2, 3, 5, 8, 14, 16])
+@pytest.mark.parametrize("forwards", [1, 2, 3, 4])
+def test_fixed_concurrent_batches_never_oversubscribe(cpus, forwards):
+    replicas, threads, got = cpu_layout(cpus, args(max_concurrent_batches=forwards))
+    assert got == forwards
+    assert replicas * threads * forwards <= cpus or replicas == 1

@@ -10,6 +10,7 @@ import yaml
 
 from neuronserve.deploy import cli as deploy_cli
 from neuronserve.deploy.render import (
+    APP_ARG_KEYS,
     DEPLOYMENT_NAME,
     IMAGE_ARTIFACTS_DIR,
     IMPORT_PATH,
@@ -27,10 +28,6 @@ from neuronserve.deploy.render import (
 from tests.fixtures.k8s_validate import ManifestInvalid, validate_object, validate_serve_config
 from tests.fixtures.manifests import make_artifact
 
-APP_ARG_KEYS = {
-    "artifacts", "backend", "cores_per_replica", "threads_per_replica", "max_batch_tokens", "batch_wait_ms",
-    "max_queued_rows", "instance_type", "price_per_hour_usd", "metrics_port", "metrics_dir",
-}
 CASES = [  # instance type, artifact target
     ("inf2.xlarge", "inf2"),
     ("inf2.8xlarge", "inf2"),
@@ -74,7 +71,8 @@ def test_every_object_validates(artifact, instance_type, target):
     config = validate_serve_config(rs["spec"]["serveConfigV2"])
     (app,) = config["applications"]
     assert app["import_path"] == IMPORT_PATH and app["route_prefix"] == "/"
-    assert set(app["args"]) == APP_ARG_KEYS
+    optional = {"price_per_hour_usd"} | ({"threads_per_replica"} if target != "cpu" else set())  # None: left out
+    assert set(APP_ARG_KEYS) - optional <= set(app["args"]) <= set(APP_ARG_KEYS)
     (dep,) = app["deployments"]
     assert dep["name"] == DEPLOYMENT_NAME
 
@@ -129,9 +127,10 @@ def test_serve_config_sizing_from_artifact(artifact):
     assert app["args"]["cores_per_replica"] == 2
     auto = dep["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"]) == (12, 30)  # 24 cores / 2 per replica
-    # Serve's default of 5 would starve batching: twice in flight (16 rows x 2 batches) + queue.
-    assert dep["max_ongoing_requests"] == 2 * (16 * 2 + app["args"]["max_queued_rows"])
-    assert app["args"]["max_batch_tokens"] == 16 * 128
+    # Serve's default of 5 would starve batching: twice in flight (16 rows x 1 batch) + queue.
+    assert dep["max_ongoing_requests"] == 2 * (16 * 1 + app["args"]["max_queued_rows"])
+    assert app["args"]["max_ongoing_requests"] == dep["max_ongoing_requests"]
+    assert app["args"]["max_batch_tokens"] == 2048  # the server's default
     assert app["args"]["artifacts"] == IMAGE_ARTIFACTS_DIR
     assert app["args"]["instance_type"] == "inf2.48xlarge"
     assert app["args"]["price_per_hour_usd"] == pytest.approx(12.98127)
@@ -154,9 +153,9 @@ def test_cpu_instance_has_no_neuron_anything(artifact):
     assert "neuron" not in text.lower().replace("neuronserve", "")
     rs, _ = split(objs)
     (dep,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["deployments"]
-    # 3 threads for each of the 2 concurrent forwards (the default max_concurrent_batches)
-    assert dep["ray_actor_options"] == {"num_cpus": 6}
-    assert dep["user_config"]["max_concurrent_batches"] == 2
+    # 3 threads for the one forward the server runs when threads are given (max_concurrent_batches 1)
+    assert dep["ray_actor_options"]["num_cpus"] == 3 and "resources" not in dep["ray_actor_options"]
+    assert dep["user_config"]["max_concurrent_batches"] == 1
     pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "tolerations" not in pod and "schedulerName" not in pod
     assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": "c7i.4xlarge"}
@@ -311,3 +310,102 @@ def test_cli_remote_without_sizing(capsys, tmp_path):
 def test_render_error_is_value_error():
     with pytest.raises(RenderError):
         plan(opts("s3://b/a", "inf2.xlarge", target="trn1"))
+
+
+# --- the rendered deployment is the local server's -----------------------------------------------
+LAYOUTS = [  # instance type, artifact target, render options (the same settings the server gets)
+    ("c7i.xlarge", "cpu", {}),
+    ("c7i.4xlarge", "cpu", {}),
+    ("c7i.4xlarge", "cpu", {"threads_per_replica": 2}),
+    ("c7i.4xlarge", "cpu", {"max_concurrent_batches": 3, "batch_wait_ms": 1.5, "packing": False}),
+    ("inf2.48xlarge", "inf2", {"cores_per_replica": 2}),
+    ("inf2.xlarge", "inf2", {}),
+]
+
+
+def _server(monkeypatch, p, args):
+    """What `neuronserve serve` (build_app) deploys for `args` on a machine with the pod's replica
+    CPUs and the instance's NeuronCores, in a clean environment."""
+    from neuronserve.serve import placement
+    from neuronserve.serve.app import build_app
+
+    monkeypatch.setattr(placement, "cluster_cpus", lambda: p.pod_cpus - placement.POD_RESERVED_CPUS)
+    monkeypatch.setattr(placement, "cluster_neuron_cores", lambda: p.instance.neuron_cores)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NEURONSERVE_EXTRA_PYTHONPATH"):
+        monkeypatch.delenv(name, raising=False)
+    return build_app(args)._bound_deployment
+
+
+@pytest.mark.parametrize("instance_type,target,kw", LAYOUTS)
+def test_rendered_deployment_is_what_the_server_builds(artifact, monkeypatch, instance_type, target, kw):
+    """The cluster's build_app, given the rendered args, deploys exactly the rendered deployment
+    (name, user_config, actor options with the replica environment, in-flight cap)."""
+    from neuronserve.serve.settings import AppArgs
+
+    art = artifact(target)
+    o = opts(art, instance_type, **kw)
+    p = plan(o)
+    rs, _ = split(render_objects(o))
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    (dep,) = app["deployments"]
+    server = _server(monkeypatch, p, AppArgs.model_validate({**app["args"], "artifacts": art}))
+    assert dep["name"] == server.name == DEPLOYMENT_NAME
+    assert dep["user_config"] == server.user_config
+    assert dep["ray_actor_options"] == {k: server.ray_actor_options[k] for k in dep["ray_actor_options"]}
+    assert dep["max_ongoing_requests"] == server.max_ongoing_requests
+    assert server.num_replicas == p.replicas_per_node
+    # The pod's container environment carries the same replica environment.
+    env = {e["name"]: e["value"] for e in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    assert dep["ray_actor_options"]["runtime_env"]["env_vars"].items() <= env.items()
+
+
+@pytest.mark.parametrize("instance_type,target,kw", LAYOUTS)
+def test_render_lays_out_replicas_as_the_server_does_for_the_same_settings(artifact, monkeypatch, instance_type, target, kw):
+    """The same settings given to `neuronserve serve` on a machine of the pod's replica CPUs: the
+    same replicas per node, threads, concurrent batches, num_cpus and batching knobs (the server's
+    defaults: batch_wait_ms 0, max_concurrent_batches from its layout, packing on)."""
+    from neuronserve.serve.settings import AppArgs, ServeSettings
+
+    art = artifact(target)
+    p = plan(opts(art, instance_type, **kw))
+    (dep,) = yaml.safe_load(serve_config_text(p, art, instance_type, kw))["applications"][0]["deployments"]
+    server = _server(monkeypatch, p, AppArgs(artifacts=art, **kw))
+    assert server.num_replicas == p.replicas_per_node
+    assert server.ray_actor_options["num_cpus"] == dep["ray_actor_options"]["num_cpus"] == p.cpus_per_replica
+    assert server.ray_actor_options.get("resources") == dep["ray_actor_options"].get("resources")
+    live = {k: v for k, v in server.user_config.items()}
+    assert live == dep["user_config"]
+    assert server.init_args[0]["threads_per_replica"] == (p.threads_per_replica or kw.get("threads_per_replica"))
+    defaults = ServeSettings.model_fields
+    assert dep["user_config"]["batch_wait_ms"] == kw.get("batch_wait_ms", defaults["batch_wait_ms"].default)
+    assert dep["user_config"]["packing"] is kw.get("packing", True)
+
+
+def serve_config_text(p, art, instance_type, kw) -> str:
+    rs, _ = split(render_objects(opts(art, instance_type, **kw)))
+    return rs["spec"]["serveConfigV2"]
+
+
+def test_user_config_is_exactly_the_live_batching_knobs(artifact):
+    """Every rendered user_config key is one the replica's reconfigure() takes, and none is missing."""
+    from types import SimpleNamespace
+
+    from neuronserve.serve.app import NeuronServe
+    from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
+
+    for instance_type, target in (("inf2.xlarge", "inf2"), ("c7i.4xlarge", "cpu")):
+        (dep,) = yaml.safe_load(serve_config_text(None, artifact(target), instance_type, {}))["applications"][0]["deployments"]
+        assert list(dep["user_config"]) == list(BATCHING_KNOBS)
+        replica = SimpleNamespace(args=AppArgs(artifacts="a"), batcher=None)
+        NeuronServe.func_or_class.reconfigure(replica, dep["user_config"])
+        assert replica.args.user_config() == dep["user_config"]
+
+
+def test_header_counts_the_vcpus_a_replica_asks_for(artifact):
+    """c7i.xlarge: the header's vCPUs per replica is the replica's num_cpus."""
+    o = opts(artifact("cpu"), "c7i.xlarge")
+    p = plan(o)
+    header = render_yaml(o).splitlines()[0]
+    assert f"x {p.cpus_per_replica} vCPU(s)" in header
+    (dep,) = yaml.safe_load(serve_config_text(p, o.artifacts, "c7i.xlarge", {}))["applications"][0]["deployments"]
+    assert dep["ray_actor_options"]["num_cpus"] == p.cpus_per_replica
