@@ -199,12 +199,12 @@ class Batcher:
                     if wait_s <= 0:
                         taken = self._take()
                         self._begin(taken)
-                        # A short batch on an idle device runs right here: handing it to the
-                        # forward thread and back costs two thread wake-ups (~1-3 ms on a VM), as
-                        # much as a quarter of a batch-1 forward. Nothing else can run meanwhile,
-                        # so this is only done for batches cheaper than `inline_max_s`, and with
-                        # all of the replica's compute (`run_inline`). Only when nothing else is
-                        # running: a wide batch beside a running one would oversubscribe the cores.
+                        # A short batch on an idle device runs right here, saving two thread
+                        # wake-ups (why: docs/decisions.d/planner.md, "Cheap batches on an idle
+                        # replica"). Nothing else can run meanwhile, so this is only done for
+                        # batches expected within `inline_max_s`, and with all of the replica's
+                        # compute (`run_inline`). Only when nothing else is running: a wide batch
+                        # beside a running one would oversubscribe the cores.
                         inline = (self.inflight_batches == 1
                                   and self.timings.device_s(taken[0].bucket) <= self.inline_max_s)
                 if wait_s > 0:

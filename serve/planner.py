@@ -9,7 +9,7 @@ sorted by their own sequence length, into consecutive batches each padded to its
 bucket, so that the device time to run them all is least, every padded token (beyond a row's own
 bucket, or an empty row) charged again at `padding_weight` times the cheapest device time per
 token. `next_batch` runs only the planned batch holding the oldest row (row 0), or a packed batch
-(`pack`) when that costs less per real token.
+(`pack`) when that takes less time per real token.
 
 >>> from neuronserve.models.artifact import parse_buckets
 >>> buckets = BucketSet(parse_buckets("1x16,2x16,4x16,1x64,2x64,4x64"))
@@ -75,7 +75,7 @@ class BatchRecord:
 class TimingTable:
     """Seconds of device time per compiled bucket, for planning.
 
-    Starts from measured timings (the warm-up's); an unmeasured bucket costs its padded tokens at a
+    Starts from measured timings (the warm-up's); an unmeasured bucket takes its padded tokens at a
     nominal rate until `learn` gives it its first timing. Made monotone (see `_rebuild`), and
     scaled as a whole by what served batches take (see `learn`).
 
@@ -105,7 +105,7 @@ class TimingTable:
         return padding_weight * self._token_s * self.scale
 
     def _rebuild(self) -> None:
-        """Timings made monotone: a bucket never costs less time than a smaller one (fewer rows or
+        """Timings made monotone: a bucket never takes less time than a smaller one (fewer rows or
         shorter rows). Timings are noisy; without this a lucky 1x24 run would make the planner pad
         16-token rows to 24. Unmeasured buckets take their padded tokens at a nominal rate."""
         env: dict[Bucket, float] = {}
@@ -262,7 +262,7 @@ def _charged_s(table: TimingTable, bucket: Bucket, own_tokens: int, pad_s: float
 
 def pack(lengths: Sequence[int], table: TimingTable, *, max_batch_tokens: int | None,
          padding_weight: float = PADDING_WEIGHT) -> tuple[Batch, float] | None:
-    """The packed batch holding the oldest row (row 0) that costs the least time per real token
+    """The packed batch holding the oldest row (row 0) that takes the least time per real token
     (device time plus the padding charge on tokens padded beyond the rows' own buckets), and that
     time per token; None when no packing holds more than that row.
 

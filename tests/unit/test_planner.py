@@ -57,7 +57,7 @@ def brute_force_case(rng: random.Random, weight: float):
 @pytest.mark.parametrize("weight", [0.0, 3.0])
 def test_next_batch_serves_the_queue_in_the_least_time(weight):
     """With nothing new arriving, the batches `next_batch` takes one after another (as the batcher
-    takes them) cost exactly the optimum over every way of splitting the rows into batches (brute
+    takes them) take exactly the optimum over every way of splitting the rows into batches (brute
     force over set partitions), and each holds the oldest row still waiting. The time counted is
     device time plus every padded token (beyond its row's own bucket, or in an empty row) at
     `weight` x the cheapest device time per padded token of the table."""
