@@ -15,22 +15,23 @@ def add_subcommand(subparsers) -> None:
             "the eager fp32 model, and write an artifact directory (manifest.json, tokenizer/, graphs/). "
             "An unchanged compile is a cache hit and returns at once."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--task", default="embed", choices=["embed", "classify"])
-    p.add_argument("--target", default="cpu", choices=["cpu", "inf2", "trn1", "trn2"])
-    p.add_argument("--buckets", help="BATCHxSEQ list, e.g. 1x32,8x32,8x128 (default: a grid sized for the target)")
-    p.add_argument("--batch-sizes", help="grid form: batch sizes, e.g. 1,8,32 (with --seq-lens)")
-    p.add_argument("--seq-lens", help="grid form: sequence lengths, e.g. 32,128,256 (with --batch-sizes)")
-    p.add_argument("--out", type=Path, help="artifact directory (default: the cache, ~/.cache/neuronserve)")
+    p.add_argument("--model", default="default", metavar="DIR|default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
+    p.add_argument("--task", default="embed", choices=["embed", "classify"],
+                   help="embed: one vector per text; classify: labels and scores from a sequence-classification head")
+    p.add_argument("--target", default="cpu", choices=["cpu", "inf2", "trn1", "trn2"],
+                   help="cpu: TorchScript for the CPU backend; inf2/trn1/trn2: neuronx-cc for that NeuronCore generation")
+    p.add_argument("--buckets", metavar="BxS,...", help="BATCHxSEQ list, e.g. 1x32,8x32,8x128 (default: a grid sized for the target)")
+    p.add_argument("--batch-sizes", metavar="N,...", help="grid form: batch sizes, e.g. 1,8,32 (with --seq-lens)")
+    p.add_argument("--seq-lens", metavar="N,...", help="grid form: sequence lengths, e.g. 32,128,256 (with --batch-sizes)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="artifact directory (default: the cache, ~/.cache/neuronserve)")
     p.add_argument("--auto-cast", default="none", choices=["none", "bf16"],
                    help="bf16: Neuron --auto-cast matmult --auto-cast-type bf16; CPU bf16 autocast. Parity is measured.")
     p.add_argument("--optlevel", type=int, default=2, choices=[1, 2, 3], help="neuronx-cc --optlevel (1 compiles fastest)")
     p.add_argument("--compiler-arg", action="append", default=[], dest="extra_compiler_args", metavar="FLAG",
                    help="extra neuronx-cc flag (repeatable)")
-    p.add_argument("--no-packing", dest="packing", action="store_false",
-                   help="CPU embedding artifacts: skip the packed graph (several short rows per sequence)")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU embedding artifacts: also trace the packed graph (several short rows per sequence)")
     p.add_argument("--force", action="store_true", help="recompile even when the cache holds this compile")
     p.set_defaults(func=run)
 

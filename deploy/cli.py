@@ -22,30 +22,27 @@ def add_subcommand(subparsers) -> None:
             "assumed baked into --image at /opt/neuronserve/artifacts (deploy/docker/); an s3:// URI is synced "
             "into each pod by an init container. Apply with `kubectl apply -f`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs, add_flags
+
     r.add_argument("--artifacts", required=True, metavar="DIR|URI",
                    help="local artifact directory (baked into the image) or s3://bucket/prefix")
-    r.add_argument("--instance-type", required=True, help="EC2 instance type of the worker nodes, e.g. inf2.48xlarge")
+    r.add_argument("--instance-type", required=True, metavar="TYPE",
+                   help="EC2 instance type of the worker nodes, e.g. inf2.48xlarge")
     r.add_argument("--image", required=True, help="container image (deploy/docker/Dockerfile.neuron or .cpu)")
-    r.add_argument("--min-replicas", type=int, help="Serve replicas at least (default: one node's worth)")
-    r.add_argument("--max-replicas", type=int, help="Serve replicas at most (default: two nodes' worth)")
-    r.add_argument("--cores-per-replica", type=int, help="NeuronCores per replica (Neuron instances; default 1)")
-    r.add_argument("--threads-per-replica", type=int,
-                   help="CPU threads per replica (CPU: also its num_cpus; default 4)")
     r.add_argument("--name", default="neuronserve", help="RayService name")
     r.add_argument("--namespace", help="metadata.namespace (default: none, use kubectl -n)")
-    r.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"])
     r.add_argument("--manifest", dest="manifest_file", metavar="FILE",
                    help="local copy of an s3:// artifact's manifest.json, to size from it")
     r.add_argument("--target", choices=["cpu", "inf2", "trn1", "trn2"],
                    help="an s3:// artifact's target when no --manifest is given (default buckets assumed)")
-    r.add_argument("--max-batch-tokens", type=int, help="padded-token budget per batch (default: largest bucket)")
-    r.add_argument("--batch-wait-ms", type=float, help="extra wait for a fuller batch (default: the server's, 0)")
-    r.add_argument("--max-concurrent-batches", type=int,
-                   help="batches in flight per replica (default: the server's layout)")
-    r.add_argument("--max-queued-rows", type=int, help="rows queued per replica before 429 (default: 8 largest batches)")
-    r.add_argument("--price-per-hour-usd", type=float, help="instance price (default: deploy.pricing's table)")
+    r.add_argument("--min-replicas", type=int, metavar="N", help="Serve replicas at least (default: one node's worth)")
+    r.add_argument("--max-replicas", type=int, metavar="N", help="Serve replicas at most (default: two nodes' worth)")
+    # The replicas' settings: the same declaration, help and defaults as `neuronserve serve`'s flags
+    # (no environment variables here: a rendering depends on its flags only).
+    add_flags(r.add_argument_group("replicas (as `neuronserve serve` on a machine of the pod's vCPUs but one)"),
+              AppArgs, ["backend", "cores_per_replica", "threads_per_replica", *BATCHING_KNOBS, "price_per_hour_usd"],
+              env=False)
     r.add_argument("--service-account", help="serviceAccountName for the Ray pods (e.g. an IRSA role to read S3)")
     r.add_argument("--aws-cli-image", help="image of the init container that syncs s3:// artifacts")
     r.add_argument("--out", default="-", metavar="FILE|-", help="output file, or - for stdout")
@@ -72,13 +69,14 @@ def run(args) -> int:
         threads_per_replica=args.threads_per_replica,
         name=args.name,
         namespace=args.namespace,
-        backend=args.backend,
+        backend=args.backend or "auto",
         manifest_file=args.manifest_file,
         target=args.target,
         max_batch_tokens=args.max_batch_tokens,
         batch_wait_ms=args.batch_wait_ms,
         max_concurrent_batches=args.max_concurrent_batches,
         max_queued_rows=args.max_queued_rows,
+        packing=args.packing,
         price_per_hour_usd=args.price_per_hour_usd,
         service_account=args.service_account,
         aws_cli_image=args.aws_cli_image or DEFAULT_AWS_CLI_IMAGE,

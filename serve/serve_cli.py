@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
@@ -16,59 +15,48 @@ from neuronserve.common.console import err, fail
 APP_NAME = "neuronserve"
 
 
+# `neuronserve serve`'s flags, in help order, each generated from its setting (serve.settings).
+COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "auto_cast")
+GROUPS = {
+    "what to serve": ("artifacts", "model_name", "backend"),
+    "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
+    "batching (live-tunable through Serve's user_config)": (
+        "max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing"),
+    "requests": ("request_timeout_s", "max_inputs_per_request", "max_body_bytes", "truncate", "max_ongoing_requests",
+                 "access_log"),
+    "metrics and cost": ("metrics_port", "instance_type", "price_per_hour_usd"),
+}
+NOT_FLAGS = {"metrics_dir"}  # the command makes its own
+
+
 def add_subcommand(subparsers) -> None:
+    from neuronserve.serve.settings import AppArgs, ServeCommand, add_flags
+
     p = subparsers.add_parser(
         "serve",
         help="serve an artifact on Ray Serve (default: all-MiniLM-L6-v2 on the CPU backend)",
         description="Serve an artifact over HTTP: OpenAI /v1/embeddings, TEI-style /predict, KServe v2. Starts a "
         "local Ray unless --address names a cluster. With no --artifacts, compiles the default model into "
-        "the cache first. Ctrl-C or SIGTERM drains in-flight requests, then stops.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the cache first. Ctrl-C or SIGTERM drains in-flight requests, then stops. Every flag can also be set "
+        "by the environment variable its help names.",
     )
-    p.add_argument("--artifacts", type=Path, help="artifact directory (default: compile the default model for cpu)")
-    p.add_argument("--auto-cast", default="none", choices=["none", "bf16"], help="precision when compiling the default model")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local Ray)")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"])
-    p.add_argument("--replicas", default="auto", help="replicas, or 'auto': one per NeuronCore group / CPU split")
-    p.add_argument("--cores-per-replica", type=int, default=1, help="NeuronCores per replica")
-    p.add_argument("--threads-per-replica", type=int, default=None, help="CPU backend: torch threads per forward (default: 1, one forward per core)")
-    p.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per batch")
-    p.add_argument("--batch-wait-ms", type=float, default=None, help="extra wait for fuller batches (0: none)")
-    p.add_argument("--max-concurrent-batches", type=int, default=None,
-                   help="batches in flight per replica (default: 1 on Neuron; on CPU one per core of the replica)")
-    p.add_argument("--no-packing", dest="packing", action="store_const", const=False, default=None,
-                   help="never pack several short rows into one sequence (CPU artifacts with a packed graph)")
-    p.add_argument("--max-queued-rows", type=int, default=None, help="queued rows per replica before 429")
-    p.add_argument("--request-timeout-s", type=float, default=None)
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus exporter port (default 9400); 0 disables")
-    p.add_argument("--instance-type", default=None, help="for cost metrics, e.g. inf2.xlarge")
-    p.add_argument("--price-per-hour-usd", type=float, default=None, help="overrides the price table")
-    p.add_argument("--ready-timeout-s", type=float, default=600, help="give up if not ready by then")
+    add_flags(p.add_argument_group("server"), ServeCommand, COMMAND_FLAGS)
+    for title, names in GROUPS.items():
+        add_flags(p.add_argument_group(title), AppArgs, names, aliases={"num_replicas": ["--replicas"]},
+                  defaults={"artifacts": "compile the default model for cpu into the cache"})
     p.set_defaults(func=run)
 
 
-def _app_args(args, artifacts: Path, metrics_dir: str | None):
-    from neuronserve.serve.settings import AppArgs
+def app_flag_names() -> list[str]:
+    return [n for names in GROUPS.values() for n in names]
 
-    values = {
-        "artifacts": str(artifacts),
-        "backend": args.backend,
-        "num_replicas": args.replicas if args.replicas == "auto" else int(args.replicas),
-        "cores_per_replica": args.cores_per_replica,
-        "threads_per_replica": args.threads_per_replica,
-        "max_batch_tokens": args.max_batch_tokens,
-        "batch_wait_ms": args.batch_wait_ms,
-        "max_concurrent_batches": args.max_concurrent_batches,
-        "max_queued_rows": args.max_queued_rows,
-        "packing": args.packing,
-        "request_timeout_s": args.request_timeout_s,
-        "metrics_port": args.metrics_port,
-        "instance_type": args.instance_type,
-        "price_per_hour_usd": args.price_per_hour_usd,
-        "metrics_dir": metrics_dir,
-    }
+
+def _app_args(args, artifacts: Path, metrics_dir: str | None):
+    """The application's settings: the flags given, else the environment, else the defaults."""
+    from neuronserve.serve.settings import AppArgs, given
+
+    values = given(args, app_flag_names())
+    values.update(artifacts=str(artifacts), metrics_dir=metrics_dir)
     return AppArgs(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -126,28 +114,37 @@ def replica_count() -> int:
         return 1
 
 
+def _invalid(e) -> str:
+    from neuronserve.serve.settings import env_name
+
+    return "invalid setting: " + "; ".join(
+        f"--{'.'.join(map(str, x['loc'])).replace('_', '-')} (or {env_name(str(x['loc'][0]))}): {x['msg']}"
+        for x in e.errors())
+
+
 def run(args) -> int:
-    if args.replicas != "auto" and not str(args.replicas).isdigit():
-        return fail(f"--replicas must be a number or 'auto', got {args.replicas!r}", code=2)
     from pydantic import ValidationError
 
     from neuronserve.compile.compiler import CompileError
     from neuronserve.models.artifact import ArtifactError, load_manifest
     from neuronserve.models.loading import ModelError
+    from neuronserve.serve.settings import ServeCommand, given
 
     try:
-        artifacts = args.artifacts or _default_artifacts(args.auto_cast)
+        command = ServeCommand(**given(args, COMMAND_FLAGS))
+        probe = _app_args(args, Path("."), None)  # settings checked before any compile
+    except ValidationError as e:
+        return fail(_invalid(e), code=2)
+    try:
+        artifacts = Path(args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast))
         manifest = load_manifest(artifacts)
     except (ArtifactError, CompileError, ModelError) as e:
         return fail(str(e))
     metrics_dir = None
     exporter = None
-    if args.metrics_port != 0:
+    if probe.metrics_port != 0:
         metrics_dir = tempfile.mkdtemp(prefix="neuronserve-metrics-")
-    try:
-        app_args = _app_args(args, artifacts.resolve(), metrics_dir)
-    except ValidationError as e:
-        return fail("invalid setting: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()), code=2)
+    app_args = _app_args(args, artifacts.resolve(), metrics_dir)
 
     stop = threading.Event()
 
@@ -161,8 +158,8 @@ def run(args) -> int:
     node_id = None
     try:
         if metrics_dir:
-            exporter = _start_exporter(metrics_dir, app_args.metrics_port, args.host)
-        address = args.address or os.environ.get("RAY_ADDRESS")
+            exporter = _start_exporter(metrics_dir, app_args.metrics_port, command.host)
+        address = command.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
@@ -174,14 +171,14 @@ def run(args) -> int:
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
+        serve.start(http_options={"host": command.host, "port": command.port}, logging_config={"log_level": "WARNING"})
         app = build_app(app_args)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://{args.host}:{args.port}"
-        if not wait_ready(url, args.ready_timeout_s, stop, replica_count()):
+        url = f"http://{command.host}:{command.port}"
+        if not wait_ready(url, command.ready_timeout_s, stop, replica_count()):
             if stop.is_set():
                 return 130
-            return fail(f"the server did not become ready within {args.ready_timeout_s:g} s; see the replica logs above")
+            return fail(f"the server did not become ready within {command.ready_timeout_s:g} s; see the replica logs above")
         _print_banner(url, manifest, exporter, app_args)
         stop.wait()
         err("draining: finishing in-flight requests, accepting no new ones ...")

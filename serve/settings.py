@@ -4,51 +4,166 @@ application args; the batching knobs also live-update through Serve's `user_conf
 
 from __future__ import annotations
 
+import argparse
+import types
+import typing
+from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ENV_PREFIX = "NEURONSERVE_"
 BATCHING_KNOBS = ("max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing")
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NEURONSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     # batching (user_config keys)
     max_batch_tokens: int = Field(2048, ge=1, description="padded-token budget of one batch")
     batch_wait_ms: float = Field(0.0, ge=0, le=10_000, description="extra wait for a fuller batch; 0 dispatches as soon as the device is idle")
-    max_concurrent_batches: int = Field(1, ge=1, le=64, description="batches in flight per replica")
+    max_concurrent_batches: int = Field(1, ge=1, le=64, description="batches in flight per replica",
+                                        json_schema_extra={"default_help": "1 on Neuron; on CPU the layout's, one per core of the replica"})
     max_queued_rows: int = Field(2048, ge=1, description="rows waiting per replica before 429")
-    packing: bool = Field(True, description="pack several short rows per sequence when the artifact has a packed graph (CPU)")
+    packing: bool = Field(True, description="on CPU, pack several short rows per sequence when the artifact has a packed graph")
     # requests
     request_timeout_s: float = Field(30.0, gt=0, description="per request, queue + inference")
-    max_inputs_per_request: int = Field(256, ge=1)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    truncate: bool = Field(True, description="default for requests that do not say")
+    max_inputs_per_request: int = Field(256, ge=1, description="texts one request may carry")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    truncate: bool = Field(True, description="truncate inputs longer than the largest bucket, for requests that do not say")
     # placement
-    threads_per_replica: int | None = Field(None, ge=1, description="CPU backend torch threads per forward (default: cores / replicas / forwards)")
+    threads_per_replica: int | None = Field(None, ge=1, description="CPU backend: torch threads per forward; a replica reserves threads x concurrent batches CPUs",
+                                            json_schema_extra={"default_help": "cores / replicas / concurrent batches, usually 1"})
     # metrics and cost
-    metrics_port: int = Field(9400, ge=0, le=65535, description="0: no exporter")
-    instance_type: str | None = None
-    price_per_hour_usd: float | None = Field(None, ge=0)
+    metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus exporter port; 0: no exporter")
+    instance_type: str | None = Field(None, description="instance type for cost metrics, e.g. inf2.xlarge",
+                                      json_schema_extra={"default_help": "detected from EC2 instance metadata"})
+    price_per_hour_usd: float | None = Field(None, ge=0, description="instance price for cost metrics",
+                                             json_schema_extra={"default_help": "the price table's, for the instance type"})
 
 
 class AppArgs(ServeSettings):
     """Typed arguments of the Ray Serve application builder `neuronserve.serve.app:build_app`."""
 
-    artifacts: str
-    backend: Literal["auto", "cpu", "neuron"] = "auto"
-    model_name: str | None = Field(None, description="served name (default: the artifact's model name)")
-    num_replicas: int | Literal["auto"] = "auto"
-    cores_per_replica: int = Field(1, ge=1, description="NeuronCores per replica (Neuron backend)")
+    artifacts: str = Field(description="artifact directory from `neuronserve compile`", json_schema_extra={"metavar": "DIR"})
+    backend: Literal["auto", "cpu", "neuron"] = Field("auto", description="where replicas run; auto: the artifact's target")
+    model_name: str | None = Field(None, description="served model name",
+                                   json_schema_extra={"default_help": "the artifact's model name"})
+    num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
+    cores_per_replica: int = Field(1, ge=1, description="Neuron backend: NeuronCores per replica")
     max_ongoing_requests: int = Field(1024, ge=1, description="Ray Serve per-replica cap; the replica queues itself")
     metrics_dir: str | None = Field(None, description="PROMETHEUS_MULTIPROC_DIR shared by this node's replicas")
-    access_log: bool = Field(False, description="Ray Serve per-request access log (costs ~12% throughput)")
+    access_log: bool = Field(False, description="Ray Serve per-request access log (costs throughput)")
 
     def user_config(self) -> dict:
         return {k: getattr(self, k) for k in BATCHING_KNOBS}
 
+
+class ServeCommand(BaseSettings):
+    """Settings of the `neuronserve serve` process itself (not its replicas')."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    address: str | None = Field(None, description="Ray cluster address to join",
+                                json_schema_extra={"default_help": "$RAY_ADDRESS, else start a local Ray"})
+    auto_cast: Literal["none", "bf16"] = Field("none", description="precision when compiling the default model (no --artifacts)")
+    ready_timeout_s: float = Field(600.0, gt=0, description="give up if the replicas are not ready by then")
+
+
+# --- command-line flags from the declaration ------------------------------------------------------
+def env_name(field: str) -> str:
+    """The environment variable of a setting.
+
+    >>> env_name("max_batch_tokens")
+    'NEURONSERVE_MAX_BATCH_TOKENS'
+    """
+    return ENV_PREFIX + field.upper()
+
+
+def flag_help(model: type[BaseModel], name: str, *, env: bool = True, default: str | None = None) -> str:
+    """A setting's help: its description, its true default and its environment variable.
+
+    >>> flag_help(ServeSettings, "max_batch_tokens")
+    'padded-token budget of one batch (default: 2048; env NEURONSERVE_MAX_BATCH_TOKENS)'
+    """
+    field = model.model_fields[name]
+    if not field.description:
+        raise ValueError(f"{model.__name__}.{name} has no description: it is its flag's help")
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    default = default or extra.get("default_help")
+    if default is None and field.default is not PydanticUndefined and field.default is not None:
+        default = str(field.default).lower() if isinstance(field.default, bool) else f"{field.default:g}" if isinstance(field.default, float) else str(field.default)
+    notes = [f"default: {default}"] if default is not None else []
+    if env:
+        notes.append(f"env {env_name(name)}")
+    return field.description.replace("%", "%%") + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _flag_type(annotation) -> tuple[type | None, list | None]:
+    """(argparse type, choices) for a field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return None, list(typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if len(args) == 1:
+            return _flag_type(args[0])
+        if int in args and any(typing.get_origin(a) is Literal for a in args):  # e.g. int | "auto"
+            words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+            return _int_or(words), None
+    return annotation, None
+
+
+def _int_or(words: list[str]):
+    def parse(value: str):
+        if value in words:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {' or '.join(map(repr, words))}, got {value!r}") from None
+
+    parse.__name__ = "|".join(["N", *words])
+    return parse
+
+
+def add_flags(parser, model: type[BaseModel], names: Iterable[str] | None = None, *, env: bool = True,
+              aliases: dict[str, list[str]] | None = None, defaults: dict[str, str] | None = None) -> list[str]:
+    """Add one flag per setting of `model` (all, or `names`): `--max-batch-tokens` for
+    `max_batch_tokens`, booleans as `--x/--no-x`. Each flag's argparse default is None (unset: the
+    environment variable, then the declared default, apply); its help says the declared default and,
+    with `env`, the variable (`defaults` overrides what help says of a default). Returns the
+    settings' names (each flag's `dest`).
+
+    >>> p = argparse.ArgumentParser()
+    >>> add_flags(p, ServeSettings, ["packing", "max_batch_tokens"])
+    ['packing', 'max_batch_tokens']
+    >>> p.parse_args(["--no-packing"])
+    Namespace(packing=False, max_batch_tokens=None)
+    """
+    names = list(model.model_fields) if names is None else list(names)
+    for name in names:
+        field = model.model_fields[name]
+        flags = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
+        text = flag_help(model, name, env=env, default=(defaults or {}).get(name))
+        kind, choices = _flag_type(field.annotation)
+        if kind is bool:
+            action = parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            action.help = text  # BooleanOptionalAction appends "(default: None)" before Python 3.13
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        metavar = extra.get("metavar") or (None if choices else getattr(kind, "__name__", "") if kind not in (int, float, str)
+                                           else "N" if kind in (int, float) else name.split("_")[-1].upper())
+        parser.add_argument(*flags, dest=name, type=kind, choices=choices, default=None, help=text, metavar=metavar)
+    return names
+
+
+def given(namespace: argparse.Namespace, names: Iterable[str]) -> dict:
+    """The settings a command line set (flags left out are None)."""
+    return {k: getattr(namespace, k) for k in names if getattr(namespace, k, None) is not None}
 
 def __getattr__(name: str):
     # OPENMP_ENV moved to serve.placement (how replicas run); still importable from here for
