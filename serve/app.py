@@ -36,7 +36,7 @@ from neuronserve.serve.costs import make_metrics
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
-log = logging.getLogger("neuronserve.app")
+log = logging.getLogger(__name__)
 
 api = FastAPI(title="neuronserve", docs_url=None, redoc_url=None)
 

@@ -42,7 +42,7 @@ from neuronserve.serve.planner import PADDING_WEIGHT, Batch, BatchRecord, Timing
 
 __all__ = ["Batcher", "BatchRecord", "Row"]
 
-log = logging.getLogger("neuronserve.batcher")
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
