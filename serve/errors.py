@@ -1,4 +1,5 @@
-"""Errors that carry their HTTP status. One handler per route family maps them to a body."""
+"""Errors that carry their HTTP status. One handler (`serve.app`) maps them to a response, with
+the body in the route's protocol (`error_body` of `serve.protocols.openai`, `.tei`, `.kserve`)."""
 
 from __future__ import annotations
 
@@ -84,15 +85,3 @@ class BackendFailure(ServeError):
     """Never carries the underlying exception text to the client: it is logged instead."""
 
     status, type = 500, "server_error"
-
-
-def openai_body(e: ServeError) -> dict:
-    return {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}
-
-
-def v2_body(e: ServeError) -> dict:
-    return {"error": e.message}
-
-
-def tei_body(e: ServeError) -> dict:
-    return {"error": e.message, "error_type": e.type}

@@ -20,8 +20,16 @@ class BackendError(Exception):
 
 @runtime_checkable
 class Backend(Protocol):
-    kind: str  # "cpu" or "neuron"
+    """What the serving layer may ask of any backend; what one can do is declared here (`threads`,
+    `packing`, `warmup(forwards)`), so callers never branch on `kind`."""
+
+    kind: str  # "cpu" or "neuron": a label (metrics, model metadata), not a capability
     manifest: Manifest
+    # Host threads one forward runs on (CPU), None when a device runs it (Neuron). With threads, a
+    # forward may be asked to run wider (`forward(..., threads=n)`, through `Engine.run_batch`).
+    threads: int | None
+    # Whether batches may pack several rows per sequence (`forward_packed`).
+    packing: bool
 
     def forward(self, bucket: Bucket, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Run the graph compiled for `bucket`.
@@ -33,8 +41,10 @@ class Backend(Protocol):
         """
         ...
 
-    def warmup(self) -> dict[str, float]:
-        """Run every bucket once; returns seconds per bucket (keyed by str(bucket))."""
+    def warmup(self, forwards: int = 1) -> dict[str, float]:
+        """Run every bucket once; returns seconds per bucket (keyed by str(bucket)), the batcher's
+        cost table. `forwards`: how many forwards the replica runs at once, so the timings are
+        taken as they will run (a backend whose device runs one graph at a time runs them in turn)."""
         ...
 
     def health(self) -> dict:

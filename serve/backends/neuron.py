@@ -58,6 +58,8 @@ class NeuronBackend:
     """Backend over an artifact compiled for inf2/trn1/trn2 with torch-neuronx."""
 
     kind = "neuron"
+    threads = None  # the NeuronCores run the forward, not host threads
+    packing = False  # no packed graph is compiled for Neuron
 
     def __init__(
         self,
@@ -159,7 +161,8 @@ class NeuronBackend:
             )
         return out.to(device="cpu", dtype=torch.float32)
 
-    def warmup(self) -> dict[str, float]:
+    def warmup(self, forwards: int = 1) -> dict[str, float]:
+        """Every bucket in turn, whatever `forwards`: the replica's cores run one graph at a time."""
         seconds: dict[str, float] = {}
         for bucket in self.buckets():
             inputs = _pad_inputs(self.manifest, bucket)

@@ -1,0 +1,124 @@
+"""The composition root of a replica: its engine, batcher and metrics, built from its settings.
+
+The HTTP layer (`serve.app`) asks for a `Replica` and calls it; nothing here knows HTTP or Ray.
+What a backend can do (threads, packing, spread warm-up) comes from the `Backend` protocol.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+
+from neuronserve.serve.batcher import Batcher
+from neuronserve.serve.engine import Engine
+from neuronserve.serve.metrics import ServeMetrics
+from neuronserve.serve.protocols.common import Limits
+from neuronserve.serve.settings import AppArgs
+
+log = logging.getLogger(__name__)
+NEURON_FAMILIES = ("inf2", "trn1", "trn2")
+
+
+@dataclass
+class Replica:
+    """What one replica serves with. `batcher` is set by `build_replica` right after construction."""
+
+    args: AppArgs
+    engine: Engine
+    metrics: ServeMetrics
+    model_name: str
+    warmup_s: dict[str, float]
+    batcher: Batcher = field(init=False)
+    limits: Limits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = limits_of(self.args, self.model_name, self.engine.task)
+
+    def on_batch(self, record) -> None:
+        """The batcher's report of each batch: metrics and queue depth."""
+        self.metrics.batch(str(record.bucket), record.rows, record.real_tokens, record.padded_tokens,
+                           record.inference_s, record.queue_waits_s, record.packed)
+        self.metrics.set_queue(self.batcher.queued_rows, self.batcher.inflight_rows)
+
+    def tick(self) -> None:
+        """Once a second: accrue allocated cost and publish queue depth."""
+        self.metrics.tick()
+        self.metrics.set_queue(self.batcher.queued_rows, self.batcher.inflight_rows)
+
+    def configure(self, args: AppArgs) -> None:
+        """New settings (Serve user_config): the batching knobs change live."""
+        self.args = args
+        self.limits = limits_of(args, self.model_name, self.engine.task)
+        self.batcher.configure(args.max_batch_tokens, args.batch_wait_ms, args.max_concurrent_batches,
+                               args.max_queued_rows, pack=self.engine.packing and args.packing)
+
+
+def limits_of(args: AppArgs, model_name: str, task: str) -> Limits:
+    return Limits(model_name, task, args.max_inputs_per_request, args.truncate)
+
+
+def backend_options(kind: str, args: AppArgs) -> dict:
+    """Constructor options of the backend `kind` from the settings.
+
+    >>> backend_options("cpu", AppArgs(artifacts="a", threads_per_replica=2))
+    {'threads': 2}
+    >>> backend_options("neuron", AppArgs(artifacts="a", instance_type="inf2.xlarge"))
+    {'expected_target': 'inf2'}
+    """
+    if kind == "cpu":
+        return {"threads": args.threads_per_replica}  # the CPU backend sets its torch threads
+    family = args.instance_type.split(".")[0] if args.instance_type else None
+    return {"expected_target": family} if family in NEURON_FAMILIES else {}  # refuse an inf2 artifact on trn1
+
+
+def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics:
+    """ServeMetrics for this replica. Price and cores per instance come from `common.pricing`
+    (settings and NEURONSERVE_PRICES_JSON override it); without an instance type, cost is off."""
+    from neuronserve.common.pricing import detect_instance_type
+
+    backend = engine.backend
+    if backend.threads is None:  # a device: the replica holds its NeuronCores
+        cores = args.cores_per_replica
+    else:  # each of the replica's concurrent forwards runs on its own threads
+        cores = (args.threads_per_replica or os.cpu_count() or 1) * args.max_concurrent_batches
+    instance_type = args.instance_type or detect_instance_type()
+    return ServeMetrics(model_name, backend.kind, cores, instance_type or "unknown", args.price_per_hour_usd, None)
+
+
+def build_replica(args: AppArgs) -> Replica:
+    """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
+    to minutes; run it off the event loop)."""
+    from neuronserve.models.artifact import Bucket, load_manifest
+
+    kind = args.backend
+    if kind == "auto":
+        kind = "cpu" if load_manifest(args.artifacts).target == "cpu" else "neuron"
+    engine = Engine(args.artifacts, kind, backend_options=backend_options(kind, args))
+    backend = engine.backend
+    model_name = args.model_name or engine.model_name
+    metrics = make_metrics(args, model_name, engine)
+    forwards = args.max_concurrent_batches
+    # Warmed up spread over the replica's concurrent forwards, as they run when serving.
+    warmup_s = backend.warmup(forwards=forwards)
+    run_inline = None
+    if backend.threads is not None and forwards > 1:
+        # The batches the batcher runs on its event loop (cheap ones on an idle replica; nothing
+        # runs beside them) use all of the replica's CPUs (threads x concurrent forwards, what Ray
+        # reserved): a lone request's forward is faster wide (docs/decisions.d/http.md).
+        run_inline = functools.partial(engine.run_batch, threads=backend.threads * forwards)
+    replica = Replica(args, engine, metrics, model_name, warmup_s)
+    replica.batcher = Batcher(
+        engine.buckets,
+        engine.run_batch,
+        max_batch_tokens=args.max_batch_tokens,
+        batch_wait_ms=args.batch_wait_ms,
+        max_concurrent_batches=forwards,
+        max_queued_rows=args.max_queued_rows,
+        on_batch=replica.on_batch,
+        timings_s={Bucket.parse(k): v for k, v in warmup_s.items()},
+        run_inline=run_inline,
+        pack=engine.packing and args.packing,
+    )
+    return replica
