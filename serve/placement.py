@@ -53,6 +53,9 @@ def replica_env(args: AppArgs, environ: Mapping[str, str]) -> dict[str, str]:
         env["PROMETHEUS_MULTIPROC_DIR"] = args.metrics_dir
     if environ.get("NEURONSERVE_EXTRA_PYTHONPATH"):
         env["PYTHONPATH"] = environ["NEURONSERVE_EXTRA_PYTHONPATH"]
+    for name in ("NEURONSERVE_LOG_LEVEL", "NEURONSERVE_LOG_FORMAT"):  # neuronserve.common.logs
+        if environ.get(name):
+            env[name] = environ[name]
     return env
 
 

@@ -72,8 +72,7 @@ def configure(level: str | None = None, fmt: str | None = None, *, stream: TextI
     handler._neuronserve = True  # type: ignore[attr-defined]
     root = logging.getLogger(ROOT)
     root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(level.upper())  # still propagating: a handler the application adds on the root sees them too
     if export:
         os.environ[LEVEL_ENV] = level
         os.environ[FORMAT_ENV] = fmt
@@ -85,4 +84,3 @@ def reset() -> None:
     for h in [h for h in root.handlers if getattr(h, "_neuronserve", False)]:
         root.removeHandler(h)
     root.setLevel(logging.NOTSET)
-    root.propagate = True

@@ -331,7 +331,8 @@ def _server(monkeypatch, p, args):
 
     monkeypatch.setattr(placement, "cluster_cpus", lambda: p.pod_cpus - placement.POD_RESERVED_CPUS)
     monkeypatch.setattr(placement, "cluster_neuron_cores", lambda: p.instance.neuron_cores)
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NEURONSERVE_EXTRA_PYTHONPATH"):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NEURONSERVE_EXTRA_PYTHONPATH", "NEURONSERVE_LOG_LEVEL",
+                 "NEURONSERVE_LOG_FORMAT"):
         monkeypatch.delenv(name, raising=False)
     return build_app(args)._bound_deployment
 
