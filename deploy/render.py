@@ -551,7 +551,7 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         # too; on the container, every Ray process of the pod has it.
         *({"name": k, "value": v} for k, v in replica_env(p.args, {}).items() if k != "PROMETHEUS_MULTIPROC_DIR"),
         # Ray Serve's HAProxy ingress and direct replica ingress (Ray >= 2.55), as `neuronserve serve`
-        # uses locally: measured there, -7 ms p50 at c=1 and +40% req/s at c=32 on 2 cores.
+        # uses locally (docs/decisions.d/general.md, "HAProxy instead of Ray Serve's Python proxy").
         {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     ]
