@@ -211,10 +211,27 @@ def test_cpu_warmup_times_cheap_buckets_again_and_keeps_the_lesser(served, monke
     assert times[str(costly)] >= 0.25
 
 
-def test_warmup_covers_every_bucket(served):
-    seconds = served.backend.warmup()
+@pytest.mark.parametrize("forwards", [1, 2])
+def test_warmup_covers_every_bucket(served, forwards):
+    """Every backend takes the replica's concurrent forwards (`serve.replica` passes them to all)."""
+    seconds = served.backend.warmup(forwards=forwards)
     assert set(seconds) == {str(b) for b in BUCKETS}
     assert all(isinstance(s, float) and s >= 0 for s in seconds.values())
+
+
+def test_capabilities_are_declared(served):
+    """What the serving layer asks instead of the backend's kind: host threads per forward (None
+    for a device), whether it packs, and running a forward wider only where it has threads."""
+    backend = served.backend
+    assert isinstance(backend.packing, bool)
+    if served.name == "cpu":
+        assert isinstance(backend.threads, int) and backend.threads >= 1
+        bucket = BUCKETS[0]
+        inputs = tokenized(served, bucket)
+        torch.testing.assert_close(backend.forward(bucket, inputs, threads=2), backend.forward(bucket, inputs))
+        assert backend.packing == (served.manifest.packed is not None)
+    else:
+        assert backend.threads is None and backend.packing is False
 
 
 def test_health(served):
