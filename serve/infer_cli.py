@@ -16,8 +16,8 @@ def add_subcommand(subparsers) -> None:
         "or {\"label\": ..., \"score\": ...}, in input order.",
     )
     p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="artifact directory from `neuronserve compile`")
-    p.add_argument("--input", type=Path, required=True, help="JSONL input file")
-    p.add_argument("--output", type=Path, required=True, help="JSONL output file")
+    p.add_argument("--input", type=Path, required=True, metavar="FILE", help="JSONL input file")
+    p.add_argument("--output", type=Path, required=True, metavar="FILE", help="JSONL output file")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"], help=BACKEND_HELP)
     p.add_argument("--no-truncate", action="store_true", help="make inputs longer than the largest bucket an error")
     p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="texts planned together (bigger: less padding)")
