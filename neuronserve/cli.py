@@ -121,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from neuronserve.common import logs
 
-    logs.configure(args.log_level, args.log_format)
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as e:  # a bad NEURONSERVE_LOG_LEVEL / NEURONSERVE_LOG_FORMAT
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
