@@ -161,6 +161,18 @@ def test_bad_input_gets_4xx_in_the_route_convention_and_server_stays_healthy(ser
     assert post(server, "/v1/embeddings", {"input": "still fine"}).status_code == 200
 
 
+def test_openapi_declares_the_request_bodies_and_docs_are_served(server):
+    schema = httpx.get(server + "/openapi.json").json()
+    for path, request in (("/v1/embeddings", "EmbeddingsRequest"), ("/predict", "PredictRequest"),
+                          ("/v2/models/{name}/infer", "InferRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{request}"}
+        assert request in schema["components"]["schemas"]
+    assert schema["components"]["schemas"]["EmbeddingsRequest"]["required"] == ["input"]
+    docs = httpx.get(server + "/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower() and "/openapi.json" in docs.text
+
+
 def test_overload_returns_429_with_retry_after_and_loses_no_accepted_request(serve_instance, minilm_artifact, engine):
     args = AppArgs(artifacts=str(minilm_artifact), num_replicas=1, threads_per_replica=1, max_queued_rows=24,
                    max_inputs_per_request=16, max_batch_tokens=256)
