@@ -93,6 +93,11 @@ def request_body(model: type[BaseModel]) -> dict:
         "schema": {"$ref": COMPONENTS.format(model=model.__name__)}}}}}
 
 
+def server_default(schema: dict) -> None:
+    """`json_schema_extra` of a field whose default is a server setting: the schema shows none."""
+    schema.pop("default", None)
+
+
 def component_schemas(models: list[type[BaseModel]]) -> dict[str, dict]:
     """JSON schemas of `models` and the types they use, keyed by name, for `components.schemas`."""
     from pydantic.json_schema import models_json_schema

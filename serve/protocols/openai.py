@@ -13,13 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from neuronserve.serve.errors import BadRequest, ServeError
-from neuronserve.serve.protocols.common import Limits, check_count, check_model, check_task, is_int
+from neuronserve.serve.protocols.common import Limits, check_count, check_model, check_task, is_int, server_default
 
 _NonEmpty = Field(min_length=1)
-
-
-def _no_default(schema: dict) -> None:
-    schema.pop("default", None)  # the server's setting, not a value the client may send
 
 
 class EmbeddingsRequest(BaseModel):
@@ -34,7 +30,7 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="keep the first N dimensions, then renormalise")
     truncate: bool = Field(None, description="cut inputs longer than the model takes (default: the server's "
-                                             "`truncate` setting); false answers 400 instead", json_schema_extra=_no_default)
+                                             "`truncate` setting); false answers 400 instead", json_schema_extra=server_default)
 
 
 class Embedding(BaseModel):

@@ -12,11 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from neuronserve.serve.errors import BadRequest, ServeError
-from neuronserve.serve.protocols.common import Limits, check_count, check_task
-
-
-def _no_default(schema: dict) -> None:
-    schema.pop("default", None)  # the server's setting, not a value the client may send
+from neuronserve.serve.protocols.common import Limits, check_count, check_task, server_default
 
 
 class PredictRequest(BaseModel):
@@ -27,7 +23,7 @@ class PredictRequest(BaseModel):
     inputs: str | Annotated[list[str], Field(min_length=1)] = Field(
         description="a text (the answer is one list of labels) or a list of texts (a list per text)")
     truncate: bool = Field(None, description="cut inputs longer than the model takes (default: the server's "
-                                             "`truncate` setting); false answers 400 instead", json_schema_extra=_no_default)
+                                             "`truncate` setting); false answers 400 instead", json_schema_extra=server_default)
     raw_scores: bool = Field(False, description="every label's logit, in label order, instead of softmax scores ranked")
 
 
