@@ -309,3 +309,31 @@ def test_cpu_packed_forward_returns_token_states_and_rejects_wrong_shapes(served
         backend.forward_packed(bucket, (ids, positions))
     with pytest.raises(BackendError, match="not compiled"):
         backend.forward_packed(Bucket(bucket.batch_size + 5, bucket.seq_len), (ids, positions, segments))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu"])
+def test_the_composition_root_wires_a_replica_by_the_backends_capabilities(served, monkeypatch):
+    """`serve.replica.build_replica`: warm-up over the replica's forwards, event-loop batches on all
+    of its threads (a backend with threads), metrics with the cores it holds, and the limits."""
+    from types import SimpleNamespace
+
+    from neuronserve.serve import replica as root
+    from neuronserve.serve.protocols.common import Limits
+    from neuronserve.serve.settings import AppArgs
+
+    made = []
+    monkeypatch.setattr(root, "ServeMetrics", lambda *a: made.append(a) or SimpleNamespace())
+    before = torch.get_num_threads()
+    args = AppArgs(artifacts=str(served.artifact_dir), backend="auto", threads_per_replica=1, max_concurrent_batches=2,
+                   instance_type="c7i.xlarge", max_inputs_per_request=8, truncate=False)
+    try:
+        r = root.build_replica(args)
+    finally:
+        torch.set_num_threads(before)
+    backend = r.engine.backend
+    assert backend.kind == "cpu" and backend.threads == 1
+    assert set(r.warmup_s) == {str(b) for b in BUCKETS}
+    assert r.batcher.run_inline is not r.engine.run_batch and r.batcher.run_inline.keywords == {"threads": 2}
+    assert r.batcher.pack == backend.packing
+    assert made == [(r.model_name, "cpu", 2, "c7i.xlarge", None, None)]
+    assert r.limits == Limits(r.model_name, served.task, max_inputs=8, truncate=False)
