@@ -150,7 +150,8 @@ class NeuronServe:
         from neuronserve.serve.replica import build_replica
 
         replica = self.replica = build_replica(self.args)
-        self.engine, self.metrics, self.model_name, self.limits = replica.engine, replica.metrics, replica.model_name, replica.limits
+        self.engine, self.metrics = replica.engine, replica.metrics
+        self.model_name, self.limits = replica.model_name, replica.limits
         self.batcher = replica.batcher  # last: a set batcher means loaded (`reconfigure`)
 
     def reconfigure(self, user_config: dict) -> None:
