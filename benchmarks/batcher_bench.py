@@ -12,8 +12,10 @@ wide inline batches, packing when the artifact has a packed graph. After `--warm
 requests/s as a table (and one JSON line to `--json`, appended).
 
 `--batcher FILE` loads another version of `neuronserve/serve/batcher.py` (e.g. one written out with
-`git show REV:serve/batcher.py`) for paired A/B runs; run the two alternately, each in a fresh
-process. Without `--artifacts`, the default model is compiled for CPU into a temporary folder.
+`git show REV:serve/batcher.py`); `--compare FILE` alternates that one with this one in the same
+process (A B B A ..., `--rounds` pairs), both planning over the same warm-up timings, and prints
+the ratio per pair. Without `--artifacts`, the default model is compiled for CPU into a temporary
+folder.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ def load_batcher_module(path: str | None):
     return module
 
 
-def build(module, engine, forwards: int, max_batch_tokens: int, records: list):
+def warm_up(engine, forwards: int) -> dict:
+    """The CPU backend's warm-up timings for `forwards` concurrent forwards, per bucket."""
     from neuronserve.models.artifact import Bucket
 
-    warmup_s = engine.backend.warmup(forwards=forwards)
-    timings = {Bucket.parse(k): v for k, v in warmup_s.items()}
+    return {Bucket.parse(k): v for k, v in engine.backend.warmup(forwards=forwards).items()}
+
+
+def build(module, engine, forwards: int, max_batch_tokens: int, records: list, timings: dict):
     wide = engine.backend.threads * forwards
     run_inline = functools.partial(engine.run_batch, threads=wide) if wide > engine.backend.threads else None
     params = inspect.signature(module.Batcher).parameters
@@ -108,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per forward")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
+    p.add_argument("--compare", metavar="FILE",
+                   help="another batcher.py: alternate it with --batcher's in this process (A B B A ...), "
+                        "one warm-up's timings for both, --rounds pairs")
+    p.add_argument("--rounds", type=int, default=4, help="pairs of runs with --compare")
     a = p.parse_args(argv)
 
     from neuronserve.deploy.loadtest.workload import generate
@@ -118,23 +127,38 @@ def main(argv: list[str] | None = None) -> int:
         from neuronserve.compile.compiler import CompileOptions, compile_artifact
 
         artifacts = compile_artifact(CompileOptions(model="default", out=Path(tempfile.mkdtemp()) / "default")).out_dir
-    module = load_batcher_module(a.batcher)
     engine = Engine(artifacts, "cpu", backend_options={"threads": a.threads})
     texts = generate("mixed", seed=0).texts
-    records: list = []
-
-    async def go():
-        batcher = build(module, engine, a.forwards, a.max_batch_tokens, records)
-        return await run(batcher, engine, texts, a.clients, a.warm, a.duration, records)
-
-    result = {"label": a.label or (a.batcher or "neuronserve.serve.batcher"), "clients": a.clients,
-              "forwards": a.forwards, "threads": a.threads, **asyncio.run(go())}
+    timings = warm_up(engine, a.forwards)
+    variants = [(a.label or (a.batcher or "neuronserve.serve.batcher"), load_batcher_module(a.batcher))]
+    schedule = [0]
+    if a.compare:
+        variants.append((a.compare, load_batcher_module(a.compare)))
+        schedule = [k for r in range(a.rounds) for k in ((0, 1) if r % 2 == 0 else (1, 0))]
     cols = ["label", "real_tokens_per_s", "padded_per_real", "batches", "packed_batches", "requests_per_s"]
-    print(" | ".join(cols))
-    print(" | ".join(str(result[c]) for c in cols))
-    if a.json:
-        with a.json.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+    print(" | ".join(cols), flush=True)
+    results = []
+    for k in schedule:
+        label, module = variants[k]
+        records: list = []
+
+        async def go():
+            batcher = build(module, engine, a.forwards, a.max_batch_tokens, records, timings)
+            return await run(batcher, engine, texts, a.clients, a.warm, a.duration, records)
+
+        result = {"label": label, "clients": a.clients, "forwards": a.forwards, "threads": a.threads,
+                  **asyncio.run(go())}
+        results.append(result)
+        print(" | ".join(str(result[c]) for c in cols), flush=True)
+        if a.json:
+            with a.json.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    if a.compare:
+        first = [r["real_tokens_per_s"] for r in results if r["label"] == variants[0][0]]
+        second = [r["real_tokens_per_s"] for r in results if r["label"] == variants[1][0]]
+        ratios = sorted(x / y for x, y in zip(first, second))
+        print(f"{variants[0][0]} / {variants[1][0]} real tokens/s per pair: "
+              + ", ".join(f"{x:.3f}" for x in ratios) + f"; median {ratios[len(ratios) // 2]:.3f}")
     return 0
 
 
