@@ -157,7 +157,8 @@ def _count_times(table: TimingTable, seq_len: int, most: int, pad_s: float, max_
 
 @dataclass
 class _Split:
-    """The least-time split of rows sorted by sequence length: batch k is order[start..end)."""
+    """The least-time split of rows sorted by sequence length: its last batch is
+    order[start[n]:n], the one before order[start[start[n]]:start[n]], and so on."""
 
     order: list[int]  # row indices, sorted by sequence length (stable: oldest first)
     seq_lens: list[int]  # per row index, its compiled sequence length
