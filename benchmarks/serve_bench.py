@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from neuronserve.serve.settings import OPENMP_ENV
+from neuronserve.serve.placement import OPENMP_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

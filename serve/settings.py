@@ -164,12 +164,3 @@ def add_flags(parser, model: type[BaseModel], names: Iterable[str] | None = None
 def given(namespace: argparse.Namespace, names: Iterable[str]) -> dict:
     """The settings a command line set (flags left out are None)."""
     return {k: getattr(namespace, k) for k in names if getattr(namespace, k, None) is not None}
-
-def __getattr__(name: str):
-    # OPENMP_ENV moved to serve.placement (how replicas run); still importable from here for
-    # scripts written against the old place.
-    if name == "OPENMP_ENV":
-        from neuronserve.serve.placement import OPENMP_ENV
-
-        return OPENMP_ENV
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,6 +61,10 @@ def test_the_layout_holds_every_folder(layout):
     ("compile/compiler.py", "neuronserve.serve.settings"),  # compile never imports serve
     ("serve/engine.py", "neuronserve.deploy.render"),  # serve never imports deploy
     ("common/pricing.py", "neuronserve.models.artifact"),  # common imports nothing of ours
+    ("serve/engine.py", "neuronserve.serve.batcher"),  # the engine sits below the batcher
+    ("serve/planner.py", "neuronserve.serve.engine"),  # the planner is below the engine
+    ("serve/backends/cpu.py", "neuronserve.serve.app"),  # backends never reach the HTTP layer
+    ("serve/protocols/openai.py", "neuronserve.serve.batcher"),  # protocols are thin adapters
 ])
 def test_a_contract_fails_when_an_import_goes_the_wrong_way(tmp_path, module, imports):
     root = _lay_out(tmp_path)
