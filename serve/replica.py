@@ -90,8 +90,10 @@ def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics
 def build_replica(args: AppArgs) -> Replica:
     """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
     to minutes; run it off the event loop)."""
+    from neuronserve.common import logs
     from neuronserve.models.artifact import Bucket, load_manifest
 
+    logs.configure_from_env()
     kind = args.backend
     if kind == "auto":
         kind = "cpu" if load_manifest(args.artifacts).target == "cpu" else "neuron"

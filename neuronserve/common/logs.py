@@ -78,9 +78,20 @@ def configure(level: str | None = None, fmt: str | None = None, *, stream: TextI
         os.environ[FORMAT_ENV] = fmt
 
 
+def configure_from_env() -> bool:
+    """In a process the command started (a Ray replica): log as the command was told to, if it said.
+    The handler is the only one (no propagation), so Ray's own root handler does not repeat lines."""
+    if LEVEL_ENV not in os.environ and FORMAT_ENV not in os.environ:
+        return False
+    configure(export=False)
+    logging.getLogger(ROOT).propagate = False
+    return True
+
+
 def reset() -> None:
     """Remove what `configure` installed."""
     root = logging.getLogger(ROOT)
     for h in [h for h in root.handlers if getattr(h, "_neuronserve", False)]:
         root.removeHandler(h)
     root.setLevel(logging.NOTSET)
+    root.propagate = True

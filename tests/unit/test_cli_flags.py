@@ -165,3 +165,25 @@ def test_module_loggers_are_named_after_their_module():
     for name in ("neuronserve.serve.batcher", "neuronserve.serve.exporter", "neuronserve.serve.metrics"):
         module = importlib.import_module(name)
         assert module.log.name == name
+
+
+def test_a_started_process_logs_as_the_command_said(monkeypatch, capsys):
+    import json
+    import logging
+
+    from neuronserve.common import logs
+
+    monkeypatch.delenv(logs.LEVEL_ENV, raising=False)
+    monkeypatch.delenv(logs.FORMAT_ENV, raising=False)
+    assert logs.configure_from_env() is False  # nothing said: Ray's own logging stays as it is
+    monkeypatch.setenv(logs.LEVEL_ENV, "info")
+    monkeypatch.setenv(logs.FORMAT_ENV, "json")
+    try:
+        assert logs.configure_from_env() is True
+        logging.getLogger("neuronserve.serve.replica").info("warm")
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert line["logger"] == "neuronserve.serve.replica" and line["message"] == "warm"
+        assert logging.getLogger("neuronserve").propagate is False
+    finally:
+        logs.reset()
+    assert logging.getLogger("neuronserve").propagate is True
