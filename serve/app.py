@@ -61,7 +61,7 @@ class FastRoutes:
     past FastAPI's routing, dependency solving and exception middleware (the handler answers every
     error itself). The same handler and Response as through FastAPI; every other route, and any
     request before the replica exists, takes FastAPI's way. Why: less event-loop CPU per request
-    (docs/decisions.d/http.md, "The embeddings fast path")."""
+    (docs/decisions.md, "The embeddings fast path")."""
 
     def __init__(self, app):
         self.app = app
@@ -85,7 +85,7 @@ api.add_middleware(FastRoutes)
 def dumps(obj: Any) -> bytes:
     """JSON for responses. float32 arrays go out as the shortest text that reads back to the
     same float32 (as OpenAI's embeddings look): about half the bytes of float64 text, and far
-    quicker to encode (docs/decisions.d/http.md, "Response JSON")."""
+    quicker to encode (docs/decisions.md, "Response JSON")."""
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 

@@ -12,7 +12,7 @@ blocks every other batch until it is done, so it may use all of the replica's co
 
 Forward threads take their next batch themselves: as a batch ends with rows waiting, its thread
 takes the next one (under a lock shared with the event loop) and runs it, and only hands the
-finished batch to the event loop to answer (why: docs/decisions.d/planner.md, "Forward threads
+finished batch to the event loop to answer (why: docs/decisions.md, "Forward threads
 take their next batch").
 
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
@@ -200,7 +200,7 @@ class Batcher:
                         taken = self._take()
                         self._begin(taken)
                         # A short batch on an idle device runs right here, saving two thread
-                        # wake-ups (why: docs/decisions.d/planner.md, "Cheap batches on an idle
+                        # wake-ups (why: docs/decisions.md, "Cheap batches on an idle
                         # replica"). Nothing else can run meanwhile, so this is only done for
                         # batches expected within `inline_max_s`, and with all of the replica's
                         # compute (`run_inline`). Only when nothing else is running: a wide batch

@@ -18,11 +18,11 @@ DEPLOYMENT_NAME = "NeuronServe"
 # vCPUs of a Kubernetes worker pod kept for the raylet and the Serve proxy; replicas get the rest.
 POD_RESERVED_CPUS = 1
 
-# Why 4: docs/decisions.d/placement.md ("CPU: single-threaded forwards, several per replica").
+# Why 4: docs/decisions.md ("CPU: single-threaded forwards, several per replica").
 CPU_FORWARDS_PER_REPLICA = 4
 
 # A multi-threaded forward's OpenMP workers spin briefly between operators instead of sleeping
-# (docs/decisions.d/placement.md, "OpenMP spin").
+# (docs/decisions.md, "OpenMP spin").
 OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 # Set for every replica: tokenizers must not start their own thread pool inside a replica that
@@ -159,7 +159,7 @@ def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
     so that replicas x threads x forwards never exceed `cpus`. What the arguments fix is kept; by
     default each replica runs up to CPU_FORWARDS_PER_REPLICA single-threaded forwards at once (one
     per core), with as few replicas as that allows (one copy of the weights, one queue to batch
-    from; measurements in docs/decisions.d/placement.md).
+    from; measurements in docs/decisions.md).
 
     >>> cpu_layout(2, AppArgs(artifacts="a"))
     (1, 1, 2)

@@ -32,7 +32,7 @@ from neuronserve.serve.buckets import BucketSet
 __all__ = ["PADDING_WEIGHT", "Batch", "BatchRecord", "TimingTable", "charged_s", "next_batch", "pack", "plan"]
 
 # A padded token's charge on top of its device time, in units of the cheapest device time per
-# token (why 3: docs/decisions.d/planner.md, "Padding weight").
+# token (why 3: docs/decisions.md, "Padding weight").
 PADDING_WEIGHT = 3.0
 
 
@@ -88,7 +88,7 @@ class TimingTable:
     def __init__(self, buckets: BucketSet, timings_s: dict[Bucket, float] | None = None):
         self.buckets = buckets
         self.measured_s: dict[Bucket, float] = dict(timings_s or {})
-        # Served timings scale the whole table, never one bucket (why: docs/decisions.d/planner.md,
+        # Served timings scale the whole table, never one bucket (why: docs/decisions.md,
         # "Served timings scale the table").
         self.scale = 1.0
         self._envelope: dict[Bucket, float] = {}

@@ -108,7 +108,7 @@ def build_replica(args: AppArgs) -> Replica:
     if backend.threads is not None and forwards > 1:
         # The batches the batcher runs on its event loop (cheap ones on an idle replica; nothing
         # runs beside them) use all of the replica's CPUs (threads x concurrent forwards, what Ray
-        # reserved): a lone request's forward is faster wide (docs/decisions.d/http.md).
+        # reserved): a lone request's forward is faster wide (docs/decisions.md).
         run_inline = functools.partial(engine.run_batch, threads=backend.threads * forwards)
     replica = Replica(args, engine, metrics, model_name, warmup_s)
     replica.batcher = Batcher(

@@ -1,4 +1,4 @@
-"""`python -m deploy.loadtest ...` runs the same command as `neuronserve loadtest ...`."""
+"""`python -m neuronserve.deploy.loadtest ...` runs the same command as `neuronserve loadtest ...`."""
 
 from neuronserve.deploy.loadtest.cli import main
 

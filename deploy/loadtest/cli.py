@@ -1,7 +1,7 @@
 """`neuronserve loadtest`: sweep closed- or open-loop load over a live endpoint and report it.
 
 Registered by serve/cli.py through `add_subcommand(subparsers)`; `main(argv)` is the standalone
-entry point (`python -m deploy.loadtest`). Heavy libraries (aiohttp, matplotlib, tqdm) are imported
+entry point (`python -m neuronserve.deploy.loadtest`). Heavy libraries (aiohttp, matplotlib, tqdm) are imported
 inside `run`, so importing this module costs nothing.
 """
 

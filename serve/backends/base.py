@@ -42,8 +42,8 @@ class Backend(Protocol):
         ...
 
     def warmup(self, forwards: int = 1) -> dict[str, float]:
-        """Run every bucket once; returns seconds per bucket (keyed by str(bucket)), the batcher's
-        cost table. `forwards`: how many forwards the replica runs at once, so the timings are
+        """Run every bucket once; returns seconds of device time per bucket (keyed by
+        str(bucket)), the planner's timing table. `forwards`: how many forwards the replica runs at once, so the timings are
         taken as they will run (a backend whose device runs one graph at a time runs them in turn)."""
         ...
 

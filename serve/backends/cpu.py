@@ -99,25 +99,20 @@ class CpuBackend:
             out = graph(*inputs)
         return out.float()
 
-    # Buckets whose first timing is under this are timed again at the end of the warm-up (~0.5 s
-    # for ~40 buckets here) and keep the lesser of the two: they decide whether short rows are
-    # merged into fuller batches, and a single sample is noisy. Measured over four warm-ups here:
-    # one sample was up to 2.36x the median (p95 1.15x), the lesser of two at most 1.31x (p95 1.07x).
+    # Buckets whose first timing is under this are timed again and keep the lesser: they decide
+    # whether short rows merge, and one sample is noisy (docs/decisions.md, "CPU warm-up times").
     RETIME_BELOW_S = 0.05
 
     def warmup(self, forwards: int = 1) -> dict[str, float]:
-        """Run every bucket once; returns each bucket's seconds (the batcher's cost table).
+        """Run every bucket once; returns each bucket's seconds of device time (the planner's
+        timing table).
 
-        TorchScript's profiling executor optimises a graph during its first calls (the first takes
-        ~15x a steady one); after that every shape runs at full speed from its first call
-        (measured: a new shape's first and second calls agree within 3%). So each graph is first
-        run three times on its smallest bucket, then every bucket once, timed: half the warm-up of
-        running each bucket twice. With `forwards` > 1 the buckets are spread over that many
-        threads running at once, as the replica runs its forwards: measured here with two, the same
-        per-bucket timings within noise (0.74-1.13x, as two sequential passes differ) in 14.6 s
-        instead of 32.2 s. Then the cheap buckets (under RETIME_BELOW_S) run once more, in reverse
-        order, and keep the lesser timing. The packed graph is primed too; it is not timed apart,
-        as a packed batch costs what its bucket costs (within 2.5% here)."""
+        Each graph is first run three times on its smallest bucket (TorchScript optimises a graph
+        during its first calls, not per shape), then every bucket once, timed; with `forwards` > 1
+        the buckets are spread over that many threads running at once, as the replica runs its
+        forwards. Then the cheap buckets (under RETIME_BELOW_S) run once more, in reverse order,
+        and keep the lesser timing. The packed graph is primed too, not timed apart: a packed batch
+        takes what its bucket takes. Numbers: docs/decisions.md, "CPU warm-up primes each graph"."""
         primed: set[int] = set()
         for bucket in sorted(self._graphs):
             graph = self._graphs[bucket]

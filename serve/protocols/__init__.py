@@ -2,5 +2,5 @@
 (`openai`), TEI (`tei`) and KServe Open Inference Protocol v2 (`kserve`). Each module declares its
 request and response types once (pydantic models, which feed `/openapi.json`), `parse(body, limits)`
 turning a decoded body into a typed request (hand-written: no validation library on the hot path,
-see docs/decisions.d/http.md), `format(...)` building the response body, and `error_body(e)` the
+see docs/decisions.md), `format(...)` building the response body, and `error_body(e)` the
 protocol's error shape. No Ray, no FastAPI, no engine: unit-tested on their own."""

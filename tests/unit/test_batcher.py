@@ -171,6 +171,9 @@ def test_cancelled_rows_are_dropped_before_execution():
         kept = asyncio.create_task(b.submit([row(1, 5)]))
         await wait_until(lambda: b.queued_rows == 3)
         gone.cancel()
+        # Free the device only once the cancellation has reached the batcher: a forward thread
+        # cuts its next batch as soon as the device is free, and rows still live then may run.
+        await asyncio.wait([gone])
         dev.gate.set()
         assert (await kept)[0].tolist() == [1, 5]
         await blocker

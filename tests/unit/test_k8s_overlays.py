@@ -14,7 +14,7 @@ from tests.fixtures.k8s_validate import validate_object
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 MONITORING = K8S / "monitoring"
-REGENERATE = "regenerate with `python -m deploy.render --write-k8s k8s`"
+REGENERATE = "regenerate with `python -m neuronserve.deploy.render --write-k8s k8s`"
 
 
 def key(obj):

@@ -8,27 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from neuronserve.serve import exporter as exp
+from tests.fixtures.prom_samples import samples as _samples
+from tests.fixtures.prom_samples import value as _value
 from neuronserve.serve import metrics as sm
 from neuronserve.serve.metrics import LATENCY_BUCKETS, Metrics, ServeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "k8s" / "monitoring"
-
-
-def _samples(registry) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for fam in text_string_to_metric_families(generate_latest(registry).decode()):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def _value(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))))
 
 
 @pytest.fixture
