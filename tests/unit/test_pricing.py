@@ -9,7 +9,7 @@ from neuronserve.common.pricing import (INSTANCES, InstanceType, MissingPriceErr
                             cost_per_million, detect_instance_type, get_instance, load_overrides,
                             price_per_core_second, price_per_hour)
 
-# From shared/reference/NEURON.md (and Ray's instance map for the core counts).
+# From the AWS Neuron documentation (and Ray's instance map for the core counts).
 NEURON_FACTS = {
     # name: (NeuronCores, vCPU, RAM GiB, $/hour)
     "inf2.xlarge": (2, 4, 16, 0.7582),
