@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -135,6 +136,14 @@ def run(args) -> int:
         probe = _app_args(args, Path("."), None)  # settings checked before any compile
     except ValidationError as e:
         return fail(_invalid(e), code=2)
+    # Before any compile or Ray start: a taken port is one line naming the flag, not a Ray/HAProxy
+    # traceback after the start.
+    wanted = [] if (command.address or os.environ.get("RAY_ADDRESS")) else [("port", command.port)]
+    if probe.metrics_port:
+        wanted.append(("metrics_port", probe.metrics_port))
+    problem = ports_problem(command.host, wanted)
+    if problem:
+        return fail(problem)
     try:
         artifacts = Path(args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast))
         manifest = load_manifest(artifacts)
@@ -201,6 +210,48 @@ def run(args) -> int:
                 step()
             except Exception as e:  # shutting down: report and go on
                 err(f"warning: cleanup step failed: {e}")
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why nothing could listen on `host:port` now (e.g. 'Address already in use'), or None.
+
+    >>> import socket
+    >>> with socket.socket() as s:
+    ...     s.bind(("127.0.0.1", 0)); s.listen()
+    ...     port_in_use("127.0.0.1", s.getsockname()[1])
+    'Address already in use'
+    """
+    with socket.socket() as s:
+        # As servers bind (uvicorn, HAProxy): a port held only by closing connections is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def ports_problem(host: str, wanted: list[tuple[str, int]]) -> str | None:
+    """One line for the first setting whose port cannot be listened on, naming its flag and
+    variable; or None when all are free.
+
+    >>> ports_problem("127.0.0.1", [("port", 8000), ("metrics_port", 8000)])
+    '--port and --metrics-port are both 8000; give them different ports'
+    """
+    from neuronserve.serve.settings import env_name
+
+    seen: dict[int, str] = {}
+    for name, port in wanted:
+        flag = "--" + name.replace("_", "-")
+        if port in seen:
+            return f"{seen[port]} and {flag} are both {port}; give them different ports"
+        seen[port] = flag
+    for name, port in wanted:
+        why = port_in_use(host, port)
+        if why:
+            return (f"port {port} on {host} cannot be used ({why}): it is --{name.replace('_', '-')} "
+                    f"({env_name(name)}); stop what holds it or choose another port")
+    return None
 
 
 def _start_exporter(metrics_dir: str, port: int, host: str):

@@ -130,3 +130,23 @@ def test_every_subcommand_loads_with_shadowing_packages_on_the_path(tmp_path):
         r = subprocess.run([sys.executable, "-m", "neuronserve", *command], cwd=cwd, env=env, capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0 and expected in r.stdout, (command, r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_taken_port_is_one_line_naming_the_flag_before_anything_starts(minilm_artifact, flag):
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"--port": str(free_port()), "--metrics-port": str(free_port()), flag: str(taken)}
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(minilm_artifact),
+                            *[x for kv in ports.items() for x in kv]], capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - t0
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no traceback, nothing from Ray: it never started
+    assert lines[0].startswith("error: port") and str(taken) in lines[0] and flag in lines[0]
+    assert elapsed < 60
