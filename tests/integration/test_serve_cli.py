@@ -115,11 +115,13 @@ def test_serve_starts_from_a_directory_whose_packages_shadow_generic_names(minil
         assert r.status_code == 200, r.text
         assert len(r.json()["data"][0]["embedding"]) == 384
     finally:
+        # SIGTERM to the command itself (as Ctrl-C or a supervisor would): it drains and stops its
+        # Ray and HAProxy. Signalling the whole group would kill Ray under it first.
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
-            except Exception:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
