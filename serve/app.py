@@ -25,7 +25,8 @@ from ray import serve
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import kserve, openai, tei
-from neuronserve.serve.protocols.common import check_headers, check_model, component_schemas, decode, request_body
+from neuronserve.serve.protocols.common import (check_headers, check_model, component_schemas, decode, read_capped,
+                                                request_body)
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,10 @@ class NeuronServe:
     async def _body(self, request: Request) -> Any:
         headers = request.headers
         limit = self.args.max_body_bytes
-        check_headers(headers.get("content-type", ""), headers.get("content-length"), limit)
+        length = headers.get("content-length")
+        check_headers(headers.get("content-type", ""), length, limit)
+        if length is None:  # chunked: never buffered whole before the limit is checked
+            return decode(await read_capped(request.stream(), limit), limit)
         return decode(await request.body(), limit)
 
     async def _infer(self, rows: list[list[int]]) -> tuple[list, dict]:

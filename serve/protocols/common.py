@@ -4,7 +4,7 @@ declarations of request bodies."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 import orjson
 from pydantic import BaseModel
@@ -69,6 +69,28 @@ def decode(raw: bytes, max_body_bytes: int) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:  # invalid UTF-8 included
         raise BadRequest(f"body is not valid JSON: {e}") from None
+
+
+async def read_capped(chunks: AsyncIterator[bytes], max_body_bytes: int) -> bytes:
+    """A body sent without Content-Length (chunked), read only up to the limit: past it, 413 at
+    once, without reading or buffering the rest.
+
+    >>> import asyncio
+    >>> async def sent(*parts):
+    ...     for p in parts:
+    ...         yield p
+    >>> asyncio.run(read_capped(sent(b'{"input": ', b'"hi"}'), 1024))
+    b'{"input": "hi"}'
+    """
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise PayloadTooLarge(f"request body (sent without Content-Length) is over {max_body_bytes} bytes, "
+                                  f"the limit (max_body_bytes); it was cut off there")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def is_int(value: Any) -> bool:

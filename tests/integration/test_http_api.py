@@ -193,3 +193,22 @@ def test_overload_returns_429_with_retry_after_and_loses_no_accepted_request(ser
         assert len(got) == 8
         assert min(cosine(g, w) for g, w in zip(got, engine.embed(t))) > 0.99999
     assert httpx.get(serve_instance + "/v2/health/ready").status_code == 200
+
+
+def test_a_chunked_body_is_served_within_the_limit_and_refused_past_it(server):
+    def chunked(body: bytes, size: int = 4096):
+        for i in range(0, len(body), size):
+            yield body[i:i + size]  # a generator: httpx sends it without Content-Length
+
+    small = json.dumps({"input": ["sent in chunks"]}).encode()
+    r = httpx.post(server + "/v1/embeddings", content=chunked(small, 5), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 1
+    # Over the limit of either deployment this module runs (64 KiB, or the 4 MiB default).
+    big = json.dumps({"input": "x" * (5 << 20)}).encode()
+    try:
+        r = httpx.post(server + "/v1/embeddings", content=chunked(big), timeout=60,
+                       headers={"content-type": "application/json"})
+    except httpx.HTTPError:
+        pytest.skip("the server answered before the client finished sending, and the client gave up")
+    assert r.status_code == 413 and "without Content-Length" in r.json()["error"]["message"]

@@ -267,3 +267,28 @@ def test_openapi_declarations():
     assert {"EmbeddingsRequest", "PredictRequest", "InferRequest", "InferInput", "InferParameters"} <= set(schemas)
     assert schemas["EmbeddingsRequest"]["required"] == ["input"]
     assert "default" not in schemas["EmbeddingsRequest"]["properties"]["truncate"]  # the server's setting
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit_without_reading_the_rest():
+    import asyncio
+
+    from neuronserve.serve.errors import PayloadTooLarge
+    from neuronserve.serve.protocols.common import read_capped
+
+    read = []
+
+    async def sent():
+        for i in range(100):
+            read.append(i)
+            yield b"x" * 1000
+
+    with pytest.raises(PayloadTooLarge) as e:
+        asyncio.run(read_capped(sent(), 4096))
+    assert e.value.status == 413 and "4096" in str(e.value)
+    assert len(read) == 5  # stopped at the chunk that crossed the limit
+
+    async def small():
+        yield b'{"input": '
+        yield b'"hi"}'
+
+    assert asyncio.run(read_capped(small(), 4096)) == b'{"input": "hi"}'
