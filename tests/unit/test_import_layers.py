@@ -1,5 +1,6 @@
-"""The import contracts in pyproject.toml ([tool.importlinter]) hold, checked with import-linter on
-the package laid out as it installs: the mapped folders copied under one `neuronserve/` tree."""
+"""The import contracts in pyproject.toml ([tool.importlinter]) hold, checked with import-linter in
+the checkout and on the package laid out as it installs (the mapped folders copied under one
+`neuronserve/` tree), where the wrong-way cases edit a copy."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _lay_out(dest: Path) -> Path:
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
+    """lint-imports in `root`, with `root` first on the path so it reads that tree's package."""
     lint = shutil.which("lint-imports", path=os.path.dirname(sys.executable)) or shutil.which("lint-imports")
     assert lint, "lint-imports not found: install the test extra (pip install -e '.[test]')"
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -49,6 +51,23 @@ def test_the_import_contracts_hold(layout):
     result = _lint(layout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" in result.stdout and "0 broken" in result.stdout
+
+
+def test_lint_imports_runs_as_is_in_the_checkout():
+    # `lint-imports` at the repository's root sees the mapped folders through the links in
+    # neuronserve/ (import-linter walks the package's own folder).
+    result = _lint(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_the_links_in_the_package_folder_match_the_package_dir_mapping():
+    package_dir = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in package_dir.items():
+        if package == "neuronserve":
+            continue
+        link = REPO.joinpath(*package.split("."))
+        assert link.is_symlink() and link.resolve() == (REPO / folder).resolve(), link
 
 
 def test_the_layout_holds_every_folder(layout):
