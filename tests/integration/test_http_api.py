@@ -206,9 +206,6 @@ def test_a_chunked_body_is_served_within_the_limit_and_refused_past_it(server):
     assert r.status_code == 200 and len(r.json()["data"]) == 1
     # Over the limit of either deployment this module runs (64 KiB, or the 4 MiB default).
     big = json.dumps({"input": "x" * (5 << 20)}).encode()
-    try:
-        r = httpx.post(server + "/v1/embeddings", content=chunked(big), timeout=60,
-                       headers={"content-type": "application/json"})
-    except httpx.HTTPError:
-        pytest.skip("the server answered before the client finished sending, and the client gave up")
+    r = httpx.post(server + "/v1/embeddings", content=chunked(big), timeout=60,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 413 and "without Content-Length" in r.json()["error"]["message"]

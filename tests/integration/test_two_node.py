@@ -228,7 +228,6 @@ def serve_config_for_test(c: Cluster, artifact: Path) -> dict:
 
 
 def test_replicas_on_both_nodes_and_http_works(cluster):
-    pytest.importorskip("neuronserve.serve.app", reason="serve/app.py is not in the tree yet")
     import httpx
 
     from tests.fixtures.k8s_validate import validate_serve_config

@@ -210,7 +210,7 @@ def test_s3_artifacts_use_an_init_container(tmp_path, artifact):
 
 
 def test_app_args_match_the_app_contract(artifact):
-    app = pytest.importorskip("neuronserve.serve.app", reason="serve/app.py is not in the tree yet")
+    from neuronserve.serve import app
     for instance_type, target in (("inf2.xlarge", "inf2"), ("c7i.4xlarge", "cpu")):
         rs, _ = split(render_objects(opts(artifact(target), instance_type)))
         args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
