@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neuronserve.common.neuron_sdk import NEURON_TARGETS
+
 
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,7 +21,7 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--model", default="default", metavar="DIR|default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
     p.add_argument("--task", default="embed", choices=["embed", "classify"],
                    help="embed: one vector per text; classify: labels and scores from a sequence-classification head")
-    p.add_argument("--target", default="cpu", choices=["cpu", "inf2", "trn1", "trn2"],
+    p.add_argument("--target", default="cpu", choices=["cpu", *NEURON_TARGETS],
                    help="cpu: TorchScript for the CPU backend; inf2/trn1/trn2: neuronx-cc for that NeuronCore generation")
     p.add_argument("--buckets", metavar="BxS,...", help="BATCHxSEQ list, e.g. 1x32,8x32,8x128 (default: a grid sized for the target)")
     p.add_argument("--batch-sizes", metavar="N,...", help="grid form: batch sizes, e.g. 1,8,32 (with --seq-lens)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neuronserve.common.neuron_sdk import NEURON_TARGETS
+
 
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,7 +36,7 @@ def add_subcommand(subparsers) -> None:
     r.add_argument("--namespace", help="metadata.namespace (default: none, use kubectl -n)")
     r.add_argument("--manifest", dest="manifest_file", metavar="FILE",
                    help="local copy of an s3:// artifact's manifest.json, to size from it")
-    r.add_argument("--target", choices=["cpu", "inf2", "trn1", "trn2"],
+    r.add_argument("--target", choices=["cpu", *NEURON_TARGETS],
                    help="an s3:// artifact's target when no --manifest is given (default buckets assumed)")
     r.add_argument("--min-replicas", type=int, metavar="N", help="Serve replicas at least (default: one node's worth)")
     r.add_argument("--max-replicas", type=int, metavar="N", help="Serve replicas at most (default: two nodes' worth)")

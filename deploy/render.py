@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from neuronserve.common.neuron_sdk import NEURON_TARGETS
 from neuronserve.serve.placement import (
     DEPLOYMENT_NAME,
     POD_RESERVED_CPUS,
@@ -70,7 +71,6 @@ INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 DEFAULT_AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.15.0"
 
 BACKENDS = ("auto", "cpu", "neuron")
-NEURON_TARGETS = ("inf2", "trn1", "trn2")
 
 # Head pod: GCS, dashboard, Serve controller and the autoscaler's bookkeeping; no replicas.
 HEAD_CPU = 2

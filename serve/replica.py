@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from neuronserve.common.neuron_sdk import NEURON_TARGETS
 from neuronserve.serve.batcher import Batcher
 from neuronserve.serve.engine import Engine
 from neuronserve.serve.metrics import ServeMetrics
@@ -18,7 +19,6 @@ from neuronserve.serve.protocols.common import Limits
 from neuronserve.serve.settings import AppArgs
 
 log = logging.getLogger(__name__)
-NEURON_FAMILIES = ("inf2", "trn1", "trn2")
 
 
 @dataclass
@@ -70,7 +70,7 @@ def backend_options(kind: str, args: AppArgs) -> dict:
     if kind == "cpu":
         return {"threads": args.threads_per_replica}  # the CPU backend sets its torch threads
     family = args.instance_type.split(".")[0] if args.instance_type else None
-    return {"expected_target": family} if family in NEURON_FAMILIES else {}  # refuse an inf2 artifact on trn1
+    return {"expected_target": family} if family in NEURON_TARGETS else {}  # refuse an inf2 artifact on trn1
 
 
 def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics:
