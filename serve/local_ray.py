@@ -20,8 +20,10 @@ Two more settings trim what Ray itself spends next to the model:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 # Ray gives its workers ports 10002-19999 by default (`--min-worker-port`/`--max-worker-port`):
@@ -55,7 +57,9 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
                 except OSError:
                     continue
             return port
-    return free_port(host)
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def local_ray_env(environ: dict | None = None) -> dict[str, str]:
@@ -94,3 +98,180 @@ def stop_haproxy(node_id: str) -> int:
             except OSError:
                 pass
     return stopped
+
+
+# --- HAProxy's own listeners on loopback -----------------------------------------------------------
+# Ray 2.60's HAProxy template binds its stats page and its metrics frontend on every interface
+# ("bind *:port", "bind :port") whatever --host says. Serve renders the template in its proxy
+# actor's process, so a worker setup hook (run in every worker of the local Ray before any actor)
+# rewrites those two lines to loopback first. Ray itself talks to HAProxy over a Unix socket.
+LOOPBACK_BINDS = {
+    "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}",
+    "bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
+}
+SETUP_HOOK = "neuronserve.serve.local_ray.loopback_haproxy_listeners"
+
+
+def loopback_template(template: str) -> str:
+    """HAProxy's config template with its stats and metrics listeners on loopback only.
+
+    >>> loopback_template("listen stats\\n  bind *:{{ config.stats_port }}\\n")
+    'listen stats\\n  bind 127.0.0.1:{{ config.stats_port }}\\n'
+    >>> loopback_template("frontend x\\n  bind 0.0.0.0:1\\n")
+    Traceback (most recent call last):
+    ...
+    ValueError: Ray's HAProxy template no longer has 'bind *:{{ config.stats_port }}': its stats listener cannot be kept on loopback
+    """
+    for old, new in LOOPBACK_BINDS.items():
+        if old not in template and new not in template and "stats_port" in old:
+            raise ValueError(f"Ray's HAProxy template no longer has {old!r}: its stats listener cannot be kept on loopback")
+        template = template.replace(old, new)
+    return template
+
+
+def loopback_haproxy_listeners() -> None:
+    """Worker setup hook of the local Ray (`runtime_env={"worker_process_setup_hook": SETUP_HOOK}`)."""
+    import sys
+
+    from ray.serve._private import haproxy_templates
+
+    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = loopback_template(haproxy_templates.HAPROXY_CONFIG_TEMPLATE)
+    rendered = sys.modules.get("ray.serve._private.haproxy")  # imported already: it holds its own reference
+    if rendered is not None:
+        rendered.HAPROXY_CONFIG_TEMPLATE = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+
+
+# --- the local Ray's processes ---------------------------------------------------------------------
+VITAL = ("gcs_server", "raylet")  # without either, Serve cannot answer, drain or stop
+
+
+@contextmanager
+def ray_in_own_sessions():
+    """Start the Ray processes spawned inside the block (GCS, raylet, dashboard, ...) in sessions of
+    their own, out of the command's process group.
+
+    A supervisor that stops a group (supervisord's `killasgroup`, `kill -- -PGID`) or Ctrl-C in a
+    terminal then signals the command alone, which drains through a Ray still running; in the
+    command's group they died at once, taking in-flight requests with them, and the command hung
+    in Serve's shutdown. They still die with the command should it be killed outright (Ray starts
+    them with the kernel's parent-death signal)."""
+    from ray._private import services
+
+    original = services.ConsolePopen
+
+    class OwnSession(original):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
+
+
+class LocalRayProcesses:
+    """The processes of the Ray this command started, to notice when it dies and to stop what is
+    left of it without Ray's help (Ray's own shutdown blocks on a dead GCS)."""
+
+    def __init__(self, all_processes: dict):
+        self.all_processes = all_processes  # ray's node.all_processes: {kind: [ProcessInfo]}
+
+    @classmethod
+    def of_this_driver(cls) -> "LocalRayProcesses":
+        import ray
+
+        return cls(ray._private.worker._global_node.all_processes)
+
+    def _each(self):
+        for kind, infos in list(self.all_processes.items()):
+            for info in list(infos):
+                yield kind, info.process
+
+    def dead(self) -> str | None:
+        """What died, e.g. 'raylet (pid 42) was killed by SIGKILL', or None while GCS and raylet run."""
+        for kind, process in self._each():
+            if kind not in VITAL:
+                continue
+            code = process.poll()
+            if code is not None:
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                return f"{kind} (pid {process.pid}) {how}"
+        return None
+
+    def kill(self, grace_s: float = 3.0) -> int:
+        """SIGTERM every process still running, SIGKILL what is left after `grace_s`; returns how many."""
+        import time
+
+        alive = [p for _, p in self._each() if p.poll() is None]
+        for p in alive:
+            try:
+                p.terminate()
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        for p in alive:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:  # subprocess.TimeoutExpired
+                try:
+                    p.kill()
+                    p.wait(1.0)
+                except Exception:
+                    pass
+        return len(alive)
+
+
+# --- who holds a port -----------------------------------------------------------------------------
+_HAPROXY_NODE = re.compile(r"/haproxy-serve/([0-9a-f]{40,64})/")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def listeners(port: int) -> list[int]:
+    """PIDs of this user's processes listening on TCP `port` (from /proc; [] where it cannot tell)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    pids = []
+    if not inodes:
+        return pids
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stale_haproxy(pid: int) -> bool:
+    """True for an HAProxy started by a Ray Serve whose Ray is gone (its raylet no longer runs):
+    what an unclean stop leaves behind, holding the HTTP port."""
+    cmdline = _cmdline(pid)
+    found = _HAPROXY_NODE.search(cmdline)
+    if "haproxy" not in cmdline.split(" ", 1)[0] or not found:
+        return False
+    marker = f"--node-id={found.group(1)}"
+    return not any(marker in _cmdline(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
+
+
+def describe(pid: int, width: int = 80) -> str:
+    """'pid 42 (haproxy -f ...)', cut to `width`."""
+    cmdline = _cmdline(pid) or "?"
+    return f"pid {pid} ({cmdline[:width] + ('...' if len(cmdline) > width else '')})"

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -17,7 +18,7 @@ APP_NAME = "neuronserve"
 
 
 # `neuronserve serve`'s flags, in help order, each generated from its setting (serve.settings).
-COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "auto_cast")
+COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
     "what to serve": ("artifacts", "model_name", "backend"),
     "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
@@ -141,6 +142,8 @@ def run(args) -> int:
     wanted = [] if (command.address or os.environ.get("RAY_ADDRESS")) else [("port", command.port)]
     if probe.metrics_port:
         wanted.append(("metrics_port", probe.metrics_port))
+    for _, port in wanted:
+        _remove_stale_haproxy(command.host, port)
     problem = ports_problem(command.host, wanted)
     if problem:
         return fail(problem)
@@ -156,15 +159,24 @@ def run(args) -> int:
     app_args = _app_args(args, artifacts.resolve(), metrics_dir)
 
     stop = threading.Event()
+    signals = []  # each SIGINT/SIGTERM received; a second one skips the drain
+
+    def on_signal(signum, _frame):
+        signals.append(signum)
+        if len(signals) == 2:
+            err("second signal: stopping now, without waiting for in-flight requests")
+        stop.set()
 
     import ray
     from ray import serve
 
     from neuronserve.serve.app import build_app
-    from neuronserve.serve.local_ray import local_ray_env, stop_haproxy
+    from neuronserve.serve.local_ray import SETUP_HOOK, LocalRayProcesses, local_ray_env, ray_in_own_sessions, stop_haproxy
 
-    started_ray = False
+    local: LocalRayProcesses | None = None
     node_id = None
+    died: list[str] = []  # what of the local Ray died, set by the watch
+    code = 0
     try:
         if metrics_dir:
             exporter = _start_exporter(metrics_dir, app_args.metrics_port, command.host)
@@ -174,32 +186,43 @@ def run(args) -> int:
         else:
             os.environ.update(local_ray_env())  # read by the Ray processes started next
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-            started_ray = True
+            with ray_in_own_sessions():
+                ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                         runtime_env={"worker_process_setup_hook": SETUP_HOOK})
             node_id = ray.get_runtime_context().get_node_id()
+            local = LocalRayProcesses.of_this_driver()
+            threading.Thread(target=_watch, args=(local, stop, died), name="ray-watch", daemon=True).start()
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         serve.start(http_options={"host": command.host, "port": command.port}, logging_config={"log_level": "WARNING"})
         app = build_app(app_args)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{command.host}:{command.port}"
         if not wait_ready(url, command.ready_timeout_s, stop, replica_count()):
-            if stop.is_set():
-                return 130
-            return fail(f"the server did not become ready within {command.ready_timeout_s:g} s; see the replica logs above")
+            if died:
+                code = _ray_died(died[0], signals)
+            elif stop.is_set():
+                code = 130
+            else:
+                code = fail(f"the server did not become ready within {command.ready_timeout_s:g} s; see the replica logs above")
+            return code
         _print_banner(url, manifest, exporter, app_args)
         stop.wait()
-        err("draining: finishing in-flight requests, accepting no new ones ...")
-        t0 = time.monotonic()
-        serve.delete(APP_NAME)  # Serve stops routing, then waits for each replica's requests to finish
-        err(f"drained in {time.monotonic() - t0:.1f}s; stopped")
-        return 0
+        if died:
+            code = _ray_died(died[0], signals)
+            return code
+        code = _drain(serve, command.drain_timeout_s, signals, died)
+        return code
     finally:
-        # Each step on its own: one failing must not leave the others' processes behind.
+        ray_gone = bool(died) or (local is not None and local.dead() is not None)
+        # Each step on its own: one failing must not leave the others' processes behind. Ray's own
+        # shutdown calls block on a dead GCS, so with the local Ray gone its processes are stopped
+        # directly instead.
         for step in (
-            serve.shutdown,
-            ray.shutdown if started_ray else None,
+            None if ray_gone else (lambda: _bounded(serve.shutdown, 10.0)),
+            None if ray_gone or local is None else (lambda: _bounded(ray.shutdown, 10.0)),
+            local.kill if local is not None else None,
             (lambda: stop_haproxy(node_id)) if node_id else None,
             exporter.stop if exporter is not None else None,
             (lambda: shutil.rmtree(metrics_dir, ignore_errors=True)) if metrics_dir else None,
@@ -210,6 +233,80 @@ def run(args) -> int:
                 step()
             except Exception as e:  # shutting down: report and go on
                 err(f"warning: cleanup step failed: {e}")
+        if ray_gone:
+            # Ray's exit handlers would wait on the dead GCS again.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _watch(local, stop: threading.Event, died: list, interval_s: float = 0.5) -> None:
+    """Notice the local Ray dying under the server (a raylet killed, the OOM killer, a signal to
+    the whole group): say so and stop, so the command exits non-zero and a supervisor restarts it."""
+    while not stop.wait(interval_s):
+        why = local.dead()
+        if why:
+            died.append(why)
+            stop.set()
+            return
+
+
+def _ray_died(why: str, signals: list) -> int:
+    """Ray died: after a stop signal (it got the signal too, e.g. systemd's default stop), a stop;
+    otherwise a failure, exit 1, so a supervisor restarts the server."""
+    if signals:
+        err(f"stopping: the local Ray was stopped too ({why}), so requests in flight were cut off; "
+            "under systemd, KillMode=mixed signals the command alone and lets it drain")
+        return 0
+    return fail(f"the local Ray stopped under the server: {why}; requests in flight were lost. "
+                "Exiting so a supervisor can restart it")
+
+
+def _bounded(step, timeout_s: float, abort=None) -> str:
+    """Run a blocking Ray call in a thread and wait at most `timeout_s` (Ray's calls have no
+    timeout of their own and block forever on a dead GCS); 'done', 'timeout' or 'aborted'. Its
+    error, if any, is raised here."""
+    result: list = []
+
+    def target():
+        try:
+            step()
+            result.append(None)
+        except BaseException as e:  # re-raised in the caller's thread
+            result.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while t.is_alive() and time.monotonic() < deadline:
+        if abort is not None and abort():
+            return "aborted"
+        t.join(0.1)
+    if t.is_alive():
+        return "timeout"
+    if result and result[0] is not None:
+        raise result[0]
+    return "done"
+
+
+def _drain(serve, timeout_s: float, signals: list, died: list) -> int:
+    """Stop routing, let in-flight requests finish (at most `timeout_s`), then remove the app."""
+    err(f"draining: finishing in-flight requests, accepting no new ones (at most {timeout_s:g} s; "
+        "signal again to stop at once) ...")
+    t0 = time.monotonic()
+    # Serve stops routing, then waits for each replica's requests to finish.
+    outcome = _bounded(lambda: serve.delete(APP_NAME), timeout_s, abort=lambda: len(signals) > 1 or bool(died))
+    took = time.monotonic() - t0
+    if died:
+        return _ray_died(died[0], signals)
+    if outcome == "done":
+        err(f"drained in {took:.1f}s; stopped")
+        return 0
+    if outcome == "timeout":
+        err(f"warning: requests still in flight after {timeout_s:g} s (--drain-timeout-s); stopping anyway")
+    else:
+        err("warning: drain skipped; requests still in flight were cut off")
+    return 0
 
 
 def port_in_use(host: str, port: int) -> str | None:
@@ -249,9 +346,32 @@ def ports_problem(host: str, wanted: list[tuple[str, int]]) -> str | None:
     for name, port in wanted:
         why = port_in_use(host, port)
         if why:
-            return (f"port {port} on {host} cannot be used ({why}): it is --{name.replace('_', '-')} "
+            from neuronserve.serve.local_ray import describe, listeners
+
+            holders = listeners(port)
+            held = f", held by {', '.join(describe(pid) for pid in holders[:3])}" if holders else ""
+            return (f"port {port} on {host} cannot be used ({why}{held}): it is --{name.replace('_', '-')} "
                     f"({env_name(name)}); stop what holds it or choose another port")
     return None
+
+
+def _remove_stale_haproxy(host: str, port: int, wait_s: float = 5.0) -> None:
+    """An unclean stop (the command killed outright) can leave Ray Serve's HAProxy holding the
+    HTTP port with no Ray behind it: stop it, saying so, so the next start just works."""
+    from neuronserve.serve.local_ray import describe, listeners, stale_haproxy
+
+    if not port_in_use(host, port):
+        return
+    for pid in listeners(port):
+        if stale_haproxy(pid):
+            err(f"port {port}: stopping a stale HAProxy left by an earlier server whose Ray is gone: {describe(pid)}")
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                continue
+    deadline = time.monotonic() + wait_s
+    while port_in_use(host, port) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _start_exporter(metrics_dir: str, port: int, host: str):

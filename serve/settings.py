@@ -72,6 +72,7 @@ class ServeCommand(BaseSettings):
                                 json_schema_extra={"default_help": "$RAY_ADDRESS, else start a local Ray"})
     auto_cast: Literal["none", "bf16"] = Field("none", description="precision when compiling the default model (no --artifacts)")
     ready_timeout_s: float = Field(600.0, gt=0, description="give up if the replicas are not ready by then")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM/Ctrl-C, wait this long for in-flight requests, then stop anyway")
 
 
 # --- command-line flags from the declaration ------------------------------------------------------

@@ -20,3 +20,18 @@ def test_every_subcommand_is_registered():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"compile", "infer", "bench", "serve", "metrics-exporter", "deploy", "loadtest"} <= set(sub.choices)
+
+
+def test_bounded_waits_at_most_its_timeout_and_passes_errors_on():
+    import threading
+
+    import pytest
+
+    from neuronserve.serve.serve_cli import _bounded
+
+    never = threading.Event()
+    assert _bounded(never.wait, 0.2) == "timeout"
+    assert _bounded(lambda: None, 5) == "done"
+    assert _bounded(never.wait, 5, abort=lambda: True) == "aborted"
+    with pytest.raises(KeyError):
+        _bounded(lambda: {}["x"], 5)

@@ -1,5 +1,6 @@
 """Ray settings for a local server: HAProxy ingress and its ports, lighter bookkeeping."""
 
+import os
 import socket
 from pathlib import Path
 
@@ -22,3 +23,78 @@ def test_local_ray_env_keeps_what_the_environment_sets():
     assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in env
     assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) > 0 and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+
+
+def test_the_haproxy_template_of_this_ray_keeps_its_listeners_on_loopback():
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from neuronserve.serve.local_ray import loopback_template
+
+    patched = loopback_template(HAPROXY_CONFIG_TEMPLATE)
+    binds = [line.strip() for line in patched.splitlines() if line.strip().startswith("bind ")]
+    assert "bind 127.0.0.1:{{ config.stats_port }}" in binds and "bind 127.0.0.1:{{ config.metrics_port }}" in binds
+    assert not [b for b in binds if b.startswith(("bind *:", "bind :"))], binds
+
+
+def test_the_setup_hook_patches_the_module_serve_renders_from(monkeypatch):
+    import ray.serve._private.haproxy as rendered
+    from ray.serve._private import haproxy_templates
+
+    from neuronserve.serve.local_ray import loopback_haproxy_listeners
+
+    monkeypatch.setattr(haproxy_templates, "HAPROXY_CONFIG_TEMPLATE", haproxy_templates.HAPROXY_CONFIG_TEMPLATE)
+    monkeypatch.setattr(rendered, "HAPROXY_CONFIG_TEMPLATE", rendered.HAPROXY_CONFIG_TEMPLATE)
+    loopback_haproxy_listeners()
+    assert "bind *:{{ config.stats_port }}" not in rendered.HAPROXY_CONFIG_TEMPLATE
+    assert "bind 127.0.0.1:{{ config.stats_port }}" in rendered.HAPROXY_CONFIG_TEMPLATE
+
+
+class _Process:
+    def __init__(self, pid, code=None):
+        self.pid, self.code = pid, code
+
+    def poll(self):
+        return self.code
+
+
+class _Info:
+    def __init__(self, process):
+        self.process = process
+
+
+def test_a_dead_gcs_or_raylet_is_named_and_other_processes_do_not_count():
+    from neuronserve.serve.local_ray import LocalRayProcesses
+
+    def procs(**codes):
+        return LocalRayProcesses({kind: [_Info(_Process(i + 10, code))] for i, (kind, code) in enumerate(codes.items())})
+
+    assert procs(gcs_server=None, raylet=None, dashboard=1).dead() is None
+    assert procs(gcs_server=None, raylet=-9).dead() == "raylet (pid 11) was killed by SIGKILL"
+    assert procs(gcs_server=3, raylet=None).dead() == "gcs_server (pid 10) exited with code 3"
+
+
+def test_kill_stops_real_processes_that_ignore_sigterm():
+    import subprocess
+    import sys
+
+    from neuronserve.serve.local_ray import LocalRayProcesses
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                 "print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    assert stubborn.stdout.readline().strip() == "up"
+    stopped = LocalRayProcesses({"raylet": [_Info(stubborn)], "dashboard": [_Info(polite)]}).kill(grace_s=0.5)
+    assert stopped == 2 and stubborn.poll() == -9 and polite.poll() == -15
+
+
+def test_listeners_finds_this_process_and_stale_haproxy_spares_other_programs():
+    from neuronserve.serve.local_ray import describe, listeners, stale_haproxy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert os.getpid() in listeners(port)
+        assert not stale_haproxy(os.getpid())
+        assert describe(os.getpid()).startswith(f"pid {os.getpid()} (")
+    assert os.getpid() not in listeners(port)
