@@ -19,6 +19,7 @@ Two more settings trim what Ray itself spends next to the model:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -62,8 +63,10 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
         return s.getsockname()[1]
 
 
-def local_ray_env(environ: dict | None = None) -> dict[str, str]:
-    """Environment for a local Ray (HAProxy ingress, lighter bookkeeping); values already set are kept."""
+def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> dict[str, str]:
+    """Environment for a local Ray (HAProxy ingress, lighter bookkeeping); values already set are kept.
+    With `access_log`, Serve's logs also go to stderr, which Ray forwards to the console (its
+    throughput-optimised mode otherwise writes them to files only)."""
     environ = os.environ if environ is None else environ
     wanted = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -78,6 +81,8 @@ def local_ray_env(environ: dict | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     }
+    if access_log:
+        wanted["RAY_SERVE_LOG_TO_STDERR"] = "1"
     return {k: v for k, v in wanted.items() if k not in environ}
 
 
@@ -275,3 +280,64 @@ def describe(pid: int, width: int = 80) -> str:
     """'pid 42 (haproxy -f ...)', cut to `width`."""
     cmdline = _cmdline(pid) or "?"
     return f"pid {pid} ({cmdline[:width] + ('...' if len(cmdline) > width else '')})"
+
+
+# --- what reaches the console -------------------------------------------------------------------------
+# Lines of Ray's that a user of `neuronserve serve` cannot act on; at --log-level debug they stay.
+RAY_NOISE = (
+    "Throughput optimized Ray Serve enabled",  # the controller's start-up banner ...
+    "  • ",  # ... and its list of settings
+    "graceful_shutdown failed",  # on every clean stop
+    "New http_options/controller_options will not be applied",  # on every fresh start
+    "Token authentication is enabled for this Ray cluster",  # the local Ray's default, kept on
+)
+
+
+def ray_noise(line: str, source: str = "") -> bool:
+    """True for a line of Ray's that stays out of the console (`source`: the Ray actor that wrote it).
+
+    >>> ray_noise("INFO ... serve 12 -- Throughput optimized Ray Serve enabled with the following configurations:")
+    True
+    >>> ray_noise("", "ServeController"), ray_noise("", "NeuronServe")
+    (True, False)
+    >>> ray_noise("ERROR replica failed to start: out of memory")
+    False
+    """
+    if not line.strip():
+        return source == "ServeController"
+    return any(noise in line for noise in RAY_NOISE)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not ray_noise(record.getMessage())
+        except Exception:  # a record that cannot format: let it through
+            return True
+
+
+def quiet_ray_console() -> None:
+    """Keep `RAY_NOISE` out of this process's console: Ray's own loggers here (Serve's INFO lines
+    about starting and deleting, the token-auth notice) and the lines Ray forwards from its actors.
+    Call before `ray.init`."""
+    import ray._private.worker as ray_worker
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    drop = _DropNoise()
+    for name in ("ray", "ray.serve", "ray._private.authentication.authentication_token_setup"):
+        logger = logging.getLogger(name)
+        logger.addFilter(drop)
+        for handler in logger.handlers:
+            handler.addFilter(drop)
+    print_worker_logs = ray_worker.print_worker_logs
+    if getattr(print_worker_logs, "_neuronserve", False):
+        return
+
+    def filtered(data: dict, print_file, ignore_prefix: bool = False):
+        source = data.get("actor_name") or ""
+        lines = [line for line in data.get("lines", []) if not ray_noise(line, source)]
+        if lines:
+            print_worker_logs({**data, "lines": lines}, print_file, ignore_prefix)
+
+    filtered._neuronserve = True  # type: ignore[attr-defined]
+    ray_worker.print_worker_logs = filtered

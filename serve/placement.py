@@ -120,8 +120,26 @@ def deployment_config(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) ->
         "health_check_period_s": 5.0,
         # Loading and warming every bucket on a NeuronCore takes a while.
         "health_check_timeout_s": 60.0,
-        "logging_config": {"enable_access_log": args.access_log},
+        "logging_config": serve_logging_config(access_log=args.access_log),
     }
+
+
+def serve_logging_config(*, access_log: bool = False, level: str | None = None, fmt: str | None = None) -> dict:
+    """Ray Serve's logging config from neuronserve's (--log-level, --log-format; the command exports
+    both): the same level and encoding for Serve's own logs and the replicas'. Serve writes its
+    access log at INFO, so with `access_log` the level is at most INFO.
+
+    >>> serve_logging_config(access_log=True, level="warning", fmt="json")
+    {'log_level': 'INFO', 'encoding': 'JSON', 'enable_access_log': True}
+    """
+    from neuronserve.common import logs
+
+    level = (level or logs.default_level()).upper()
+    fmt = fmt or logs.default_format()
+    if access_log and level in ("WARNING", "ERROR"):
+        level = "INFO"
+    return {"log_level": level, "encoding": "JSON" if fmt == "json" else "TEXT",
+            "enable_access_log": access_log}
 
 
 def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:

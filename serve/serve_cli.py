@@ -171,7 +171,13 @@ def run(args) -> int:
     from ray import serve
 
     from neuronserve.serve.app import build_app
-    from neuronserve.serve.local_ray import SETUP_HOOK, LocalRayProcesses, local_ray_env, ray_in_own_sessions, stop_haproxy
+    from neuronserve.common import logs
+    from neuronserve.serve.local_ray import (SETUP_HOOK, LocalRayProcesses, local_ray_env, quiet_ray_console,
+                                             ray_in_own_sessions, stop_haproxy)
+    from neuronserve.serve.placement import serve_logging_config
+
+    if logs.default_level() != "debug":
+        quiet_ray_console()
 
     local: LocalRayProcesses | None = None
     node_id = None
@@ -184,7 +190,7 @@ def run(args) -> int:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            os.environ.update(local_ray_env())  # read by the Ray processes started next
+            os.environ.update(local_ray_env(access_log=app_args.access_log))  # read by the Ray processes started next
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
             with ray_in_own_sessions():
                 ray.init(address="local", include_dashboard=False, logging_level="WARNING",
@@ -195,7 +201,7 @@ def run(args) -> int:
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
-        serve.start(http_options={"host": command.host, "port": command.port}, logging_config={"log_level": "WARNING"})
+        serve.start(http_options={"host": command.host, "port": command.port}, logging_config=serve_logging_config())
         app = build_app(app_args)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{command.host}:{command.port}"

@@ -152,3 +152,20 @@ def test_a_taken_port_is_one_line_naming_the_flag_before_anything_starts(minilm_
     assert len(lines) == 1, r.stderr  # no traceback, nothing from Ray: it never started
     assert lines[0].startswith("error: port") and str(taken) in lines[0] and flag in lines[0]
     assert elapsed < 60
+
+
+def test_access_log_on_the_console_when_asked(minilm_artifact):
+    port = free_port()
+    proc, out, stderr = start_server(minilm_artifact, port, 0, "--access-log")
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["hello"]}, timeout=30)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 15
+        while not any("POST /v1/embeddings 200" in line for line in stderr) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert any("POST /v1/embeddings 200" in line for line in stderr), "".join(stderr[-20:])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(40)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -156,6 +156,10 @@ def test_sigterm_to_the_process_group_drains_in_flight_requests(server):
     assert all(_port_free(p) for p in ports)
     assert any("drained in" in line for line in stderr), "".join(stderr[-20:])
     assert took < LIMIT_S
+    # Ray's lines a user cannot act on stay out of the console (they show at --log-level debug).
+    from neuronserve.serve.local_ray import RAY_NOISE
+
+    assert not [line for line in stderr if any(n in line for n in RAY_NOISE)], "".join(stderr)
 
 
 def test_sigterm_to_every_process_at_once_stops_promptly(server):
