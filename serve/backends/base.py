@@ -78,4 +78,8 @@ def load_backend(artifact_dir: str | Path, kind: str = "auto", **options) -> Bac
         from neuronserve.serve.backends.neuron import NeuronBackend
 
         return NeuronBackend(artifact_dir, manifest, **options)
-    raise BackendError(f"unknown backend {kind!r}: expected cpu, neuron or auto")
+    if kind == "simulated":
+        from neuronserve.serve.backends.simulated import SimulatedBackend
+
+        return SimulatedBackend(artifact_dir, manifest, **options)
+    raise BackendError(f"unknown backend {kind!r}: expected cpu, neuron, simulated or auto")
