@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from neuronserve.serve import tracing
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import kserve, openai, tei
@@ -98,6 +99,8 @@ def error_response(e: ServeError, error_body) -> Response:
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class NeuronServe:
+    tracing: "tracing.Tracing | None" = None  # set when `otlp_endpoint` is (serve.tracing)
+
     async def __init__(self, args: dict):
         self.args = AppArgs.model_validate(args)
         # A thread-safe future, not an asyncio.Event: loading runs in a worker thread and, depending
@@ -115,6 +118,7 @@ class NeuronServe:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit use)
             self.replica_id = str(os.getpid())
+        self.tracing = tracing.setup(self.args.otlp_endpoint, self.replica_id)
         # Loading and warm-up run in the background so liveness answers at once and readiness
         # can say 503 until every bucket is warm; requests that arrive meanwhile wait for it.
         self._startup = asyncio.get_running_loop().create_task(self._start())
@@ -153,6 +157,8 @@ class NeuronServe:
         replica = self.replica = build_replica(self.args)
         self.engine, self.metrics = replica.engine, replica.metrics
         self.model_name, self.limits = replica.model_name, replica.limits
+        if self.tracing is not None:
+            self.tracing.attach(replica.batcher)
         self.batcher = replica.batcher  # last: a set batcher means loaded (`reconfigure`)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -173,6 +179,8 @@ class NeuronServe:
         # Serve stops routing to a replica before this; let queued and running rows finish.
         if self.batcher is not None:
             await self.batcher.drain(self.args.request_timeout_s)
+        if self.tracing is not None:  # export the spans still buffered
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     async def _wait_ready(self) -> None:
         if not self.loaded.done():
@@ -203,6 +211,8 @@ class NeuronServe:
             raise RequestTimeout(f"request took longer than {self.args.request_timeout_s:g} s (request_timeout_s)") from None
         total_ms = (time.perf_counter() - t0) * 1000
         tokens = sum(len(r) for r in rows)
+        if self.tracing is not None:
+            self.tracing.inferred(t0, timing, len(rows), tokens)
         return outs, {"x-total-time": f"{total_ms:.2f}", "x-queue-time": f"{timing['queue_s'] * 1000:.2f}",
                       "x-inference-time": f"{timing['inference_s'] * 1000:.2f}", "x-tokens": str(tokens),
                       "x-inputs": str(len(rows))}
@@ -210,10 +220,14 @@ class NeuronServe:
     def _observe(self, route: str, status: int, started: float) -> None:
         if self.metrics is not None:
             self.metrics.request(route, status, time.perf_counter() - started)
+        if self.tracing is not None:
+            self.tracing.end(status)
 
-    async def _guard(self, route: str, error_body, handler) -> Response:
+    async def _guard(self, route: str, error_body, handler, request: Request | None = None) -> Response:
         """The one error handler: every error answers with its status in the route's protocol."""
         started = time.perf_counter()
+        if self.tracing is not None:  # ended in _observe, which every way out calls once
+            self.tracing.begin(route, request, getattr(self, "model_name", None))
         try:
             await self._wait_ready()
             response = await handler()
@@ -237,47 +251,51 @@ class NeuronServe:
     # -- OpenAI ---------------------------------------------------------------------------------
     @api.post("/v1/embeddings", **declared(openai.EmbeddingsRequest, openai.EmbeddingsResponse, openai.OpenAIError))
     async def embeddings(self, request: Request) -> Response:
-        return await self._guard("/v1/embeddings", openai.error_body, lambda: self._embeddings(request))
+        return await self._guard("/v1/embeddings", openai.error_body, lambda: self._embeddings(request), request)
 
     async def _embeddings(self, request: Request) -> Response:
         req = openai.parse(await self._body(request), self.limits)
         engine = self.engine
-        if req.texts is not None:
-            rows = engine.tokenize(req.texts, req.truncate)
-        else:
-            rows = engine.rows_from_token_ids(req.token_ids, req.truncate)
+        with tracing.span("tokenize"):
+            if req.texts is not None:
+                rows = engine.tokenize(req.texts, req.truncate)
+            else:
+                rows = engine.rows_from_token_ids(req.token_ids, req.truncate)
         outs, headers = await self._infer(rows)
         import numpy as np
 
-        vectors = engine.postprocess_embeddings(np.stack(outs), req.dimensions)
-        payload = openai.format(vectors, req.encoding_format, self.model_name, int(headers["x-tokens"]))
-        return Response(dumps(payload), media_type="application/json", headers=headers)
+        with tracing.span("serialize"):
+            vectors = engine.postprocess_embeddings(np.stack(outs), req.dimensions)
+            payload = openai.format(vectors, req.encoding_format, self.model_name, int(headers["x-tokens"]))
+            return Response(dumps(payload), media_type="application/json", headers=headers)
 
     @api.get("/v1/models", **declared(None, openai.ModelList, openai.OpenAIError))
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
         async def listing() -> Response:
             return JSONResponse(openai.models(self.model_name, int(self.replica_started)))
 
-        return await self._guard("/v1/models", openai.error_body, listing)
+        return await self._guard("/v1/models", openai.error_body, listing, request)
 
     # -- TEI-style classification --------------------------------------------------------------
     @api.post("/predict", **declared(tei.PredictRequest, tei.PredictResponse, tei.TEIError))
     async def predict(self, request: Request) -> Response:
-        return await self._guard("/predict", tei.error_body, lambda: self._predict(request))
+        return await self._guard("/predict", tei.error_body, lambda: self._predict(request), request)
 
     async def _predict(self, request: Request) -> Response:
         req = tei.parse(await self._body(request), self.limits)
-        rows = self.engine.tokenize(req.texts, req.truncate)
+        with tracing.span("tokenize"):
+            rows = self.engine.tokenize(req.texts, req.truncate)
         outs, headers = await self._infer(rows)
         import numpy as np
 
-        raw = np.stack(outs)
-        if req.raw_scores:
-            labels = self.engine.manifest.labels or {}
-            ranked = [[(labels.get(j, f"LABEL_{j}"), float(row[j])) for j in range(row.shape[0])] for row in raw]
-        else:
-            ranked = self.engine.postprocess_labels(raw)
-        return Response(dumps(tei.format(ranked, req.single)), media_type="application/json", headers=headers)
+        with tracing.span("serialize"):
+            raw = np.stack(outs)
+            if req.raw_scores:
+                labels = self.engine.manifest.labels or {}
+                ranked = [[(labels.get(j, f"LABEL_{j}"), float(row[j])) for j in range(row.shape[0])] for row in raw]
+            else:
+                ranked = self.engine.postprocess_labels(raw)
+            return Response(dumps(tei.format(ranked, req.single)), media_type="application/json", headers=headers)
 
     # -- KServe Open Inference Protocol v2 ------------------------------------------------------
     @api.get("/v2/health/live")
@@ -323,21 +341,23 @@ class NeuronServe:
 
     @api.post("/v2/models/{name}/infer", **declared(kserve.InferRequest, kserve.InferResponse, kserve.V2Error))
     async def v2_infer(self, name: str, request: Request) -> Response:
-        return await self._guard("/v2/infer", kserve.error_body, lambda: self._v2_infer(name, request))
+        return await self._guard("/v2/infer", kserve.error_body, lambda: self._v2_infer(name, request), request)
 
     async def _v2_infer(self, name: str, request: Request) -> Response:
         import numpy as np
 
         req = kserve.parse(await self._body(request), self.limits, name)
-        rows = self.engine.tokenize(req.texts, req.truncate)
+        with tracing.span("tokenize"):
+            rows = self.engine.tokenize(req.texts, req.truncate)
         outs, headers = await self._infer(rows)
-        raw = np.stack(outs)
-        if self.engine.task == "embed":
-            payload = kserve.format_embeddings(self.model_name, req.id, self.engine.postprocess_embeddings(raw))
-        else:
-            best = [ranked[0] for ranked in self.engine.postprocess_labels(raw)]
-            payload = kserve.format_labels(self.model_name, req.id, best)
-        return Response(dumps(payload), media_type="application/json", headers=headers)
+        with tracing.span("serialize"):
+            raw = np.stack(outs)
+            if self.engine.task == "embed":
+                payload = kserve.format_embeddings(self.model_name, req.id, self.engine.postprocess_embeddings(raw))
+            else:
+                best = [ranked[0] for ranked in self.engine.postprocess_labels(raw)]
+                payload = kserve.format_labels(self.model_name, req.id, best)
+            return Response(dumps(payload), media_type="application/json", headers=headers)
 
 
 def build_app(args: AppArgs):

@@ -54,6 +54,7 @@ class Row:
     cancelled: bool = False
     started: float = 0.0  # when its batch went to the device
     finished: float = 0.0  # when its batch's outputs came back
+    trace: object = None  # its request's span context, when tracing (`request_context`)
 
 
 # A batch taken from the queue: the planner's choice and the rows it names (in its order).
@@ -108,6 +109,10 @@ class Batcher:
         # Forward threads take their next batch themselves (`_work`): the queues, the counters and
         # the timing table are shared with the event loop under this lock.
         self._lock = threading.RLock()
+        # Tracing hooks, set by serve.tracing when it is on: the submitting request's span context
+        # (kept on its rows), and a callback per finished batch (batch, rows, started, finished, error).
+        self.request_context: Callable[[], object] | None = None
+        self.on_batch_trace: Callable | None = None
         self.configure(max_batch_tokens, batch_wait_ms, max_concurrent_batches, max_queued_rows)
 
     def configure(self, max_batch_tokens: int, batch_wait_ms: float, max_concurrent_batches: int, max_queued_rows: int,
@@ -147,6 +152,10 @@ class Batcher:
                 )
             clock = self.clock
             items = [Row(ids, loop.create_future(), self.seq_len_of(ids), clock()) for ids in rows]
+            if self.request_context is not None:
+                trace = self.request_context()
+                for item in items:
+                    item.trace = trace
             for item in items:
                 self.queues[item.seq_len].append(item)
             self.queued_rows += len(items)
@@ -333,6 +342,11 @@ class Batcher:
                 except Exception:
                     log.exception("batch metrics hook failed")
         finally:
+            if self.on_batch_trace is not None:
+                try:
+                    self.on_batch_trace(batch, rows, started, finished, error)
+                except Exception:
+                    log.exception("batch tracing hook failed")
             with self._lock:
                 self.inflight_rows -= len(rows)
             self._wake.set()

@@ -27,6 +27,7 @@ GROUPS = {
     "requests": ("request_timeout_s", "max_inputs_per_request", "max_body_bytes", "truncate", "max_ongoing_requests",
                  "access_log"),
     "metrics and cost": ("metrics_port", "instance_type", "price_per_hour_usd"),
+    "tracing (OpenTelemetry; OTEL_SERVICE_NAME names the service)": ("otlp_endpoint",),
 }
 NOT_FLAGS = {"metrics_dir"}  # the command makes its own
 

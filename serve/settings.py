@@ -10,7 +10,7 @@ import typing
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -42,6 +42,28 @@ class ServeSettings(BaseSettings):
                                       json_schema_extra={"default_help": "detected from EC2 instance metadata"})
     price_per_hour_usd: float | None = Field(None, ge=0, description="instance price for cost metrics",
                                              json_schema_extra={"default_help": "the price table's, for the instance type"})
+    # tracing (serve.tracing; OTEL_SERVICE_NAME names the service, default neuronserve)
+    otlp_endpoint: str | None = Field(None, description="export request and batch spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318",
+                                      json_schema_extra={"default_help": "off", "metavar": "URL"})
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, url: str | None) -> str | None:
+        """An http(s) URL, and the exporter installed (checked without importing it)."""
+        if not url:
+            return None
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL such as http://127.0.0.1:4318, got {url!r}")
+        import importlib.util
+
+        try:
+            installed = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+        except ModuleNotFoundError:
+            installed = False
+        if not installed:
+            raise ValueError("tracing needs the OpenTelemetry OTLP exporter, which is not installed: "
+                             "pip install 'neuronserve[tracing]'")
+        return url
 
 
 class AppArgs(ServeSettings):
