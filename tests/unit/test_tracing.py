@@ -17,6 +17,8 @@ from neuronserve.serve.buckets import BucketSet
 from neuronserve.serve.settings import AppArgs
 
 BUCKETS = BucketSet(parse_buckets("1x16,4x16,8x16"))
+# Device time the same for every bucket: the planner runs whatever is waiting as one batch.
+FLAT_TIMINGS = {b: 0.001 for b in BUCKETS.buckets}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 
@@ -77,7 +79,7 @@ def test_off_the_hooks_are_no_ops_and_import_no_sdk():
     assert tracing.setup(None) is None and tracing.setup("") is None
     assert tracing.span("tokenize") is tracing.span("serialize")  # one shared no-op
     assert tracing.current_span_context() is None
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     assert batcher.request_context is None and batcher.on_batch_trace is None
 
     async def run():
@@ -97,7 +99,7 @@ def test_importing_the_app_layer_imports_no_exporter():
 
 def test_a_request_has_a_server_span_with_its_phases_as_children(traced):
     t, exporter = traced
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
     rows = [[101, 5, 6, 102], [101, 7, 102]]
     assert asyncio.run(traced_request(t, batcher, rows, {"x-request-id": "req-42"})) == 200
@@ -124,7 +126,7 @@ def test_a_request_has_a_server_span_with_its_phases_as_children(traced):
 
 def test_a_batch_span_links_to_every_request_it_served(traced):
     t, exporter = traced
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=128)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=128, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
 
     async def run():
@@ -151,7 +153,7 @@ def test_a_batch_span_links_to_every_request_it_served(traced):
 
 def test_a_request_joins_the_callers_trace_from_traceparent(traced):
     t, exporter = traced
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
     headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
     assert asyncio.run(traced_request(t, batcher, [[1, 2]], headers)) == 200
@@ -165,7 +167,7 @@ def test_a_request_joins_the_callers_trace_from_traceparent(traced):
 
 def test_a_caller_that_does_not_sample_gets_no_spans_and_its_batch_none(traced):
     t, exporter = traced
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
     headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}  # sampled flag off
     assert asyncio.run(traced_request(t, batcher, [[1, 2]], headers)) == 200
@@ -174,7 +176,7 @@ def test_a_caller_that_does_not_sample_gets_no_spans_and_its_batch_none(traced):
 
 def test_a_failed_batch_is_an_error_span_and_the_request_a_5xx(traced):
     t, exporter = traced
-    batcher = Batcher(BUCKETS, failing_device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, failing_device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
     assert asyncio.run(traced_request(t, batcher, [[1, 2]])) == 500
     spans = by_name(exporter.get_finished_spans())
@@ -217,7 +219,7 @@ def test_a_ratio_sampler_keeps_batches_of_sampled_requests(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")  # no new trace is sampled ...
     exporter = InMemorySpanExporter()
     t = tracing.Tracing(exporter, batch=False)
-    batcher = Batcher(BUCKETS, device, max_batch_tokens=64)
+    batcher = Batcher(BUCKETS, device, max_batch_tokens=64, timings_s=FLAT_TIMINGS)
     t.attach(batcher)
     headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}  # ... but the caller's sampled one is
 
