@@ -56,9 +56,10 @@ def test_spans_reach_an_otlp_http_receiver_as_protobuf(receiver):
 
 
 def test_neuronserve_serve_traces_requests_and_the_batch_they_shared(minilm_artifact, receiver, monkeypatch):
-    # Read by the replicas' SDK: its service name, and a short export delay so the test need not wait 5 s.
+    # Read by the replicas' SDK: its service name, and an export delay far longer than the test, so
+    # the spans arrive only because a stopping replica sends what it still holds.
     monkeypatch.setenv("OTEL_SERVICE_NAME", "neuronserve-test")
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
     port, mport = free_port(), free_port()
     # One replica, one batch at a time, and rows wait up to 400 ms for a fuller batch: requests sent
     # together share a batch.
@@ -74,12 +75,14 @@ def test_neuronserve_serve_traces_requests_and_the_batch_they_shared(minilm_arti
                        for text, h in zip(texts, headers)]
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 3
+        proc.send_signal(signal.SIGTERM)  # drains, then each replica flushes its spans
+        assert proc.wait(timeout=90) == 0
 
         def complete(spans):
             ids = {s.attributes.get("neuronserve.request_id") for s in spans if s.name == "POST /v1/embeddings"}
             return {"req-0", "req-1", "req-2"} <= ids and sum(s.name == "batch" for s in spans) >= 1
 
-        spans = receiver.wait_for(complete, timeout_s=60)
+        spans = receiver.wait_for(complete, timeout_s=5)
         servers = {s.attributes["neuronserve.request_id"]: s for s in spans
                    if s.name == "POST /v1/embeddings" and s.attributes.get("neuronserve.request_id")}
         # The caller's trace is joined; the others start their own.
