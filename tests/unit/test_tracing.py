@@ -88,13 +88,19 @@ def test_off_the_hooks_are_no_ops_and_import_no_sdk():
     assert asyncio.run(run())[0].tolist() == [1.0, 3.0]
 
 
-def test_importing_the_app_layer_imports_no_exporter():
+def imported(modules: str, prefix: str) -> list[str]:
+    """The modules starting with `prefix` that a fresh interpreter has after importing `modules`."""
     import subprocess
 
-    code = ("import sys; import neuronserve.serve.app; "
-            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.exporter.otlp')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    code = f"import sys; import {modules}; print(sorted(m for m in sys.modules if m.startswith({prefix!r})))"
+    return eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_off_nothing_of_opentelemetry_is_imported_by_the_tracing_hooks():
+    assert imported("neuronserve.serve.tracing, neuronserve.serve.batcher, neuronserve.serve.settings",
+                    "opentelemetry") == []
+    # Ray Serve imports parts of the SDK itself; the exporter only comes with tracing on.
+    assert imported("neuronserve.serve.app", "opentelemetry.exporter.otlp") == []
 
 
 def test_a_request_has_a_server_span_with_its_phases_as_children(traced):
