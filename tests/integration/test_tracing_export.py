@@ -75,12 +75,18 @@ def test_neuronserve_serve_traces_requests_and_the_batch_they_shared(minilm_arti
                        for text, h in zip(texts, headers)]
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 3
+        # The other traced routes: the model list, and KServe v2 inference.
+        assert httpx.get(url + "/v1/models", headers={"x-request-id": "models"}, timeout=30).status_code == 200
+        v2 = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["v2 text"]}]}
+        assert httpx.post(url + "/v2/models/all-MiniLM-L6-v2/infer", json=v2, headers={"x-request-id": "v2"},
+                          timeout=30).status_code == 200
         proc.send_signal(signal.SIGTERM)  # drains, then each replica flushes its spans
         assert proc.wait(timeout=90) == 0
 
         def complete(spans):
             ids = {s.attributes.get("neuronserve.request_id") for s in spans if s.name == "POST /v1/embeddings"}
-            return {"req-0", "req-1", "req-2"} <= ids and sum(s.name == "batch" for s in spans) >= 1
+            return {"req-0", "req-1", "req-2"} <= ids and sum(s.name == "batch" for s in spans) >= 1 and \
+                {"GET /v1/models", "POST /v2/infer"} <= {s.name for s in spans}
 
         spans = receiver.wait_for(complete, timeout_s=5)
         servers = {s.attributes["neuronserve.request_id"]: s for s in spans
@@ -111,6 +117,10 @@ def test_neuronserve_serve_traces_requests_and_the_batch_they_shared(minilm_arti
                                                                         for s in servers.values())
         assert batch.attributes["neuronserve.batch.padded_tokens"] >= batch.attributes["neuronserve.batch.real_tokens"]
         assert batch.attributes["neuronserve.batch.bucket"]
+        others = {s.attributes.get("neuronserve.request_id"): s for s in spans if s.name in ("GET /v1/models", "POST /v2/infer")}
+        assert others["models"].attributes["http.response.status_code"] == 200
+        assert others["v2"].attributes["neuronserve.inputs"] == 1
+        assert {s.name for s in spans if s.parent_span_id == others["v2"].span_id} == set(PHASES)
         assert receiver.errors == []
     finally:
         # SIGTERM to the command itself: it drains and stops its Ray and HAProxy.
