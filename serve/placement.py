@@ -79,6 +79,8 @@ def place(args: AppArgs, *, neuron: bool, cpus: int, neuron_cores: int | None = 
     >>> place(AppArgs(artifacts="a", cores_per_replica=2), neuron=True, cpus=4, neuron_cores=24).num_replicas
     12
     """
+    if args.backend == "simulated":  # one device-like replica; it reserves no CPU, like a Neuron one
+        return args.model_copy(update={"num_replicas": 1 if args.num_replicas == "auto" else args.num_replicas})
     if neuron:
         replicas = args.num_replicas
         if replicas == "auto":
@@ -99,6 +101,8 @@ def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dic
     """
     if neuron:
         actor: dict = {"num_cpus": 0, "resources": {"neuron_cores": args.cores_per_replica}}
+    elif args.backend == "simulated":
+        actor = {"num_cpus": 0}
     else:
         actor = {"num_cpus": args.threads_per_replica * args.max_concurrent_batches}
     actor["runtime_env"] = {"env_vars": dict(env)}

@@ -69,6 +69,8 @@ def backend_options(kind: str, args: AppArgs) -> dict:
     """
     if kind == "cpu":
         return {"threads": args.threads_per_replica}  # the CPU backend sets its torch threads
+    if kind == "simulated":
+        return {"profile": args.device_profile}
     family = args.instance_type.split(".")[0] if args.instance_type else None
     return {"expected_target": family} if family in NEURON_TARGETS else {}  # refuse an inf2 artifact on trn1
 

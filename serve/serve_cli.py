@@ -20,7 +20,7 @@ APP_NAME = "neuronserve"
 # `neuronserve serve`'s flags, in help order, each generated from its setting (serve.settings).
 COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
-    "what to serve": ("artifacts", "model_name", "backend"),
+    "what to serve": ("artifacts", "model_name", "backend", "device_profile"),
     "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
     "batching (live-tunable through Serve's user_config)": (
         "max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing"),
@@ -131,6 +131,7 @@ def run(args) -> int:
     from neuronserve.compile.compiler import CompileError
     from neuronserve.models.artifact import ArtifactError, load_manifest
     from neuronserve.models.loading import ModelError
+    from neuronserve.serve.backends.base import BackendError
     from neuronserve.serve.settings import ServeCommand, given
 
     try:
@@ -151,7 +152,11 @@ def run(args) -> int:
     try:
         artifacts = Path(args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast))
         manifest = load_manifest(artifacts)
-    except (ArtifactError, CompileError, ModelError) as e:
+        if probe.backend == "simulated":
+            from neuronserve.serve.backends.simulated import load_profile
+
+            load_profile(probe.device_profile)
+    except (ArtifactError, CompileError, ModelError, BackendError) as e:
         return fail(str(e))
     metrics_dir = None
     exporter = None
@@ -392,6 +397,9 @@ def _start_exporter(metrics_dir: str, port: int, host: str):
 def _print_banner(url: str, manifest, exporter, app_args) -> None:
     name = app_args.model_name or manifest.model.name
     print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
+    if app_args.backend == "simulated":
+        print(f"  SIMULATED NeuronCore (profile {app_args.device_profile}): no model runs and the vectors mean "
+              "nothing; for measuring the host path only", flush=True)
     if manifest.task == "embed":
         print(f"""  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' -d '{{"model": "{name}", "input": ["hello world"]}}'""")
     else:

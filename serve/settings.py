@@ -70,7 +70,11 @@ class AppArgs(ServeSettings):
     """Typed arguments of the Ray Serve application builder `neuronserve.serve.app:build_app`."""
 
     artifacts: str = Field(description="artifact directory from `neuronserve compile`", json_schema_extra={"metavar": "DIR"})
-    backend: Literal["auto", "cpu", "neuron"] = Field("auto", description="where replicas run; auto: the artifact's target")
+    backend: Literal["auto", "cpu", "neuron", "simulated"] = Field(
+        "auto", description="where replicas run; auto: the artifact's target; simulated: a simulated NeuronCore "
+        "(no model: device time from --device-profile, for measuring the host path)")
+    device_profile: str = Field("zero", description="--backend simulated: device-time profile, a name (zero, bert-base-inf2, "
+                                "distilbert-base-inf2, minilm-l6-inf2) or a JSON file", json_schema_extra={"metavar": "NAME|FILE"})
     model_name: str | None = Field(None, description="served model name",
                                    json_schema_extra={"default_help": "the artifact's model name"})
     num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
