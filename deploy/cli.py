@@ -17,10 +17,13 @@ def add_subcommand(subparsers) -> None:
     sub = p.add_subparsers(dest="deploy_command", metavar="ACTION")
     r = sub.add_parser(
         "render",
-        help="print a RayService and a metrics Service sized for an artifact and an instance type",
+        help="print a RayService, its metrics Service, PodDisruptionBudget and NetworkPolicies for an artifact",
         description=(
             "Print a multi-document YAML: a KubeRay RayService (ray.io/v1) whose serveConfigV2 comes from the "
-            "artifact manifest, and a headless Service for the metrics ports. A local --artifacts DIR is "
+            "artifact manifest, a headless Service for the metrics ports, a PodDisruptionBudget for the serving "
+            "pods and NetworkPolicies (Serve from the ingress, metrics from Prometheus, the dashboard from the "
+            "KubeRay operator, Ray's own ports from the app's pods). Every container passes the Kubernetes "
+            "'restricted' Pod Security Standard. A local --artifacts DIR is "
             "assumed baked into --image at /opt/neuronserve/artifacts (deploy/docker/); an s3:// URI is synced "
             "into each pod by an init container. Apply with `kubectl apply -f`."
         ),
@@ -47,6 +50,31 @@ def add_subcommand(subparsers) -> None:
               env=False)
     r.add_argument("--service-account", help="serviceAccountName for the Ray pods (e.g. an IRSA role to read S3)")
     r.add_argument("--aws-cli-image", help="image of the init container that syncs s3:// artifacts")
+    from neuronserve.deploy.render import (
+        DEFAULT_API_KEY_SECRET_KEY, DEFAULT_INGRESS_NAMESPACE, DEFAULT_KUBERAY_NAMESPACE, DEFAULT_KUBERAY_VERSION,
+        DEFAULT_PROMETHEUS_NAMESPACE, RAY_AUTH_MODES,
+    )
+
+    sec = r.add_argument_group("security (docs/deploy-eks.md, \"Security\")")
+    sec.add_argument("--api-key-secret", metavar="NAME[:KEY]",
+                     help="read the serving API key(s) from this Secret: env NEURONSERVE_API_KEY (comma-separated "
+                          f"keys) on the Ray containers from key KEY (default {DEFAULT_API_KEY_SECRET_KEY})")
+    sec.add_argument("--ray-auth", choices=RAY_AUTH_MODES, default="token",
+                     help="Ray token authentication through KubeRay's authOptions (needs KubeRay >= 1.5.1)")
+    sec.add_argument("--kuberay-version", default=DEFAULT_KUBERAY_VERSION, metavar="X.Y.Z",
+                     help="the KubeRay operator's version; token authentication is refused below 1.5.1, whose CRD "
+                          "would drop authOptions silently")
+    sec.add_argument("--expose-dashboard", action="store_true",
+                     help="bind the Ray dashboard and Jobs API to every interface (0.0.0.0) and let any pod reach "
+                          "it (default: the head pod's own address, reachable from the KubeRay operator only)")
+    sec.add_argument("--no-network-policy", dest="network_policy", action="store_false",
+                     help="leave the NetworkPolicies out (e.g. when the namespace has its own)")
+    sec.add_argument("--ingress-namespace", default=DEFAULT_INGRESS_NAMESPACE, metavar="NS",
+                     help="namespace whose pods may reach the Serve port 8000 (your ingress controller)")
+    sec.add_argument("--prometheus-namespace", default=DEFAULT_PROMETHEUS_NAMESPACE, metavar="NS",
+                     help="namespace of the Prometheus pods (app.kubernetes.io/name=prometheus) that scrape 9400/8080")
+    sec.add_argument("--kuberay-namespace", default=DEFAULT_KUBERAY_NAMESPACE, metavar="NS",
+                     help="namespace of the KubeRay operator, the one client of the dashboard port 8265")
     r.add_argument("--out", default="-", metavar="FILE|-", help="output file, or - for stdout")
     r.set_defaults(func=run)
     p.set_defaults(func=lambda args: _usage(p))
@@ -82,6 +110,14 @@ def run(args) -> int:
         price_per_hour_usd=args.price_per_hour_usd,
         service_account=args.service_account,
         aws_cli_image=args.aws_cli_image or DEFAULT_AWS_CLI_IMAGE,
+        ray_auth=args.ray_auth,
+        kuberay_version=args.kuberay_version,
+        expose_dashboard=args.expose_dashboard,
+        api_key_secret=args.api_key_secret,
+        network_policy=args.network_policy,
+        ingress_namespace=args.ingress_namespace,
+        prometheus_namespace=args.prometheus_namespace,
+        kuberay_namespace=args.kuberay_namespace,
     )
     try:
         text = render_yaml(opts)

@@ -15,10 +15,22 @@ How artifacts reach the pods (a serving pod never compiles):
   emptyDir mounted at ``/mnt/neuronserve/artifacts`` before Ray starts. Sizing then needs a local
   copy of the manifest (``--manifest FILE``) or ``--target`` (and optionally ``--cores-per-replica``).
 
+What the pods expose (docs/deploy-eks.md, "Security"):
+
+- Every container runs as the image's non-root user under the Kubernetes "restricted" Pod Security
+  Standard (POD_SECURITY_CONTEXT, CONTAINER_SECURITY_CONTEXT).
+- Ray token authentication through KubeRay's ``authOptions`` (KubeRay >= 1.5.1; older operators
+  prune the field silently, so ``--kuberay-version`` below it refuses ``--ray-auth token``).
+- The dashboard (and its Jobs API) listens on the pod's own address only, where the KubeRay operator
+  reaches it through the head Service, not on every interface; ``--expose-dashboard`` binds 0.0.0.0.
+- NetworkPolicies: the Serve port from the ingress only, the metrics ports from Prometheus only, the
+  dashboard from the KubeRay operator only, Ray's own ports from the cluster's own pods.
+- A PodDisruptionBudget over the serving (worker) pods.
+
 >>> objs = render_objects(RenderOptions(artifacts="s3://b/a", instance_type="inf2.xlarge",
 ...                                     image="neuronserve:1", target="inf2"))
 >>> [o["kind"] for o in objs]
-['RayService', 'Service']
+['RayService', 'Service', 'PodDisruptionBudget', 'NetworkPolicy', 'NetworkPolicy', 'NetworkPolicy', 'NetworkPolicy']
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ DASHBOARD_PORT = 8265
 GCS_PORT = 6379
 CLIENT_PORT = 10001
 RAY_METRICS_PORT = 8080
+DASHBOARD_AGENT_PORT = 52365  # KubeRay's default dashboard-agent-listen-port
 METRICS_PORT = 9400
 # KubeRay adds a port named "metrics" (8080) to the Ray container unless one exists, so the Ray
 # container keeps that name for Ray's own metrics. The exporter sidecar's port needs another name:
@@ -72,6 +85,51 @@ DEFAULT_AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.15.0"
 
 BACKENDS = ("auto", "cpu", "neuron")
 
+# --- security -------------------------------------------------------------------------------------
+# The Kubernetes "restricted" Pod Security Standard
+# (https://kubernetes.io/docs/concepts/security/pod-security-standards/), on every pod and container.
+# 1000:100 is the `ray` user and `users` group of the rayproject/ray images (deploy/docker/ keeps
+# it); a numeric runAsUser also lets an image that defaults to root (aws-cli) pass runAsNonRoot.
+RUN_AS_USER = 1000
+RUN_AS_GROUP = 100
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": RUN_AS_USER,
+    "runAsGroup": RUN_AS_GROUP,
+    "fsGroup": RUN_AS_GROUP,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+# Ray token authentication (Ray >= 2.52) through KubeRay's `authOptions`: the operator creates a
+# Secret with a random token and sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every Ray container. KubeRay
+# added `authOptions` to RayCluster, RayJob and RayService in v1.5.1; an older operator's CRD does
+# not know the field and the API server prunes it without a word, leaving the cluster open. Ray
+# 2.60 itself turns token authentication on by default only for a local `ray.init()` cluster: a
+# `ray start --head` (what KubeRay runs) without a token stays unauthenticated.
+RAY_AUTH_MODES = ("token", "disabled")
+KUBERAY_AUTH_MIN_VERSION = (1, 5, 1)
+DEFAULT_KUBERAY_VERSION = "1.5.1"
+
+# The pod's own IP (downward API), where the dashboard listens unless --expose-dashboard.
+POD_IP_ENV = "NEURONSERVE_POD_IP"
+# The serving API key: env NEURONSERVE_API_KEY holds comma-separated keys (serve reads it).
+API_KEY_ENV = "NEURONSERVE_API_KEY"
+DEFAULT_API_KEY_SECRET_KEY = "api-keys"
+
+# Who may reach what (NetworkPolicy); patch the selectors in an overlay (docs/deploy-eks.md).
+DEFAULT_INGRESS_NAMESPACE = "ingress-nginx"
+DEFAULT_PROMETHEUS_NAMESPACE = "monitoring"
+DEFAULT_KUBERAY_NAMESPACE = "kuberay"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace
+PROMETHEUS_POD_LABELS = {"app.kubernetes.io/name": "prometheus"}
+KUBERAY_OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+
 # Head pod: GCS, dashboard, Serve controller and the autoscaler's bookkeeping; no replicas.
 HEAD_CPU = 2
 HEAD_MEMORY_GIB = 8
@@ -81,6 +139,7 @@ SIDECAR_MEMORY_MIB = 256
 
 
 NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 MAX_NAME_LEN = 40
 
 
@@ -213,6 +272,15 @@ class RenderOptions:
     service_account: str | None = None
     aws_cli_image: str = DEFAULT_AWS_CLI_IMAGE
     facts: ArtifactFacts | None = None  # given directly (tests, overlays): skips reading artifacts
+    # Security (see the module docstring).
+    ray_auth: str = "token"
+    kuberay_version: str = DEFAULT_KUBERAY_VERSION
+    expose_dashboard: bool = False
+    api_key_secret: str | None = None  # NAME[:KEY] of a Secret holding the serving API key(s)
+    network_policy: bool = True
+    ingress_namespace: str = DEFAULT_INGRESS_NAMESPACE
+    prometheus_namespace: str = DEFAULT_PROMETHEUS_NAMESPACE
+    kuberay_namespace: str = DEFAULT_KUBERAY_NAMESPACE
 
 
 @dataclass
@@ -275,8 +343,64 @@ def _facts(opts: RenderOptions) -> ArtifactFacts:
         raise RenderError(str(e)) from None
 
 
+def parse_version(text: str) -> tuple[int, ...]:
+    """A KubeRay version as numbers: "v1.5.1", "1.5" and "1.6.0-rc.1" are accepted.
+
+    >>> parse_version("v1.5.1"), parse_version("1.6"), parse_version("1.7.0-rc.1")
+    ((1, 5, 1), (1, 6, 0), (1, 7, 0))
+    """
+    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?:[-+][0-9A-Za-z.-]+)?", (text or "").strip())
+    if not m:
+        raise RenderError(f"--kuberay-version {text!r}: expected a release such as 1.5.1")
+    return int(m[1]), int(m[2]), int(m[3] or 0)
+
+
+def check_ray_auth(opts: RenderOptions) -> None:
+    """Refuse token authentication on an operator that would silently drop `authOptions`."""
+    if opts.ray_auth not in RAY_AUTH_MODES:
+        raise RenderError(f"--ray-auth {opts.ray_auth!r}: expected one of {', '.join(RAY_AUTH_MODES)}")
+    version = parse_version(opts.kuberay_version)
+    if opts.ray_auth == "token" and version < KUBERAY_AUTH_MIN_VERSION:
+        minimum = ".".join(map(str, KUBERAY_AUTH_MIN_VERSION))
+        raise RenderError(
+            f"--kuberay-version {opts.kuberay_version}: KubeRay before {minimum} has no authOptions in its RayService "
+            f"CRD, so the API server would drop it silently and Ray would run without token authentication; "
+            f"upgrade the operator to {minimum} or newer, or pass --ray-auth disabled and keep the cluster's "
+            "own pods the only ones that reach Ray (the rendered NetworkPolicies)"
+        )
+
+
+def api_key_secret_ref(spec: str) -> dict[str, str]:
+    """`NAME[:KEY]` of the Secret holding the serving API key(s), as a secretKeyRef.
+
+    >>> api_key_secret_ref("serving-keys")
+    {'name': 'serving-keys', 'key': 'api-keys'}
+    >>> api_key_secret_ref("serving-keys:primary")
+    {'name': 'serving-keys', 'key': 'primary'}
+    """
+    name, _, key = spec.partition(":")
+    key = key or DEFAULT_API_KEY_SECRET_KEY
+    if not DNS_SUBDOMAIN_RE.fullmatch(name) or not SECRET_KEY_RE.fullmatch(key):
+        raise RenderError(
+            f"--api-key-secret {spec!r}: expected NAME[:KEY], a Secret's name (lowercase letters, digits, '-', '.') "
+            f"and optionally the key in it holding the comma-separated keys (default {DEFAULT_API_KEY_SECRET_KEY})"
+        )
+    return {"name": name, "key": key}
+
+
+DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+SECRET_KEY_RE = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
 def plan(opts: RenderOptions) -> Plan:
     """Check the inputs against each other and size pods, replicas and batching."""
+    check_ray_auth(opts)
+    if opts.api_key_secret is not None:
+        api_key_secret_ref(opts.api_key_secret)
+    for flag, ns in (("--ingress-namespace", opts.ingress_namespace), ("--prometheus-namespace", opts.prometheus_namespace),
+                     ("--kuberay-namespace", opts.kuberay_namespace)):
+        if not DNS_LABEL_RE.fullmatch(ns or ""):
+            raise RenderError(f"{flag} {ns!r}: a namespace name (lowercase letters, digits and '-')")
     if not NAME_RE.fullmatch(opts.name or "") or len(opts.name) > MAX_NAME_LEN:
         raise RenderError(
             f"--name {opts.name!r}: use lowercase letters, digits and '-', starting with a letter, at most "
@@ -450,7 +574,11 @@ def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (serveConfigV2, patches) as readable literal blocks."""
+    """Multi-line strings (serveConfigV2, patches) as readable literal blocks; no anchors/aliases
+    (a repeated object is written out again: manifests are read by people)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
@@ -488,18 +616,27 @@ def _resources(cpu: int | str, memory: str, extra: dict[str, Any] | None = None)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def _security(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**copy.deepcopy(CONTAINER_SECURITY_CONTEXT), **(extra or {})}
+
+
 def _sidecar(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     return {
         "name": "metrics-exporter",
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", str(opts.metrics_port)],
+        # --no-neuron-monitor: the sidecar holds no Neuron device, so a neuron-monitor in it would see
+        # no runtime; NeuronCore metrics come from the node's neuron-monitor DaemonSet
+        # (k8s/monitoring/neuron-monitor/, docs/metrics.md).
+        "command": ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", str(opts.metrics_port),
+                    *(["--no-neuron-monitor"] if p.neuron else [])],
         "env": [
             {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
             {"name": "NEURONSERVE_INSTANCE_TYPE", "value": p.instance.name},
         ],
         "ports": [{"name": METRICS_PORT_NAME, "containerPort": opts.metrics_port, "protocol": "TCP"}],
         "resources": _resources(f"{SIDECAR_CPU_MILLI}m", f"{SIDECAR_MEMORY_MIB}Mi"),
+        "securityContext": _security(),
         "volumeMounts": [{"name": "metrics", "mountPath": METRICS_DIR}],
     }
 
@@ -515,10 +652,25 @@ def _init_containers(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
             # Credentials come from the pod's service account (IRSA / EKS Pod Identity).
             "command": ["aws"],
             "args": ["s3", "sync", "--only-show-errors", p.s3_uri, S3_ARTIFACTS_DIR],
+            # The aws-cli image's HOME (/root) is not writable by the non-root user.
+            "env": [{"name": "HOME", "value": "/tmp"}],
             "resources": _resources(1, "1Gi"),
+            "securityContext": _security(),
             "volumeMounts": [{"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR}],
         }
     ]
+
+
+def _head_probe(opts: RenderOptions) -> dict[str, Any]:
+    """KubeRay's own head probe (raylet through the dashboard agent, GCS through the dashboard), with
+    the dashboard at the pod's address instead of localhost, where it no longer listens. KubeRay
+    keeps a probe the template sets."""
+    command = (
+        f"wget --tries 1 -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"
+        f" && wget --tries 1 -T 2 -q -O- http://${POD_IP_ENV}:{DASHBOARD_PORT}/api/gcs_healthz | grep success"
+    )
+    return {"exec": {"command": ["bash", "-c", command]}, "initialDelaySeconds": 30, "periodSeconds": 5,
+            "timeoutSeconds": 5, "failureThreshold": 12}
 
 
 def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]:
@@ -555,20 +707,30 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     ]
-    ray_container = {
+    if head and not opts.expose_dashboard:
+        env.append({"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    if opts.api_key_secret:
+        # The replicas read the keys from the environment; /v2/health/* stays open for the probes.
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": api_key_secret_ref(opts.api_key_secret)}})
+    ray_container: dict[str, Any] = {
         "name": component,
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
         "env": env,
         "ports": ports,
         "resources": resources,
+        "securityContext": _security(),
         "volumeMounts": mounts,
         # Let Serve drain in-flight requests before the pod goes.
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
+    if head and not opts.expose_dashboard:
+        ray_container["readinessProbe"] = _head_probe(opts)
+        ray_container["livenessProbe"] = {**_head_probe(opts), "failureThreshold": 120}
     spec: dict[str, Any] = {}
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
+    spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
     inits = _init_containers(p, opts)
     if inits:
         spec["initContainers"] = inits
@@ -587,10 +749,13 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
     return {"metadata": {"labels": _labels(opts, component)}, "spec": spec}
 
 
+def worker_group_name(p: Plan) -> str:
+    return f"{'neuron' if p.neuron else 'cpu'}-{p.instance.name.replace('.', '-')}"
+
+
 def rayservice(p: Plan, opts: RenderOptions) -> dict[str, Any]:
-    group = "neuron" if p.neuron else "cpu"
     worker = {
-        "groupName": f"{group}-{p.instance.name.replace('.', '-')}",
+        "groupName": worker_group_name(p),
         "replicas": p.min_workers,
         "minReplicas": p.min_workers,
         "maxReplicas": p.max_workers,
@@ -598,6 +763,26 @@ def rayservice(p: Plan, opts: RenderOptions) -> dict[str, Any]:
         "rayStartParams": {},
         "template": _pod_template(p, opts, head=False),
     }
+    # The KubeRay operator deploys the Serve config and reads its status through the dashboard's
+    # REST API at the head Service, so the dashboard must listen on the pod's address: there, not on
+    # every interface (KubeRay's default is 0.0.0.0), unless --expose-dashboard. Ray expands the
+    # variable: KubeRay runs `ray start` through bash.
+    head_params = {"num-cpus": "0", "dashboard-host": "0.0.0.0" if opts.expose_dashboard else f"${POD_IP_ENV}"}
+    cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+    }
+    if opts.ray_auth == "token":
+        # KubeRay >= 1.5.1 creates a Secret with a random token and sets RAY_AUTH_MODE=token and
+        # RAY_AUTH_TOKEN on every Ray container (check_ray_auth refuses older operators).
+        cluster["authOptions"] = {"mode": "token"}
+    cluster["headGroupSpec"] = {
+        # num-cpus 0: no replica is ever scheduled on the head.
+        "rayStartParams": head_params,
+        "template": _pod_template(p, opts, head=True),
+    }
+    cluster["workerGroupSpecs"] = [worker]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -609,19 +794,7 @@ def rayservice(p: Plan, opts: RenderOptions) -> dict[str, Any]:
             "deploymentUnhealthySecondThreshold": 900,
             # Traffic goes to worker proxies only; the head has no replicas.
             "excludeHeadPodFromServeSvc": True,
-            "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
-                # Ray >= 2.52 turns token authentication on; KubeRay keeps the token in a Secret.
-                "authOptions": {"mode": "token"},
-                "headGroupSpec": {
-                    # num-cpus 0: no replica is ever scheduled on the head.
-                    "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                    "template": _pod_template(p, opts, head=True),
-                },
-                "workerGroupSpecs": [worker],
-            },
+            "rayClusterConfig": cluster,
         },
     }
 
@@ -643,9 +816,67 @@ def metrics_service(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     }
 
 
+def pod_disruption_budget(p: Plan, opts: RenderOptions) -> dict[str, Any]:
+    """At most one serving (worker) pod at a time goes in a voluntary disruption (node drain,
+    Karpenter consolidation). KubeRay's RayCluster has no scale subresource, so only an integer
+    minAvailable works for its pods; with one worker it blocks the drain until there is another."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(opts, f"{opts.name}-serving", "ray-worker"),
+        "spec": {
+            "minAvailable": max(1, p.min_workers - 1),
+            "selector": {"matchLabels": _labels(opts, "ray-worker")},
+        },
+    }
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port} for port in ports]
+
+
+def _from(namespace: str, pod_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    peer: dict[str, Any] = {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}}}
+    peer["podSelector"] = {"matchLabels": dict(pod_labels)} if pod_labels else {}
+    return peer
+
+
+def network_policies(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
+    """Ingress rules for the Ray pods of this app (any policy selecting a pod denies what no policy
+    allows): Ray's own ports from the app's own pods, Serve from the ingress, the metrics ports from
+    Prometheus, the dashboard from the KubeRay operator. Kubelet probes are not pod traffic."""
+    pods = {"matchLabels": _labels(opts)}
+
+    def policy(suffix: str, ingress: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _metadata(opts, f"{opts.name}-{suffix}", "network-policy"),
+            "spec": {"podSelector": copy.deepcopy(pods), "policyTypes": ["Ingress"], "ingress": ingress},
+        }
+
+    dashboard_rule: dict[str, Any] = {"ports": _tcp(DASHBOARD_PORT)}
+    if not opts.expose_dashboard:
+        dashboard_rule["from"] = [_from(opts.kuberay_namespace, KUBERAY_OPERATOR_POD_LABELS)]
+    return [
+        # GCS, raylets, object managers, workers, agents: many ports, some random; the app's own pods.
+        policy("ray-internal", [{"from": [{"podSelector": copy.deepcopy(pods)}]}]),
+        policy("serve", [{"from": [_from(opts.ingress_namespace)], "ports": _tcp(SERVE_PORT)}]),
+        policy("metrics", [{"from": [_from(opts.prometheus_namespace, PROMETHEUS_POD_LABELS)],
+                            "ports": _tcp(opts.metrics_port, RAY_METRICS_PORT)}]),
+        policy("dashboard", [dashboard_rule]),
+    ]
+
+
 def render_objects(opts: RenderOptions) -> list[dict[str, Any]]:
-    p = plan(opts)
-    return [rayservice(p, opts), metrics_service(p, opts)]
+    return _objects(plan(opts), opts)
+
+
+def _objects(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
+    objs = [rayservice(p, opts), metrics_service(p, opts), pod_disruption_budget(p, opts)]
+    if opts.network_policy:
+        objs += network_policies(p, opts)
+    return objs
 
 
 def render_yaml(opts: RenderOptions) -> str:
@@ -659,9 +890,12 @@ def render_yaml(opts: RenderOptions) -> str:
         f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods"
         + (" (baked into the image)" if not p.s3_uri else " (init container sync)")
         + "\n"
+        + f"# Ray token authentication: {opts.ray_auth}"
+        + (f" (KubeRay authOptions: needs the operator at {'.'.join(map(str, KUBERAY_AUTH_MIN_VERSION))} or newer)"
+           if opts.ray_auth == "token" else "")
+        + f"; dashboard on {'every interface' if opts.expose_dashboard else 'the head pod address only'}\n"
     )
-    docs = [rayservice(p, opts), metrics_service(p, opts)]
-    return header + "".join("---\n" + dump_yaml(d) for d in docs)
+    return header + "".join("---\n" + dump_yaml(d) for d in _objects(p, opts))
 
 
 # --- kustomize tree -------------------------------------------------------------------------------
@@ -707,11 +941,15 @@ OVERLAYS = {
     "cpu": "c7i.4xlarge",
 }
 BASE_INSTANCE = "inf2.xlarge"
-# Placeholder image names; set yours with `kustomize edit set image neuronserve-neuron=REPO:TAG`.
-OVERLAY_IMAGES = {"neuron": "neuronserve-neuron:latest", "cpu": "neuronserve-cpu:latest"}
+# Placeholder image names, tagged with the release (never `:latest`, which pins nothing); set yours
+# with an `images:` entry in an overlay of your own (docs/deploy-eks.md).
+OVERLAY_IMAGE_TAG = "0.1.0"
+OVERLAY_IMAGES = {"neuron": f"neuronserve-neuron:{OVERLAY_IMAGE_TAG}", "cpu": f"neuronserve-cpu:{OVERLAY_IMAGE_TAG}"}
+# k8s/examples/api-key: an overlay of the inf2-xlarge one reading the serving keys from this Secret.
+EXAMPLE_API_KEY_SECRET = "neuronserve-api-keys"
 
 
-def overlay_options(instance_type: str) -> RenderOptions:
+def overlay_options(instance_type: str, **kw: Any) -> RenderOptions:
     inst = get_instance(instance_type)
     kind = "cpu" if inst.target == "cpu" else "neuron"
     return RenderOptions(
@@ -719,6 +957,7 @@ def overlay_options(instance_type: str) -> RenderOptions:
         instance_type=instance_type,
         image=OVERLAY_IMAGES[kind],
         facts=assumed_facts(inst.target),
+        **kw,
     )
 
 
@@ -733,7 +972,10 @@ def kustomize_tree(monitoring: bool) -> dict[str, str]:
     base_objs = render_objects(overlay_options(BASE_INSTANCE))
     files["base/rayservice.yaml"] = note + dump_yaml(base_objs[0])
     files["base/metrics-service.yaml"] = note + dump_yaml(base_objs[1])
-    resources = ["rayservice.yaml", "metrics-service.yaml"]
+    files["base/pod-disruption-budget.yaml"] = note + dump_yaml(base_objs[2])
+    files["base/network-policies.yaml"] = note + "".join(
+        ("---\n" if i else "") + dump_yaml(o) for i, o in enumerate(base_objs[3:]))
+    resources = ["rayservice.yaml", "metrics-service.yaml", "pod-disruption-budget.yaml", "network-policies.yaml"]
     if monitoring:
         resources.append("../monitoring")
     files["base/kustomization.yaml"] = note + dump_yaml(
@@ -759,7 +1001,26 @@ def kustomize_tree(monitoring: bool) -> dict[str, str]:
         if patches:
             kust["patches"] = patches
         files[f"overlays/{directory}/kustomization.yaml"] = note + f"# {instance_type}\n" + dump_yaml(kust)
+    files["examples/api-key/kustomization.yaml"] = note + dump_yaml(api_key_example(base_objs[0]))
     return files
+
+
+def api_key_example(rs: dict[str, Any]) -> dict[str, Any]:
+    """An overlay adding the serving API key (env from a Secret) to the Ray containers of the
+    inf2-xlarge overlay: what `deploy render --api-key-secret` renders."""
+    env = {"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": api_key_secret_ref(EXAMPLE_API_KEY_SECRET)}}
+    paths = ["/spec/rayClusterConfig/headGroupSpec/template/spec/containers/0/env/-"] + [
+        f"/spec/rayClusterConfig/workerGroupSpecs/{i}/template/spec/containers/0/env/-"
+        for i in range(len(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]))
+    ]
+    ops = [{"op": "add", "path": path, "value": env} for path in paths]
+    return {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["../../overlays/inf2-xlarge"],
+        "patches": [{"target": {"group": _group(rs), "version": _version(rs), "kind": rs["kind"],
+                                "name": rs["metadata"]["name"]}, "patch": dump_yaml(ops)}],
+    }
 
 
 def _group(obj: dict[str, Any]) -> str:

@@ -41,12 +41,15 @@ def test_overlay_builds_and_validates(overlay):
     assert sorted(ours, key=key) == sorted(expected, key=key)
 
 
-@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
-def test_real_kustomize_agrees_with_the_subset(overlay):
+BUILDS = [f"overlays/{o}" for o in sorted(OVERLAYS)] + ["examples/api-key", "monitoring/neuron-monitor"]
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_real_kustomize_agrees_with_the_subset(build):
     if not kustomize.real_kustomize():
         pytest.skip("no kustomize or `kubectl kustomize` installed; the built-in subset was tested above")
-    real = kustomize.build(K8S / "overlays" / overlay, use_real=True)
-    subset = kustomize.build_subset(K8S / "overlays" / overlay)
+    real = kustomize.build(K8S / build, use_real=True)
+    subset = kustomize.build_subset(K8S / build)
     assert sorted(real, key=key) == sorted(subset, key=key)
 
 

@@ -170,8 +170,10 @@ def test_metrics_sidecar_and_ports(artifact):
         ray = template["spec"]["containers"][0]
         side = cs["metrics-exporter"]
         assert side["image"] == ray["image"]
-        assert side["command"] == ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", "9400"]
-        env = {e["name"]: e["value"] for e in ray["env"]}
+        # No neuron-monitor in the sidecar (it holds no device): the node's DaemonSet exports NeuronCores.
+        assert side["command"] == ["neuronserve", "metrics-exporter", "--dir", METRICS_DIR, "--port", "9400",
+                                   "--no-neuron-monitor"]
+        env = {e["name"]: e.get("value") for e in ray["env"]}
         assert env["PROMETHEUS_MULTIPROC_DIR"] == METRICS_DIR
         assert env["NEURONSERVE_INSTANCE_TYPE"] == "inf2.24xlarge"
         for c in (ray, side):
@@ -253,7 +255,7 @@ def base_argv(artifacts: str, instance_type: str) -> list[str]:
 def test_cli_prints_yaml(capsys, artifact):
     assert run_cli(base_argv(artifact("inf2"), "inf2.xlarge") + ["--min-replicas", "1", "--max-replicas", "6"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
-    assert [d["kind"] for d in docs] == ["RayService", "Service"]
+    assert [d["kind"] for d in docs] == ["RayService", "Service", "PodDisruptionBudget"] + ["NetworkPolicy"] * 4
 
 
 def test_cli_writes_file(tmp_path, artifact):
