@@ -771,7 +771,9 @@ def rayservice(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": True,
-        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
+        # KubeRay adds the autoscaler container to the head pod with this security context; the
+        # worker pods' `wait-gcs-ready` init container copies the Ray container's.
+        "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300, "securityContext": _security()},
     }
     if opts.ray_auth == "token":
         # KubeRay >= 1.5.1 creates a Secret with a random token and sets RAY_AUTH_MODE=token and

@@ -125,11 +125,25 @@ def test_rendered_pods_are_restricted(artifact, instance_type, target, variant):
         validate_object(obj)
 
 
+def test_containers_kuberay_adds_are_checked(artifact):
+    """The autoscaler container KubeRay adds to the head takes autoscalerOptions.securityContext;
+    without it the head pod would fail the standard (and be refused in a restricted namespace)."""
+    objs = render_objects(opts(artifact("inf2"), "inf2.xlarge"))
+    rs = by_kind(objs, "RayService")[0]
+    templates = dict(pod_security.pod_templates(rs))
+    head = [t for w, t in templates.items() if w.endswith(" head")][0]
+    assert any(c["name"].startswith("autoscaler") for c in head["spec"]["containers"])
+    del rs["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]
+    head = [t for w, t in pod_security.pod_templates(rs) if w.endswith(" head")][0]
+    found = pod_security.violations(head["spec"])
+    assert any("autoscaler" in v and v.startswith("Privilege Escalation") for v in found), found
+
+
 def test_s3_init_container_is_restricted(tmp_path):
     manifest = make_artifact(tmp_path / "local", "inf2") / "manifest.json"
     objs = render_objects(opts("s3://b/p", "inf2.xlarge", manifest_file=str(manifest)))
     for where, template in assert_restricted(objs):
-        (init,) = template["spec"]["initContainers"]
+        (init,) = [c for c in template["spec"]["initContainers"] if c["name"] == "fetch-artifacts"]
         assert init["securityContext"]["allowPrivilegeEscalation"] is False
         # The aws-cli image runs as root by default: the pod's numeric user makes runAsNonRoot hold.
         assert template["spec"]["securityContext"]["runAsUser"] == 1000
@@ -178,7 +192,8 @@ def images(obj):
     for _, template in pod_security.pod_templates(obj):
         for field in ("initContainers", "containers"):
             for c in template["spec"].get(field) or []:
-                yield c["image"]
+                if "(added by KubeRay)" not in c["name"]:
+                    yield c["image"]
 
 
 def test_no_latest_or_untagged_image_in_k8s():
