@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from neuronserve.deploy.loadtest.config import UsageError, format_value
+from neuronserve.deploy.loadtest.config import LoadtestError, UsageError, format_value
+
+# matplotlib is the `loadtest` extra's, not the serving install's.
+PLOTS_NEED = "plots need the loadtest extra: pip install 'neuronserve[loadtest]'"
+
+
+class MissingExtraError(LoadtestError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
 
 
 def step_label(step: dict) -> str:
@@ -199,8 +206,18 @@ def render_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
 
 # --- plots --------------------------------------------------------------------------------
 
+def require_plotting() -> None:
+    """Raise MissingExtraError (a LoadtestError: one line, exit 1) unless matplotlib imports; a
+    command can call it before a run so a missing extra shows before the load, not after."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(PLOTS_NEED) from None
+
+
 def _figure(width: float = 7.5, height: float = 4.8):
     # The object API with the Agg canvas: no pyplot global state, no display needed.
+    require_plotting()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

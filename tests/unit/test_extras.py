@@ -1,0 +1,118 @@
+"""The serving install carries what serving needs: plotting (matplotlib) is the `loadtest` extra's,
+manifest validation (jsonschema, kubernetes-validate) the `deploy` extra's; `test` pulls both in,
+and a missing extra is one clear message naming it (checked in a fresh interpreter where the module
+is made unimportable with a None entry in sys.modules)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+
+def project():
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def names(requirements):
+    return {re.split(r"[<>=!~;\[\s]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_serving_install_has_no_plotting_or_validation():
+    deps = names(project()["dependencies"])
+    assert not deps & {"matplotlib", "jsonschema", "kubernetes-validate"}, deps
+
+
+def test_extras_and_test_pulls_them_in():
+    extras = project()["optional-dependencies"]
+    assert names(extras["loadtest"]) == {"matplotlib"}
+    assert names(extras["deploy"]) == {"jsonschema", "kubernetes-validate"}
+    test = set(extras["test"])
+    assert set(extras["loadtest"]) <= test and set(extras["deploy"]) <= test
+
+
+def test_constraints_still_pin_the_extras():
+    pinned = names(line for line in (REPO / "constraints.txt").read_text().splitlines()
+                   if line.strip() and not line.startswith("#"))
+    assert {"matplotlib", "jsonschema", "kubernetes-validate"} <= pinned
+
+
+def run_without(module: str, code: str) -> subprocess.CompletedProcess:
+    prelude = f"import sys; sys.modules[{module!r}] = None\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=str(REPO),
+                          timeout=120)
+
+
+def test_plots_without_matplotlib_name_the_loadtest_extra(tmp_path):
+    code = f"""
+from neuronserve.deploy.loadtest.config import LoadtestError
+from neuronserve.deploy.loadtest import report
+for call in (report.require_plotting,
+             lambda: report.plot_latency_vs_throughput([], __import__("pathlib").Path({str(tmp_path / "x.png")!r}), "t")):
+    try:
+        call()
+    except LoadtestError as e:
+        print(e)
+"""
+    out = run_without("matplotlib", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["plots need the loadtest extra: pip install 'neuronserve[loadtest]'"] * 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plots_with_matplotlib_still_draw(tmp_path):
+    from neuronserve.deploy.loadtest import report
+
+    report.require_plotting()
+    path = tmp_path / "x.png"
+    report.plot_latency_vs_throughput([], path, "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_loadtest_command_reports_the_missing_extra_in_one_line():
+    """The command's own error path (LoadtestError: `neuronserve loadtest: error: ...`, exit 1)."""
+    code = """
+import argparse
+from unittest import mock
+from neuronserve.deploy.loadtest import cli, report
+with mock.patch.object(cli, "_loadtest", side_effect=lambda *a: report.require_plotting()), \\
+     mock.patch.object(cli, "config_from_args", return_value=None):
+    raise SystemExit(cli.run(argparse.Namespace(compare=None, header=[])))
+"""
+    out = run_without("matplotlib", code)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().endswith("error: plots need the loadtest extra: pip install 'neuronserve[loadtest]'")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_serving_modules_import_without_the_extras():
+    code = """
+import neuronserve.cli, neuronserve.deploy.render, neuronserve.deploy.cli, neuronserve.deploy.loadtest.report
+import neuronserve.serve.exporter
+print("ok")
+"""
+    for module in ("matplotlib", "jsonschema", "kubernetes_validate"):
+        out = run_without(module, code)
+        assert out.returncode == 0 and out.stdout.strip() == "ok", (module, out.stderr[-2000:])
+
+
+def test_manifest_validation_without_the_deploy_extra():
+    code = """
+from tests.fixtures.k8s_validate import MissingExtraError, validate_object
+try:
+    validate_object({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}})
+except MissingExtraError as e:
+    print(e)
+"""
+    for module in ("jsonschema", "kubernetes_validate"):
+        out = run_without(module, code)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "manifest validation needs the deploy extra: pip install 'neuronserve[deploy]'", module
