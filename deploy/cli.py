@@ -1,4 +1,5 @@
-"""`neuronserve deploy render`: Kubernetes manifests (KubeRay RayService + metrics Service)."""
+"""`neuronserve deploy render`: Kubernetes manifests (KubeRay RayService, metrics Service,
+PodDisruptionBudget, NetworkPolicies)."""
 
 from __future__ import annotations
 

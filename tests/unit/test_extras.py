@@ -94,14 +94,19 @@ with mock.patch.object(cli, "_loadtest", side_effect=lambda *a: report.require_p
 
 
 def test_serving_modules_import_without_the_extras():
+    """The serving path (the app, its replica and engine, the exporter) and the commands import with
+    matplotlib and kubernetes-validate unimportable. jsonschema stays: Ray itself depends on it."""
     code = """
-import neuronserve.cli, neuronserve.deploy.render, neuronserve.deploy.cli, neuronserve.deploy.loadtest.report
-import neuronserve.serve.exporter
-print("ok")
+import sys
+sys.modules["matplotlib"] = None
+import neuronserve.cli, neuronserve.deploy.render, neuronserve.deploy.cli, neuronserve.deploy.loadtest.cli
+import neuronserve.deploy.loadtest.report, neuronserve.serve.exporter, neuronserve.serve.app
+import neuronserve.serve.serve_cli, neuronserve.compile.cli
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("matplotlib", "kubernetes_validate") and sys.modules[m]))
 """
-    for module in ("matplotlib", "jsonschema", "kubernetes_validate"):
-        out = run_without(module, code)
-        assert out.returncode == 0 and out.stdout.strip() == "ok", (module, out.stderr[-2000:])
+    out = run_without("kubernetes_validate", code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_manifest_validation_without_the_deploy_extra():
