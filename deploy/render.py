@@ -616,8 +616,8 @@ def _resources(cpu: int | str, memory: str, extra: dict[str, Any] | None = None)
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _security(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {**copy.deepcopy(CONTAINER_SECURITY_CONTEXT), **(extra or {})}
+def _security() -> dict[str, Any]:
+    return copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
 
 
 def _sidecar(p: Plan, opts: RenderOptions) -> dict[str, Any]:
@@ -661,7 +661,7 @@ def _init_containers(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
     ]
 
 
-def _head_probe(opts: RenderOptions) -> dict[str, Any]:
+def _head_probe() -> dict[str, Any]:
     """KubeRay's own head probe (raylet through the dashboard agent, GCS through the dashboard), with
     the dashboard at the pod's address instead of localhost, where it no longer listens. KubeRay
     keeps a probe the template sets."""
@@ -725,8 +725,8 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
     }
     if head and not opts.expose_dashboard:
-        ray_container["readinessProbe"] = _head_probe(opts)
-        ray_container["livenessProbe"] = {**_head_probe(opts), "failureThreshold": 120}
+        ray_container["readinessProbe"] = _head_probe()
+        ray_container["livenessProbe"] = {**_head_probe(), "failureThreshold": 120}
     spec: dict[str, Any] = {}
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
