@@ -673,6 +673,21 @@ def _head_probe() -> dict[str, Any]:
             "timeoutSeconds": 5, "failureThreshold": 12}
 
 
+HEALTH_READY_PATH = "/v2/health/ready"  # open without an API key, like every /v2/health/* route
+
+
+def _worker_readiness_probe() -> dict[str, Any]:
+    """KubeRay's worker check (the raylet through the dashboard agent) and the application's own
+    readiness through the pod's Serve proxy, instead of KubeRay's proxy-only `/-/healthz`: a worker
+    takes traffic once a replica answers ready (KubeRay keeps a probe the template sets)."""
+    command = (
+        f"wget --tries 1 -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"
+        f" && wget --tries 1 -T 2 -q -O /dev/null http://localhost:{SERVE_PORT}{HEALTH_READY_PATH}"
+    )
+    return {"exec": {"command": ["bash", "-c", command]}, "initialDelaySeconds": 10, "periodSeconds": 5,
+            "timeoutSeconds": 5, "failureThreshold": 3}
+
+
 def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]:
     component = "ray-head" if head else "ray-worker"
     ports = [{"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"}]
@@ -727,6 +742,8 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
     if head and not opts.expose_dashboard:
         ray_container["readinessProbe"] = _head_probe()
         ray_container["livenessProbe"] = {**_head_probe(), "failureThreshold": 120}
+    if not head:
+        ray_container["readinessProbe"] = _worker_readiness_probe()
     spec: dict[str, Any] = {}
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account

@@ -369,6 +369,15 @@ def test_api_key_from_a_secret(artifact):
         render_objects(opts(artifact("inf2"), "inf2.xlarge", api_key_secret="Bad Name"))
 
 
+def test_worker_readiness_asks_the_open_health_route(artifact):
+    """The worker probe asks /v2/health/ready, which needs no API key, with or without one set."""
+    for kw in ({}, {"api_key_secret": "keys"}):
+        worker = ray_cluster(render_objects(opts(artifact("inf2"), "inf2.xlarge", **kw)))["workerGroupSpecs"][0]
+        probe = worker["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"][-1]
+        assert f"http://localhost:{SERVE_PORT}/v2/health/ready" in probe and "api/local_raylet_healthz" in probe
+        assert "Authorization" not in probe and "livenessProbe" not in worker["template"]["spec"]["containers"][0]
+
+
 def test_api_key_example_overlay_is_the_rendering():
     """k8s/examples/api-key builds to what `deploy render --api-key-secret` prints for inf2.xlarge."""
     built = kustomize.build_subset(K8S / "examples" / "api-key")
