@@ -177,6 +177,9 @@ def test_neuron_monitor_daemonset_is_the_documented_exception():
     controls = {v.split(":")[0] for v in found}
     assert controls == {"Privileged Containers", "Privilege Escalation", "Running as Non-root", "Seccomp",
                         "Capabilities"}, found
+    (rule,) = by_kind(objs, "PrometheusRule")
+    assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} == {"NeuronMonitorExecutionErrors",
+                                                                               "NeuronMonitorDown"}
     (ns,) = by_kind(objs, "Namespace")
     assert ns["metadata"]["name"] == ds["metadata"]["namespace"]
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
