@@ -188,6 +188,7 @@ def run(args) -> int:
     local: LocalRayProcesses | None = None
     node_id = None
     died: list[str] = []  # what of the local Ray died, set by the watch
+    finished = threading.Event()  # the watch runs until the command is done, through the drain
     code = 0
     try:
         if metrics_dir:
@@ -203,7 +204,7 @@ def run(args) -> int:
                          runtime_env={"worker_process_setup_hook": SETUP_HOOK})
             node_id = ray.get_runtime_context().get_node_id()
             local = LocalRayProcesses.of_this_driver()
-            threading.Thread(target=_watch, args=(local, stop, died), name="ray-watch", daemon=True).start()
+            threading.Thread(target=_watch, args=(local, stop, died, finished), name="ray-watch", daemon=True).start()
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
@@ -227,6 +228,7 @@ def run(args) -> int:
         code = _drain(serve, command.drain_timeout_s, signals, died)
         return code
     finally:
+        finished.set()
         ray_gone = bool(died) or (local is not None and local.dead() is not None)
         # Each step on its own: one failing must not leave the others' processes behind. Ray's own
         # shutdown calls block on a dead GCS, so with the local Ray gone its processes are stopped
@@ -252,10 +254,11 @@ def run(args) -> int:
             os._exit(code)
 
 
-def _watch(local, stop: threading.Event, died: list, interval_s: float = 0.5) -> None:
+def _watch(local, stop: threading.Event, died: list, finished: threading.Event, interval_s: float = 0.5) -> None:
     """Notice the local Ray dying under the server (a raylet killed, the OOM killer, a signal to
-    the whole group): say so and stop, so the command exits non-zero and a supervisor restarts it."""
-    while not stop.wait(interval_s):
+    the whole group), while serving or draining: say so and stop, so the command exits non-zero and
+    a supervisor restarts it, and a drain waiting on a dead Ray ends at once."""
+    while not finished.wait(interval_s):
         why = local.dead()
         if why:
             died.append(why)
