@@ -5,6 +5,8 @@ Routes: OpenAI `/v1/embeddings` and `/v1/models`; TEI-style `/predict` for class
 Inference Protocol v2 under `/v2`. Start it with `neuronserve serve`, or from a Serve config with
 `import_path: neuronserve.serve.app:build_app` and `args:` any `serve.settings.AppArgs` field.
 
+Every request passes `serve.edge.Edge` first (request ids, API keys: docs/security.md).
+
 This module is the HTTP and Ray layer only: lifecycle, routes and error mapping. The protocols
 (parsing, response bodies, error shapes, declared types) are `serve.protocols`; the engine, batcher
 and metrics come from the composition root, `serve.replica`; placement is `serve.placement`.
@@ -23,6 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from neuronserve.serve import tracing
+from neuronserve.serve import request_ids
+from neuronserve.serve.auth import ApiKeys, digest, parse_keys
+from neuronserve.serve.edge import Edge
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import kserve, openai, tei
@@ -82,6 +87,9 @@ class FastRoutes:
 
 
 api.add_middleware(FastRoutes)
+# Added last, so outermost: request ids and API keys hold for FastRoutes' shortcut too.
+api.add_middleware(Edge, keys=lambda: _replica.keys if _replica is not None else None,
+                   observe=lambda: _replica.metrics.request if _replica is not None and _replica.metrics else None)
 
 
 def dumps(obj: Any) -> bytes:
@@ -101,8 +109,13 @@ def error_response(e: ServeError, error_body) -> Response:
 class NeuronServe:
     tracing: "tracing.Tracing | None" = None  # set when `otlp_endpoint` is (serve.tracing)
 
-    async def __init__(self, args: dict):
+    async def __init__(self, args: dict, key_digests: tuple[str, ...] = ()):
+        # The replica's environment may add keys (NEURONSERVE_API_KEY, NEURONSERVE_API_KEY_FILE:
+        # validating the settings reads them); `key_digests` are those the builder was given.
         self.args = AppArgs.model_validate(args)
+        self.keys = ApiKeys.from_keys(self.args.api_keys(), key_digests)
+        if self.keys:
+            log.info("API keys required: %d accepted", len(self.keys))
         # A thread-safe future, not an asyncio.Event: loading runs in a worker thread and, depending
         # on Serve's mode, requests may run on another event loop than __init__.
         self.loaded: concurrent.futures.Future = concurrent.futures.Future()
@@ -171,9 +184,16 @@ class NeuronServe:
             self.replica.configure(self.args)
             self.limits = self.replica.limits
 
+    def health_problem(self) -> str | None:
+        """Why this replica cannot serve, once loaded (`Replica.health_problem`), or None."""
+        return self.replica.health_problem() if self.replica is not None and self.batcher is not None else None
+
     def check_health(self) -> None:
         if self.warmup_error:
             raise RuntimeError(f"replica failed to start: {self.warmup_error}")
+        problem = self.health_problem()
+        if problem:  # Serve restarts a replica whose health check keeps failing
+            raise RuntimeError(f"replica unhealthy: {problem}")
 
     async def __del__(self):
         # Serve stops routing to a replica before this; let queued and running rows finish.
@@ -190,6 +210,9 @@ class NeuronServe:
                 raise NotReady("model is still warming up; retry shortly", headers={"Retry-After": "5"}) from None
         if self.warmup_error:
             raise NotReady("model failed to load on this replica; see the server log")
+        if self.health_problem():  # until Ray replaces it: a retry may reach a healthy replica
+            raise NotReady("this replica is unhealthy (its backend keeps failing) and is being replaced; retry",
+                           headers={"Retry-After": "1"})
 
     # -- request plumbing -----------------------------------------------------------------------
     async def _body(self, request: Request) -> Any:
@@ -233,6 +256,8 @@ class NeuronServe:
             response = await handler()
         except ServeError as e:
             self._observe(route, e.status, started)
+            if e.status in (500, 504):  # the id finds the replica's log lines about it
+                e = type(e)(f"{e.message} (request id {request_ids.current()})", headers=e.headers)
             return error_response(e, error_body)
         except InputError as e:  # from the engine: the input cannot be served as given
             self._observe(route, e.status, started)
@@ -241,8 +266,9 @@ class NeuronServe:
             self._observe(route, 499, started)  # client went away; its rows were dropped
             raise
         except Exception:
-            log.exception("unhandled error on %s", route)
-            e = ServeError("internal error; see the server log")
+            rid = request_ids.current()
+            log.exception("unhandled error on %s (request id %s)", route, rid)
+            e = ServeError(f"internal error; see the server log (request id {rid})")
             self._observe(route, 500, started)
             return error_response(e, error_body)
         self._observe(route, response.status_code, started)
@@ -304,6 +330,9 @@ class NeuronServe:
 
     @api.get("/v2/health/ready")
     async def ready_route(self) -> Response:
+        problem = self.health_problem()
+        if problem:
+            return JSONResponse({"ready": False, "replica": self.replica_id, "error": problem}, status_code=503)
         if self.is_ready:
             return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health()})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
@@ -366,4 +395,7 @@ def build_app(args: AppArgs):
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     options, args = deployment_options(args)
-    return NeuronServe.options(**options).bind(args.model_dump())
+    # Keys given here (flag, or this process' environment) travel as digests only: Serve keeps the
+    # bound arguments and shows them. Each replica also reads its own environment and key file.
+    digests = tuple(digest(k) for k in parse_keys(args.api_key.get_secret_value())) if args.api_key else ()
+    return NeuronServe.options(**options).bind(args.model_dump(exclude={"api_key"}), digests)

@@ -15,6 +15,10 @@ takes the next one (under a lock shared with the event loop) and runs it, and on
 finished batch to the event loop to answer (why: docs/decisions.md, "Forward threads
 take their next batch").
 
+A batch whose forward raises answers its rows' requests with `BackendFailure` (500, no internals;
+the log line names the requests' ids) and counts in `failed_in_a_row` until a batch succeeds
+(the replica's health rule reads it: `serve.replica.Replica.health_problem`).
+
 Rows whose client went away are dropped before execution. The queue is bounded in rows: a
 request that does not fit is refused whole (429) before anything of it is queued, so an accepted
 request is always answered. Times come from `clock` (injectable for tests).
@@ -37,6 +41,7 @@ import numpy as np
 
 from neuronserve.models.artifact import Bucket
 from neuronserve.serve.buckets import BucketSet
+from neuronserve.serve import request_ids
 from neuronserve.serve.errors import BackendFailure, Overloaded
 from neuronserve.serve.planner import PADDING_WEIGHT, Batch, BatchRecord, TimingTable, next_batch
 
@@ -55,6 +60,7 @@ class Row:
     started: float = 0.0  # when its batch went to the device
     finished: float = 0.0  # when its batch's outputs came back
     trace: object = None  # its request's span context, when tracing (`request_context`)
+    request_id: str | None = None  # of the request it came in (`serve.request_ids`), for log lines
 
 
 # A batch taken from the queue: the planner's choice and the rows it names (in its order).
@@ -72,6 +78,7 @@ class Batcher:
         max_concurrent_batches: int = 1,
         max_queued_rows: int = 2048,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        on_failure: Callable[[Bucket, int], None] | None = None,
         timings_s: dict[Bucket, float] | None = None,
         learn_timings: bool = True,
         inline_max_ms: float = 20.0,
@@ -96,6 +103,8 @@ class Batcher:
         # `run_inline` are called with a third argument, the layout (see `planner.Batch`).
         self.pack = pack
         self.on_batch = on_batch
+        self.on_failure = on_failure  # (bucket, rows) of a batch whose forward raised
+        self.failed_in_a_row = 0  # batches whose forward raised since the last one that did not
         self.queues: dict[int, deque[Row]] = {s: deque() for s in buckets.seq_lens}
         # Rows one batch is planned over: enough to fill the largest batch, few enough to plan in ~1 ms.
         self.plan_window_rows = max(64, max(b.batch_size for b in buckets.buckets))
@@ -151,7 +160,8 @@ class Batcher:
                     retry_after_s=self.retry_after_s(),
                 )
             clock = self.clock
-            items = [Row(ids, loop.create_future(), self.seq_len_of(ids), clock()) for ids in rows]
+            rid = request_ids.current()
+            items = [Row(ids, loop.create_future(), self.seq_len_of(ids), clock(), request_id=rid) for ids in rows]
             if self.request_context is not None:
                 trace = self.request_context()
                 for item in items:
@@ -319,11 +329,21 @@ class Batcher:
         bucket = batch.bucket
         try:
             if error is not None:
-                log.error("batch %s of %d rows failed", bucket, len(rows), exc_info=error)
+                self.failed_in_a_row += 1
+                ids = sorted({r.request_id for r in rows if r.request_id})
+                log.error("batch %s of %d rows failed (%d in a row); requests: %s", bucket, len(rows),
+                          self.failed_in_a_row, ", ".join(ids) or "-", exc_info=error)
                 for r in rows:
                     if not r.future.done():
-                        r.future.set_exception(BackendFailure("inference failed on the backend; see the server log"))
+                        r.future.set_exception(BackendFailure("internal error: inference failed on the backend; "
+                                                              "see the server log"))
+                if self.on_failure is not None:
+                    try:
+                        self.on_failure(bucket, len(rows))
+                    except Exception:
+                        log.exception("batch failure hook failed")
                 return
+            self.failed_in_a_row = 0
             for r, vec in zip(rows, out):
                 r.started, r.finished = started, finished
                 if not r.future.done():

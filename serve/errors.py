@@ -54,6 +54,15 @@ class BadRequest(ServeError):
     status, type = 400, "invalid_request_error"
 
 
+class Unauthorized(ServeError):
+    """No or a wrong API key (`serve.auth`): 401 with the challenge clients expect."""
+
+    status, type = 401, "invalid_request_error"
+
+    def __init__(self, message: str, code: str | None = "invalid_api_key"):
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
 class NotFound(ServeError):
     status, type = 404, "not_found_error"
 

@@ -130,6 +130,13 @@ class Metrics:
         self.rows = Counter(f"{p}_rows_total", "Rows (inputs) processed.", ["model"], registry=r)
         self.batches = Counter(f"{p}_batches_total", "Batches run.", ["model", "bucket"],
                                registry=r)
+        self.batches_failed = Counter(
+            f"{p}_batches_failed_total", "Batches whose forward raised (their requests answered 500).",
+            ["model", "bucket"], registry=r)
+        self.replica_starts = Counter(
+            f"{p}_replica_starts_total",
+            "Replica processes started (each counts once as it loads its model); above the replicas running: restarts.",
+            ["model", "backend"], registry=r)
         self.packed_batches = Counter(
             f"{p}_packed_batches_total", "Batches that packed several rows into a sequence (CPU packing).",
             ["model", "bucket"], registry=r)
@@ -322,6 +329,7 @@ class ServeMetrics:
             m.core_counts[backend] = m.core_counts.get(backend, 0) + cores
             m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
             m.cores_in_use.labels(backend).set(m.core_counts[backend])
+        m.replica_starts.labels(model, backend).inc()
         _start_heartbeat()
         self._last_tick = self._clock()
 
@@ -367,6 +375,10 @@ class ServeMetrics:
         if self._cost_busy is not None and seconds > 0:
             self._cost_busy.inc(seconds * self.price_per_core_second * self.cores)
         self.tick()
+
+    def batch_failed(self, bucket: str) -> None:
+        """One batch's forward raised."""
+        self._m.batches_failed.labels(self.model, bucket).inc()
 
     def set_queue(self, queued_rows: int, inflight_rows: int) -> None:
         self._queued.set(queued_rows)

@@ -42,6 +42,21 @@ class Replica:
                            record.inference_s, record.queue_waits_s, record.packed)
         self.metrics.set_queue(self.batcher.queued_rows, self.batcher.inflight_rows)
 
+    def on_failure(self, bucket, rows: int) -> None:
+        """The batcher's report of a batch whose forward raised."""
+        self.metrics.batch_failed(str(bucket))
+
+    def health_problem(self) -> str | None:
+        """Why this replica should be restarted, or None. The rule: `max_consecutive_failed_batches`
+        batches in a row raised on the backend (a device that keeps failing does not heal in
+        place; Ray replaces the replica). A batch that succeeds resets the count; 0 turns it off."""
+        limit = self.args.max_consecutive_failed_batches
+        failed = self.batcher.failed_in_a_row
+        if limit and failed >= limit:
+            return (f"{failed} batches in a row failed on the backend (max_consecutive_failed_batches={limit}); "
+                    "see the errors above in this replica's log")
+        return None
+
     def tick(self) -> None:
         """Once a second: accrue allocated cost and publish queue depth."""
         self.metrics.tick()
@@ -121,6 +136,7 @@ def build_replica(args: AppArgs) -> Replica:
         max_concurrent_batches=forwards,
         max_queued_rows=args.max_queued_rows,
         on_batch=replica.on_batch,
+        on_failure=replica.on_failure,
         timings_s={Bucket.parse(k): v for k, v in warmup_s.items()},
         run_inline=run_inline,
         pack=engine.packing and args.packing,

@@ -28,6 +28,7 @@ GROUPS = {
                  "access_log"),
     "metrics and cost": ("metrics_port", "instance_type", "price_per_hour_usd"),
     "tracing (OpenTelemetry; OTEL_SERVICE_NAME names the service)": ("otlp_endpoint",),
+    "security and faults (docs/security.md)": ("api_key", "api_key_file", "max_consecutive_failed_batches"),
 }
 NOT_FLAGS = {"metrics_dir"}  # the command makes its own
 

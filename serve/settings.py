@@ -10,7 +10,7 @@ import typing
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,6 +33,18 @@ class ServeSettings(BaseSettings):
     max_inputs_per_request: int = Field(256, ge=1, description="texts one request may carry")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     truncate: bool = Field(True, description="truncate inputs longer than the largest bucket, for requests that do not say")
+    # security (serve.auth): keys travel through Ray only as digests; see docs/security.md
+    api_key: SecretStr | None = Field(None, description="API keys (comma-separated) every inference and metadata "
+                                      "route requires as `Authorization: Bearer <key>`; prefer the variable or "
+                                      "--api-key-file, as a flag shows in the process list",
+                                      json_schema_extra={"metavar": "KEY[,KEY...]", "default_help": "none: no authentication"})
+    api_key_file: str | None = Field(None, description="file of API keys, one per line (# comments and blank lines skipped); "
+                                     "read by each replica, so the path must exist where replicas run",
+                                     json_schema_extra={"metavar": "FILE"})
+    # faults
+    max_consecutive_failed_batches: int = Field(3, ge=0, description="failed batches in a row (backend errors) after "
+                                                "which a replica reports unhealthy, so Ray restarts it; a good batch "
+                                                "resets the count; 0: never")
     # placement
     threads_per_replica: int | None = Field(None, ge=1, description="CPU backend: torch threads per forward; a replica reserves threads x concurrent batches CPUs",
                                             json_schema_extra={"default_help": "cores / replicas / concurrent batches, usually 1"})
@@ -64,6 +76,31 @@ class ServeSettings(BaseSettings):
             raise ValueError("tracing needs the OpenTelemetry OTLP exporter, which is not installed: "
                              "pip install 'neuronserve[tracing]'")
         return url
+
+    @field_validator("api_key")
+    @classmethod
+    def _some_key(cls, value: SecretStr | None) -> SecretStr | None:
+        from neuronserve.serve.auth import parse_keys
+
+        if value is not None and not parse_keys(value.get_secret_value()):
+            raise ValueError("holds no key; give one or more keys separated by commas, or leave it unset")
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable_keys(cls, value: str | None) -> str | None:
+        from neuronserve.serve.auth import read_key_file
+
+        if value:
+            read_key_file(value)  # KeyFileError (a ValueError) says why, never what it holds
+        return value or None
+
+    def api_keys(self) -> list[str]:
+        """Every key these settings give (`api_key` and `api_key_file`), in clear: use, never log."""
+        from neuronserve.serve.auth import parse_keys, read_key_file
+
+        keys = parse_keys(self.api_key.get_secret_value()) if self.api_key is not None else []
+        return keys + (read_key_file(self.api_key_file) if self.api_key_file else [])
 
 
 class AppArgs(ServeSettings):

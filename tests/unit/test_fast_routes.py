@@ -126,7 +126,8 @@ def standin_replica(**args):
     replica.args = AppArgs(artifacts="unused", max_inputs_per_request=4, **args)
     replica.loaded = concurrent.futures.Future()
     replica.loaded.set_result(True)
-    replica.warmup_error, replica.metrics = None, None
+    replica.warmup_error, replica.metrics, replica.replica = None, None, None
+    replica.keys = None
     replica.engine, replica.batcher, replica.model_name = StandInEngine(), StandInBatcher(), "tiny"
     replica.limits = limits_of(replica.args, "tiny", "embed")
     return replica
