@@ -8,7 +8,10 @@ no route can skip it. For each HTTP request it:
   contextvar `request_ids.current()` for the whole handling, and returns it on the response;
 * with API keys configured (`serve.auth`), answers 401 before the application sees the request
   unless it carries `Authorization: Bearer <key>`; the body is the route's own error shape
-  (OpenAI under /v1, TEI for /predict, KServe v2 under /v2) and `WWW-Authenticate: Bearer` is set.
+  (OpenAI under /v1, TEI for /predict, KServe v2 under /v2) and `WWW-Authenticate: Bearer` is set;
+* answers an exception that escaped the application (the routes answer their own errors; this is
+  the net under them) with a 500 in the route's shape naming the request id, logged with it,
+  instead of Starlette's plain-text 500 without the id.
 
 Open without a key: the health routes, which probes and load balancers call without
 credentials, and the API's description (`/openapi.json`, `/docs`: the same static text for every
@@ -17,6 +20,7 @@ deployment, no model name, no data; a browser loading /docs cannot send a bearer
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
@@ -29,6 +33,8 @@ from neuronserve.serve.protocols import kserve, openai, tei
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 _HEADER = request_ids.HEADER.encode()
+
+log = logging.getLogger(__name__)
 
 
 def route_path(scope) -> str:
@@ -94,8 +100,12 @@ class Edge:
             state = scope["state"] = {}
         state["request_id"] = rid
 
+        started_response = False
+
         async def send_with_id(message):
+            nonlocal started_response
             if message["type"] == "http.response.start":
+                started_response = True
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _HEADER]
                 message = {**message, "headers": [*headers, (_HEADER, raw)]}
             await send(message)
@@ -110,19 +120,28 @@ class Edge:
                     await self._refuse(scope, receive, send_with_id, path, presented is not None, started)
                     return
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s (request id %s)", scope.get("method"), route_path(scope), rid)
+            if started_response:  # nothing left to answer with: the server drops the connection
+                raise
+            e = ServeError(f"internal error; see the server log (request id {rid})")
+            await self._answer(scope, receive, send_with_id, route_path(scope), e)
         finally:
             request_ids.reset(token)
 
-    async def _refuse(self, scope, receive, send, path: str, presented: bool, started: float) -> None:
+    @staticmethod
+    async def _answer(scope, receive, send, path: str, e: ServeError) -> None:
         from starlette.responses import Response
 
+        body = orjson.dumps(error_body_for(path)(e))
+        await Response(body, status_code=e.status, media_type="application/json", headers=e.headers)(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send, path: str, presented: bool, started: float) -> None:
         if presented:
             e = Unauthorized("invalid API key: the Authorization header does not carry a key this server accepts")
         else:
             e = Unauthorized("missing API key: send the header `Authorization: Bearer <key>`", code=None)
-        body = orjson.dumps(error_body_for(path)(e))
-        response = Response(body, status_code=e.status, media_type="application/json", headers=e.headers)
-        await response(scope, receive, send)
+        await self._answer(scope, receive, send, path, e)
         observe = self.observe() if self.observe is not None else None
         if observe is not None:
             observe(route_label(path), e.status, time.perf_counter() - started)
