@@ -59,10 +59,6 @@ def declared(request: type | None, response: type, error: type) -> dict:
     extra = {"openapi_extra": request_body(request)} if request is not None else {}
     return {**extra, "response_model": response, "responses": {"4XX": {"model": error}, "5XX": {"model": error}}}
 
-# The replica of this process (Ray runs each replica in a process of its own), for `FastRoutes`.
-_replica: "NeuronServe | None" = None
-
-
 class FastRoutes:
     """ASGI middleware: POST /v1/embeddings, the hot route, goes straight to the replica's handler,
     past FastAPI's routing, dependency solving and exception middleware (the handler answers every
@@ -70,11 +66,17 @@ class FastRoutes:
     request before the replica exists, takes FastAPI's way. Why: less event-loop CPU per request
     (docs/decisions.md, "The embeddings fast path")."""
 
+    # The replica of this process (Ray runs each replica in a process of its own), set by its
+    # constructor. A class attribute, not a module global: Serve runs the replica's class as a
+    # by-value copy (cloudpickle) whose functions have module globals of their own, so a global
+    # set there never reaches this module; a module-level class is shared by reference.
+    replica: "NeuronServe | None" = None
+
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        replica = _replica
+        replica = FastRoutes.replica
         if replica is not None and scope["type"] == "http" and scope["method"] == "POST":
             path, root = scope["path"], scope.get("root_path", "")
             if root and path.startswith(root):
@@ -88,8 +90,7 @@ class FastRoutes:
 
 api.add_middleware(FastRoutes)
 # Added last, so outermost: request ids and API keys hold for FastRoutes' shortcut too.
-api.add_middleware(Edge, keys=lambda: _replica.keys if _replica is not None else None,
-                   observe=lambda: _replica.metrics.request if _replica is not None and _replica.metrics else None)
+api.add_middleware(Edge)  # the replica installs its keys (`Edge.install`)
 
 
 def dumps(obj: Any) -> bytes:
@@ -136,8 +137,9 @@ class NeuronServe:
         # can say 503 until every bucket is warm; requests that arrive meanwhile wait for it.
         self._startup = asyncio.get_running_loop().create_task(self._start())
         self._ticker: asyncio.Task | None = None
-        global _replica
-        _replica = self
+        # Both are module-level classes, so these reach the real ones (see `FastRoutes.replica`).
+        Edge.install(self.keys, self._observe)
+        FastRoutes.replica = self
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property

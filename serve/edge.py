@@ -79,13 +79,24 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 class Edge:
-    """See the module docstring. `keys()` gives the replica's `ApiKeys` (None or empty: no
-    authentication); `observe(route, status, seconds)`, if given, counts the requests it refuses."""
+    """See the module docstring. The keys (None or empty: no authentication) and the counter of
+    refused requests (`observe(route, status, seconds)`) are the ones the replica of this process
+    installed (`Edge.install`), unless given here (`keys()` / `observe()` getters, for tests)."""
 
-    def __init__(self, app, keys: Callable[[], ApiKeys | None], observe: Callable[[], Callable | None] | None = None):
+    # Class state, set by the replica's constructor: it runs as a by-value copy whose module
+    # globals are its own, while a module-level class is shared by reference (serve.app.FastRoutes).
+    installed_keys: ApiKeys | None = None
+    installed_observe: Callable | None = None
+
+    @classmethod
+    def install(cls, keys: ApiKeys | None, observe: Callable | None = None) -> None:
+        Edge.installed_keys, Edge.installed_observe = keys, observe
+
+    def __init__(self, app, keys: Callable[[], ApiKeys | None] | None = None,
+                 observe: Callable[[], Callable | None] | None = None):
         self.app = app
-        self.keys = keys
-        self.observe = observe
+        self.keys = keys or (lambda: Edge.installed_keys)
+        self.observe = observe or (lambda: Edge.installed_observe)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan; there are no websocket routes
@@ -142,6 +153,6 @@ class Edge:
         else:
             e = Unauthorized("missing API key: send the header `Authorization: Bearer <key>`", code=None)
         await self._answer(scope, receive, send, path, e)
-        observe = self.observe() if self.observe is not None else None
+        observe = self.observe()
         if observe is not None:
             observe(route_label(path), e.status, time.perf_counter() - started)

@@ -216,3 +216,35 @@ async def _call(app, path="/x", headers=()):
     await app({"type": "http", "method": "GET", "path": path, "root_path": "", "headers": list(headers),
                "query_string": b""}, receive, send)
     return sent
+
+
+def test_a_replica_run_as_serve_runs_it_installs_its_keys_and_itself_in_the_real_middlewares(artifact):
+    """Serve ships the replica's class by value (cloudpickle): its functions' module globals are a
+    copy, so state the constructor left in a module global would never reach the middlewares
+    (authentication would silently be off). Built the same way here, the constructor must reach
+    the real `Edge` and `FastRoutes`."""
+    import ray.cloudpickle as cloudpickle
+
+    import neuronserve.serve.app as app_module
+    from tests.fixtures.inprocess_app import stop
+
+    shipped = cloudpickle.loads(cloudpickle.dumps(app_module.NeuronServe.func_or_class))
+    base = next(c for c in shipped.__mro__ if c.__name__ == "NeuronServe" and "__init__" in c.__dict__)
+    assert base.__dict__["__init__"].__globals__ is not vars(app_module)  # the copy this guards against
+
+    async def construct():
+        replica = object.__new__(type("Shipped", (shipped,), {"__del__": lambda self: None}))
+        await base.__init__(replica, {"artifacts": str(artifact), "backend": "cpu", "threads_per_replica": 1,
+                                      "instance_type": "inf2.xlarge", "api_key": "shipped-key"})
+        await asyncio.wrap_future(replica.loaded)
+        await stop(replica)
+        return replica
+
+    saved = app_module.FastRoutes.replica, Edge.installed_keys, Edge.installed_observe
+    try:
+        replica = asyncio.run(construct())
+        assert app_module.FastRoutes.replica is replica
+        assert Edge.installed_keys is replica.keys and Edge.installed_keys.allows(b"Bearer shipped-key")
+        assert not Edge.installed_keys.allows(None)
+    finally:
+        app_module.FastRoutes.replica, Edge.installed_keys, Edge.installed_observe = saved

@@ -46,7 +46,7 @@ def routed(monkeypatch):
         await send({"type": "http.response.body", "body": b""})
 
     replica = FakeReplica()
-    monkeypatch.setattr(app_module, "_replica", replica)
+    monkeypatch.setattr(FastRoutes, "replica", replica)
     return FastRoutes(fastapi_app), replica, calls
 
 
@@ -74,7 +74,7 @@ def test_other_routes_and_methods_take_fastapis_way(routed, method, path):
 
 def test_before_the_replica_exists_everything_takes_fastapis_way(routed, monkeypatch):
     mw, replica, calls = routed
-    monkeypatch.setattr(app_module, "_replica", None)
+    monkeypatch.setattr(FastRoutes, "replica", None)
     call(mw, "POST", "/v1/embeddings")
     assert calls == [("POST", "/v1/embeddings")] and replica.bodies == []
 
@@ -141,7 +141,7 @@ def post_embeddings(replica, body: bytes, content_type=b"application/json"):
         raise AssertionError("the fast path must not reach FastAPI")
 
     async def run():
-        app_module._replica = replica
+        FastRoutes.replica = replica
         try:
             sent = []
 
@@ -156,7 +156,7 @@ def post_embeddings(replica, body: bytes, content_type=b"application/json"):
             await FastRoutes(fastapi_app)(scope, receive, send)
             return sent
         finally:
-            app_module._replica = None
+            FastRoutes.replica = None
 
     sent = asyncio.run(run())
     return sent[0]["status"], dict(sent[0]["headers"]), orjson.loads(sent[1]["body"])
