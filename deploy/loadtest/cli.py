@@ -54,6 +54,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-outstanding", type=int, default=None,
                    help="open loop: cap on requests in flight; arrivals beyond it are dropped by the client "
                         "and counted (default 1024)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="API key of a server started with one, sent as `Authorization: Bearer KEY` "
+                        "(default: the first key of $NEURONSERVE_API_KEY, if set)")
     p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
                    help="extra HTTP header for every request (repeatable), e.g. an Authorization header")
     p.add_argument("--out", default=None, help="output directory (default ./loadtest-YYYYmmdd-HHMMSS)")
@@ -94,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
             return _compare(args)
         config = config_from_args(args)
         headers = _parse_headers(getattr(args, "header", []) or [])
-        return _loadtest(config, headers)
+        if config.api_key and any(name.lower() == "authorization" for name in headers):
+            raise UsageError("give either --api-key (or $NEURONSERVE_API_KEY) or an Authorization --header, not both")
+        return _loadtest(config, {**config.auth_headers(), **headers})
     except UsageError as exc:
         _error(exc)
         return 2

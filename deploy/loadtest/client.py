@@ -163,6 +163,13 @@ def _unreachable(url: str, exc: BaseException, timeout_s: float) -> LoadtestErro
     return LoadtestError(f"request to {url} failed ({error_kind(exc)}: {exc}); is the server running?")
 
 
+def unauthorized(url: str, client: "aiohttp.ClientSession") -> LoadtestError:
+    """The one line for a 401: every request of the run would fail the same way."""
+    if "Authorization" in client.headers:
+        return LoadtestError(f"{url} refused the API key (HTTP 401); check --api-key or $NEURONSERVE_API_KEY")
+    return LoadtestError(f"{url} requires an API key (HTTP 401); pass --api-key or set NEURONSERVE_API_KEY")
+
+
 async def discover_model(client: "aiohttp.ClientSession", url: str, timeout_s: float) -> str:
     """The first model id from GET {url}/v1/models."""
     models_url = url + "/v1/models"
@@ -170,6 +177,8 @@ async def discover_model(client: "aiohttp.ClientSession", url: str, timeout_s: f
         status, content = await asyncio.wait_for(fetch(client, "GET", models_url), timeout_s)
     except _transport_errors() as exc:
         raise _unreachable(models_url, exc, timeout_s) from None
+    if status == 401:
+        raise unauthorized(models_url, client)
     if status != 200:
         raise LoadtestError(
             f"GET {models_url} returned HTTP {status}; pass --model to name the model"
@@ -190,6 +199,8 @@ async def preflight(client: "aiohttp.ClientSession", target: Target, body: bytes
         status, content = await asyncio.wait_for(fetch(client, "POST", target.endpoint, body), timeout_s)
     except _transport_errors() as exc:
         raise _unreachable(target.endpoint, exc, timeout_s) from None
+    if status == 401:
+        raise unauthorized(target.endpoint, client)
     # 429 on one request is ordinary shedding, not a sign the route or model is wrong.
     if status >= 300 and status != 429:
         snippet = content[:200].decode("utf-8", "replace").replace("\n", " ")

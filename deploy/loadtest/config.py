@@ -8,14 +8,18 @@ Validation happens here rather than in argparse `type=` callbacks so that both t
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 ROUTES = ("embeddings", "classify", "v2")
 ARRIVALS = ("poisson", "constant")
 BUILTIN_WORKLOADS = ("short", "mixed", "long")
+
+# The variable the server reads its keys from (comma-separated); the generator sends the first.
+API_KEY_ENV = "NEURONSERVE_API_KEY"
 
 # Safety net for "bounded in count" when --max-requests is not given: far above what one
 # asyncio client can send in a step, so it only ever stops a runaway loop.
@@ -107,6 +111,10 @@ class LoadtestConfig:
     max_outstanding: int
     out: Path
     progress: bool | None = None  # None: only when stderr is a terminal
+    api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never written out
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def step_name(self, value: float) -> str:
         return f"step-{self.mode}-{format_value(value)}"
@@ -115,6 +123,22 @@ class LoadtestConfig:
 def format_value(value: float) -> str:
     """`8` for 8.0, `12.5` for 12.5: used in step names and file names."""
     return f"{value:g}"
+
+
+def api_key_from(value: str | None, environ=None) -> str | None:
+    """The key to send: `--api-key`, else the first of `NEURONSERVE_API_KEY`'s comma-separated keys.
+
+    >>> api_key_from(None, {"NEURONSERVE_API_KEY": " k1 , k2"}), api_key_from("mine", {}), api_key_from(None, {})
+    ('k1', 'mine', None)
+    """
+    environ = os.environ if environ is None else environ
+    if value is not None:
+        value = value.strip()
+        if not value:
+            raise UsageError("--api-key is empty; give the key, or leave the flag out")
+        return value
+    keys = [k.strip() for k in environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    return keys[0] if keys else None
 
 
 def config_from_args(args) -> LoadtestConfig:
@@ -177,4 +201,5 @@ def config_from_args(args) -> LoadtestConfig:
         max_outstanding=args.max_outstanding or 1024,
         out=out,
         progress=False if args.no_progress else None,
+        api_key=api_key_from(getattr(args, "api_key", None)),
     )
