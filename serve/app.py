@@ -138,7 +138,7 @@ class NeuronServe:
         self._startup = asyncio.get_running_loop().create_task(self._start())
         self._ticker: asyncio.Task | None = None
         # Both are module-level classes, so these reach the real ones (see `FastRoutes.replica`).
-        Edge.install(self.keys, self._observe)
+        Edge.install(self.keys, self._observe, outer_returns_id=True)  # Serve's RequestIdMiddleware
         FastRoutes.replica = self
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -87,10 +87,14 @@ class Edge:
     # globals are its own, while a module-level class is shared by reference (serve.app.FastRoutes).
     installed_keys: ApiKeys | None = None
     installed_observe: Callable | None = None
+    # Under Ray Serve, its own RequestIdMiddleware wraps every application (outside this one): it
+    # passes the client's x-request-id through (or makes one) and always adds it to the response.
+    # A second header from here would duplicate it, so then this one adds none.
+    outer_returns_id: bool = False
 
     @classmethod
-    def install(cls, keys: ApiKeys | None, observe: Callable | None = None) -> None:
-        Edge.installed_keys, Edge.installed_observe = keys, observe
+    def install(cls, keys: ApiKeys | None, observe: Callable | None = None, *, outer_returns_id: bool = False) -> None:
+        Edge.installed_keys, Edge.installed_observe, Edge.outer_returns_id = keys, observe, outer_returns_id
 
     def __init__(self, app, keys: Callable[[], ApiKeys | None] | None = None,
                  observe: Callable[[], Callable | None] | None = None):
@@ -113,10 +117,13 @@ class Edge:
 
         started_response = False
 
+        add_header = not Edge.outer_returns_id
+
         async def send_with_id(message):
             nonlocal started_response
             if message["type"] == "http.response.start":
                 started_response = True
+            if message["type"] == "http.response.start" and add_header:
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _HEADER]
                 message = {**message, "headers": [*headers, (_HEADER, raw)]}
             await send(message)

@@ -226,7 +226,7 @@ def test_a_replica_run_as_serve_runs_it_installs_its_keys_and_itself_in_the_real
     import ray.cloudpickle as cloudpickle
 
     import neuronserve.serve.app as app_module
-    from tests.fixtures.inprocess_app import stop
+    from tests.fixtures.inprocess_app import edge_state, restore_edge, stop
 
     shipped = cloudpickle.loads(cloudpickle.dumps(app_module.NeuronServe.func_or_class))
     base = next(c for c in shipped.__mro__ if c.__name__ == "NeuronServe" and "__init__" in c.__dict__)
@@ -240,11 +240,33 @@ def test_a_replica_run_as_serve_runs_it_installs_its_keys_and_itself_in_the_real
         await stop(replica)
         return replica
 
-    saved = app_module.FastRoutes.replica, Edge.installed_keys, Edge.installed_observe
+    saved = app_module.FastRoutes.replica, edge_state()
     try:
         replica = asyncio.run(construct())
         assert app_module.FastRoutes.replica is replica
         assert Edge.installed_keys is replica.keys and Edge.installed_keys.allows(b"Bearer shipped-key")
+        assert Edge.outer_returns_id  # Serve adds the response's x-request-id
         assert not Edge.installed_keys.allows(None)
     finally:
-        app_module.FastRoutes.replica, Edge.installed_keys, Edge.installed_observe = saved
+        app_module.FastRoutes.replica = saved[0]
+        restore_edge(saved[1])
+
+
+@pytest.mark.parametrize("sent", [b"client-id-9", None])
+def test_under_serves_request_id_middleware_the_answer_carries_one_id_the_same_the_replica_used(monkeypatch, sent):
+    """Ray Serve wraps every replica's application in its RequestIdMiddleware, which passes the
+    client's id through (or makes one) and adds it to the response: the edge then adds none."""
+    from ray.serve._private.http_util import RequestIdMiddleware
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        seen["current"] = request_ids.current()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    monkeypatch.setattr(Edge, "outer_returns_id", True)
+    headers = [(b"x-request-id", sent)] if sent else []
+    sent_back = asyncio.run(_call(RequestIdMiddleware(Edge(app, keys=lambda: None)), headers=headers))
+    ids = [v.decode() for k, v in sent_back[0]["headers"] if k.lower() == b"x-request-id"]
+    assert len(ids) == 1 and ids[0] == seen["current"] and (sent is None or ids[0] == sent.decode())
