@@ -76,7 +76,7 @@ def test_health_is_open_and_every_answer_has_one_request_id(keyed):
     r = httpx.post(keyed + "/v1/embeddings", json={"input": "hi"}, timeout=30,
                    headers={"authorization": "Bearer integration-key-1"})
     ids = r.headers.get_list("x-request-id")
-    assert r.status_code == 200 and len(ids) == 1 and len(ids[0]) == 32
+    assert r.status_code == 200 and len(ids) == 1 and 32 <= len(ids[0]) <= 36  # Serve makes it: a uuid4
 
 
 def test_loadtest_without_a_key_says_so_and_with_the_variable_runs(keyed, tmp_path):
@@ -126,11 +126,15 @@ def test_a_replica_killed_under_load_fails_fast_the_others_serve_and_ray_restart
     deploy(serve_instance, AppArgs(artifacts=str(artifact), num_replicas=2, threads_per_replica=1, batch_wait_ms=50,
                                    request_timeout_s=timeout_s, metrics_dir=str(metrics_dir)))
     url = serve_instance
+    from neuronserve.serve.serve_cli import wait_ready
+
+    assert wait_ready(url, 120, threading.Event(), replicas=2, settle_polls=10_000)  # both warm
     before = replica_pids()
     assert len(before) == 2, before
     assert replica_starts(metrics_dir) == 2
 
     results: list[tuple[float, float, object]] = []  # (sent, seconds, status or exception name)
+    failures: list[tuple] = []
     stop = threading.Event()
 
     def client_loop():
@@ -138,7 +142,10 @@ def test_a_replica_killed_under_load_fails_fast_the_others_serve_and_ray_restart
             while not stop.is_set():
                 t0 = time.monotonic()
                 try:
-                    outcome: object = c.post(url + "/v1/embeddings", json={"input": ["hello world"] * 4}).status_code
+                    r = c.post(url + "/v1/embeddings", json={"input": ["hello world"] * 4})
+                    outcome: object = r.status_code
+                    if r.status_code != 200:  # who answered: our JSON, or the ingress' plain text
+                        failures.append((r.status_code, r.headers.get("content-type"), r.text[:80]))
                 except httpx.HTTPError as e:
                     outcome = type(e).__name__
                 results.append((t0, time.monotonic() - t0, outcome))
@@ -157,11 +164,18 @@ def test_a_replica_killed_under_load_fails_fast_the_others_serve_and_ray_restart
 
     outcomes = Counter(o for _, _, o in results)
     after_kill = [(t0, s, o) for t0, s, o in results if t0 >= killed_at]
-    print("outcomes:", dict(outcomes), "after the kill:", dict(Counter(o for *_, o in after_kill)))
+    print("outcomes:", dict(outcomes), "after the kill:", dict(Counter(o for *_, o in after_kill)),
+          "answers other than 200:", failures, "failed (since the kill, took):", [(round(t0 - killed_at, 3), round(s, 3), o) for t0, s, o in results if o != 200])
     assert max(s for _, s, _ in results) < timeout_s + 5, "a request hung past request_timeout_s"
-    failed = [o for o in outcomes if o != 200]
-    assert set(failed) <= {500, 502, 503, "RemoteProtocolError", "ReadError"}, outcomes
-    assert outcomes[200] > 10 * sum(outcomes[o] for o in failed)  # only the dead replica's requests failed
+    failed = [(t0, s, o) for t0, s, o in results if o != 200]
+    # What arrives for a request the dead replica held: HAProxy's 502, which Ray's HAProxy config
+    # rewrites to a plain-text 500 (its errorfile), or the connection closed without an answer.
+    assert {o for *_, o in failed} <= {500, 502, 503, "RemoteProtocolError", "ReadError"}, outcomes
+    # Only requests in flight at the kill, or sent in the moment after it on HAProxy's kept-alive
+    # connections to the dead replica (not retried: the request was already sent), failed; the
+    # rest were unaffected.
+    assert all(t0 + s >= killed_at and t0 <= killed_at + 1.0 for t0, s, _ in failed), (killed_at, failed)
+    assert len(failed) <= 3 * len(threads), failed
     late = [o for t0, _, o in after_kill if t0 >= killed_at + 2]
     assert late and Counter(late)[200] == len(late), Counter(late)  # the other replica serves everything
 
