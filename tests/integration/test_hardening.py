@@ -196,3 +196,35 @@ def test_a_replica_killed_under_load_fails_fast_the_others_serve_and_ray_restart
             time.sleep(0.2)
     assert seen == set(now), (seen, now)
     assert replica_starts(metrics_dir) == 3
+
+
+def test_no_key_in_what_serve_shows(keyed):
+    """Serve's details of the running application (what its dashboard and REST API show): no key."""
+    import json
+
+    from ray.serve.context import _get_global_client
+
+    details = json.dumps(_get_global_client().get_serve_details(), default=str)
+    assert MODEL in details or "NeuronServe" in details  # it is the keyed application's
+    assert "integration-key" not in details
+
+
+def test_neuronserve_serve_reads_a_key_file(artifact, tmp_path):
+    """The command: --api-key-file, read by the replicas it starts."""
+    from tests.fixtures.ports import free_port
+    from tests.integration.conftest import start_server
+
+    keys = tmp_path / "keys"
+    keys.write_text("# one per line\nfile-key-0001\n")
+    port = free_port()
+    proc, _, _ = start_server(artifact, port, 0, "--api-key-file", str(keys))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = {"input": "hello"}
+        assert httpx.post(url + "/v1/embeddings", json=body, timeout=30).status_code == 401
+        ok = httpx.post(url + "/v1/embeddings", json=body, timeout=30, headers={"authorization": "Bearer file-key-0001"})
+        assert ok.status_code == 200, ok.text
+        assert httpx.get(url + "/v2/health/ready", timeout=30).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
