@@ -280,7 +280,7 @@ def post(replica, path: str, body: bytes, headers: dict):
         raise AssertionError("the fast path must not reach FastAPI")
 
     async def run():
-        app_module._replica = replica
+        app_module.FastRoutes.replica = replica
         try:
             sent = []
 
@@ -295,7 +295,7 @@ def post(replica, path: str, body: bytes, headers: dict):
             await app_module.FastRoutes(fastapi_app)(scope, receive, send)
             return sent[0]["status"]
         finally:
-            app_module._replica = None
+            app_module.FastRoutes.replica = None
 
     return asyncio.run(run())
 
