@@ -116,6 +116,37 @@ LOOPBACK_BINDS = {
 }
 SETUP_HOOK = "neuronserve.serve.local_ray.loopback_haproxy_listeners"
 
+# Ray's template also answers 502, 503 and 504 with one plain-text "500 Internal Server Error"
+# file. A 502 is what a client gets whose replica died under it (a crash, the OOM killer): that is
+# a retryable outage, so the local server answers 503 with Retry-After, in the OpenAI error shape
+# the hot route uses, and a timeout 504.
+ERROR_DIR = Path("/tmp") / f"neuronserve-haproxy-{os.getuid()}"
+ERROR_FILES = {
+    502: ("503 Service Unavailable", "Retry-After: 1\r\n",
+          "the replica serving this request stopped; retry (another replica or its replacement will answer)"),
+    503: ("503 Service Unavailable", "Retry-After: 1\r\n", "no replica can take this request now; retry shortly"),
+    504: ("504 Gateway Timeout", "", "the replica did not answer in time"),
+}
+
+
+def error_file(code: int) -> Path:
+    return ERROR_DIR / f"{code}.http"
+
+
+def write_error_files() -> None:
+    """The HTTP responses HAProxy sends for 502/503/504 (written atomically, same content each time)."""
+    import json
+
+    ERROR_DIR.mkdir(mode=0o755, exist_ok=True)
+    for code, (status, extra, message) in ERROR_FILES.items():
+        body = json.dumps({"error": {"message": message, "type": "service_unavailable" if code != 504 else "timeout",
+                                     "code": int(status.split()[0])}})
+        text = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}"
+                f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}")
+        tmp = error_file(code).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, error_file(code))
+
 
 def loopback_template(template: str) -> str:
     """HAProxy's config template with its stats and metrics listeners on loopback only.
@@ -131,6 +162,8 @@ def loopback_template(template: str) -> str:
         if old not in template and new not in template and "stats_port" in old:
             raise ValueError(f"Ray's HAProxy template no longer has {old!r}: its stats listener cannot be kept on loopback")
         template = template.replace(old, new)
+    for code in ERROR_FILES:  # where Ray's template has them; otherwise HAProxy's own pages stay
+        template = template.replace(f"errorfile {code} {{{{ config.error_file_path }}}}", f"errorfile {code} {error_file(code)}")
     return template
 
 
@@ -140,6 +173,7 @@ def loopback_haproxy_listeners() -> None:
 
     from ray.serve._private import haproxy_templates
 
+    write_error_files()
     haproxy_templates.HAPROXY_CONFIG_TEMPLATE = loopback_template(haproxy_templates.HAPROXY_CONFIG_TEMPLATE)
     rendered = sys.modules.get("ray.serve._private.haproxy")  # imported already: it holds its own reference
     if rendered is not None:

@@ -98,3 +98,23 @@ def test_listeners_finds_this_process_and_stale_haproxy_spares_other_programs():
         assert not stale_haproxy(os.getpid())
         assert describe(os.getpid()).startswith(f"pid {os.getpid()} (")
     assert os.getpid() not in listeners(port)
+
+
+def test_haproxy_answers_a_dead_replica_with_a_json_503(tmp_path, monkeypatch):
+    import json
+
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from neuronserve.serve import local_ray
+
+    monkeypatch.setattr(local_ray, "ERROR_DIR", tmp_path / "errors")
+    patched = local_ray.loopback_template(HAPROXY_CONFIG_TEMPLATE)
+    for code in (502, 503, 504):
+        assert f"errorfile {code} {tmp_path / 'errors' / f'{code}.http'}" in patched
+    local_ray.write_error_files()
+    head, body = (tmp_path / "errors" / "502.http").read_bytes().decode().split("\r\n\r\n", 1)
+    lines = head.split("\r\n")
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable" and "Retry-After: 1" in lines
+    assert f"Content-Length: {len(body.encode())}" in lines
+    assert json.loads(body)["error"]["type"] == "service_unavailable"
+    assert (tmp_path / "errors" / "504.http").read_bytes().decode().startswith("HTTP/1.1 504 Gateway Timeout\r\n")
