@@ -404,10 +404,12 @@ def _print_banner(url: str, manifest, exporter, app_args) -> None:
     if app_args.backend == "simulated":
         print(f"  SIMULATED NeuronCore (profile {app_args.device_profile}): no model runs and the vectors mean "
               "nothing; for measuring the host path only", flush=True)
+    # With API keys, the example sends one from the environment (never printed).
+    auth = " -H \"Authorization: Bearer $NEURONSERVE_API_KEY\"" if (app_args.api_key or app_args.api_key_file) else ""
     if manifest.task == "embed":
-        print(f"""  curl -s {url}/v1/embeddings -H 'Content-Type: application/json' -d '{{"model": "{name}", "input": ["hello world"]}}'""")
+        print(f"""  curl -s {url}/v1/embeddings{auth} -H 'Content-Type: application/json' -d '{{"model": "{name}", "input": ["hello world"]}}'""")
     else:
-        print(f"""  curl -s {url}/predict -H 'Content-Type: application/json' -d '{{"inputs": "I love this"}}'""")
+        print(f"""  curl -s {url}/predict{auth} -H 'Content-Type: application/json' -d '{{"inputs": "I love this"}}'""")
     if exporter is not None:
         print(f"  metrics: {url.rsplit(':', 1)[0]}:{exporter.port}/metrics")
     print("  Ctrl-C to drain and stop", flush=True)

@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "compare", None):
             return _compare(args)
         config = config_from_args(args)
+        from neuronserve.deploy.loadtest.report import require_plotting
+
+        require_plotting()  # the plots need the loadtest extra: say so before the load, not after it
         headers = _parse_headers(getattr(args, "header", []) or [])
         if config.api_key and any(name.lower() == "authorization" for name in headers):
             raise UsageError("give either --api-key (or $NEURONSERVE_API_KEY) or an Authorization --header, not both")
