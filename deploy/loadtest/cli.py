@@ -50,6 +50,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instance-type", default=None, help="price the run from this instance type, e.g. inf2.xlarge")
     p.add_argument("--price-per-hour-usd", type=float, default=None, help="price the run at this $/hour")
     p.add_argument("--max-requests", type=int, default=None, help="stop a step after this many measured requests")
+    p.add_argument("--inputs-per-request", type=int, default=1, metavar="N",
+                   help="texts per request, sent as one list (default 1: one text per request)")
     p.add_argument("--timeout-s", default="30", help="per-request timeout in seconds (default 30)")
     p.add_argument("--max-outstanding", type=int, default=None,
                    help="open loop: cap on requests in flight; arrivals beyond it are dropped by the client "
@@ -185,6 +187,7 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
         "seed": config.seed,
         "timeout_s": config.timeout_s,
         "max_requests": None if config.max_requests == HARD_MAX_REQUESTS_PER_STEP else config.max_requests,
+        "inputs_per_request": config.inputs_per_request,
         "max_outstanding": config.max_outstanding if config.mode == "rate" else None,
         "slo_p99_ms": config.slo_p99_ms,
         "instance_type": config.instance_type,
@@ -256,7 +259,8 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
             print(f"warning: {warning}", file=sys.stderr)
 
         runner = StepRunner(client, target, workload, timeout_s=config.timeout_s,
-                            max_requests=config.max_requests, progress=config.progress)
+                            max_requests=config.max_requests, progress=config.progress,
+                            inputs_per_request=config.inputs_per_request)
         for value in config.values:
             if config.mode == "concurrency":
                 label = f"c={format_value(value)}"

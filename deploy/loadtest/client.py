@@ -52,13 +52,15 @@ class Target:
     def endpoint(self) -> str:
         return self.url + self.path
 
-    def body(self, text: str) -> bytes:
+    def body(self, text: "str | list[str]") -> bytes:
+        """One request's body: a text, or a list of texts (one request, several inputs)."""
+        texts = text if isinstance(text, list) else [text]
         if self.route == "embeddings":
             payload: object = {"input": text, "model": self.model}
         elif self.route == "classify":
             payload = {"inputs": text}
         else:
-            payload = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+            payload = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
         return json.dumps(payload).encode()
 
 
@@ -255,14 +257,19 @@ class StepRunner:
     """Runs one sweep step against a target with a shared client."""
 
     def __init__(self, client: "aiohttp.ClientSession", target: Target, workload: "Workload", *,
-                 timeout_s: float, max_requests: int, progress: bool | None = None):
+                 timeout_s: float, max_requests: int, progress: bool | None = None, inputs_per_request: int = 1):
         self.client = client
         self.target = target
         self.workload = workload
         self.timeout_s = timeout_s
         self.max_requests = max_requests
         self.progress = progress
-        self._bodies = [target.body(t) for t in workload.texts]
+        self.inputs = inputs_per_request
+        if inputs_per_request == 1:
+            self._bodies = [target.body(t) for t in workload.texts]
+        else:  # request i sends texts i*n .. i*n+n-1 of the pool, as one list
+            n, texts = inputs_per_request, workload.texts
+            self._bodies = [target.body([texts[(i * n + k) % len(texts)] for k in range(n)]) for i in range(len(texts))]
         self._errors = _transport_errors()
 
     async def _one(self, index: int, rec: StepRecorder | None, window_start: float) -> None:
@@ -297,7 +304,8 @@ class StepRunner:
         if tokens is not None:
             rec.ok((t1 - t0) * 1000.0, tokens, True)
         else:
-            rec.ok((t1 - t0) * 1000.0, self.workload.estimated_tokens(index), False)
+            rec.ok((t1 - t0) * 1000.0, sum(self.workload.estimated_tokens(index * self.inputs + k)
+                                           for k in range(self.inputs)), False)
 
     async def closed_loop(self, concurrency: int, warmup_s: float, duration_s: float, label: str) -> StepResult:
         rec = StepRecorder()

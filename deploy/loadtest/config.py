@@ -112,6 +112,7 @@ class LoadtestConfig:
     out: Path
     progress: bool | None = None  # None: only when stderr is a terminal
     api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never written out
+    inputs_per_request: int = 1
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -168,6 +169,9 @@ def config_from_args(args) -> LoadtestConfig:
         raise UsageError(f"--price-per-hour-usd must be > 0 (got {args.price_per_hour_usd})")
     if args.max_requests is not None and args.max_requests <= 0:
         raise UsageError(f"--max-requests must be > 0 (got {args.max_requests})")
+    inputs = getattr(args, "inputs_per_request", 1) or 1
+    if inputs < 1:
+        raise UsageError(f"--inputs-per-request must be >= 1 (got {inputs})")
     if args.max_outstanding is not None and args.max_outstanding <= 0:
         raise UsageError(f"--max-outstanding must be > 0 (got {args.max_outstanding})")
     workload = args.workload
@@ -202,4 +206,5 @@ def config_from_args(args) -> LoadtestConfig:
         out=out,
         progress=False if args.no_progress else None,
         api_key=api_key_from(getattr(args, "api_key", None)),
+        inputs_per_request=inputs,
     )

@@ -54,3 +54,23 @@ def test_steps_run_on_uvloop_when_it_is_installed_and_on_asyncio_without(monkeyp
     assert run(loop_module()).startswith("uvloop")  # a dependency on Linux
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import fails: plain asyncio
     assert run(loop_module()).startswith("asyncio")
+
+
+def test_several_inputs_per_request_go_as_one_list_in_each_protocol():
+    import json
+
+    from neuronserve.deploy.loadtest.client import StepRunner, Target
+    from neuronserve.deploy.loadtest.workload import Workload
+
+    texts = ["a b", "c", "d e f"]
+    for route, read in (("embeddings", lambda p: p["input"]), ("classify", lambda p: p["inputs"]),
+                        ("v2", lambda p: p["inputs"][0]["data"])):
+        target = Target(url="http://x", route=route, model="m")
+        runner = StepRunner(None, target, Workload(name="t", texts=texts, word_counts=[2, 1, 3]), timeout_s=1,
+                            max_requests=10, inputs_per_request=2)
+        bodies = [read(json.loads(b)) for b in runner._bodies]
+        assert bodies == [["a b", "c"], ["d e f", "a b"], ["c", "d e f"]]
+    v2 = json.loads(Target(url="http://x", route="v2", model="m").body(["p", "q"]))
+    assert v2["inputs"][0]["shape"] == [2]
+    one = json.loads(Target(url="http://x", route="embeddings", model="m").body("p"))
+    assert one["input"] == "p"  # one text stays a plain string
