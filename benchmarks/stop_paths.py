@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.fixtures.processes import port_free, still_running, tree  # noqa: E402  (the checkout's)
 PATHS = ("sigint-pid", "sigterm-pid", "sigint-group", "sigterm-group", "sigterm-all", "raylet-killed")
 
 
@@ -42,52 +44,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def cmdline(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
-
-
-def tree(root: int) -> dict[int, str]:
-    children: dict[int, list[int]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    found, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        c = cmdline(pid)
-        if c:
-            found[pid] = c
-            todo.extend(children.get(pid, []))
-    return found
-
-
 def alive(procs: dict[int, str]) -> list[str]:
-    out = []
-    for pid, c in procs.items():
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmdline(pid) == c and state != "Z":
-            out.append(c.split(" ", 1)[0].rsplit("/", 1)[-1])
-    return out
+    return [line.split(": ", 1)[1].split(" ", 1)[0].rsplit("/", 1)[-1] for line in still_running(procs)]
 
 
 def artifact(python: str, env: dict) -> str:

@@ -11,61 +11,13 @@ import httpx
 import pytest
 
 from tests.fixtures.ports import free_port
+from tests.fixtures.processes import port_free as _port_free
+from tests.fixtures.processes import still_running as _left
+from tests.fixtures.processes import tree as _tree
 from tests.integration.conftest import start_server
 
 DRAIN_TIMEOUT_S = 20
 LIMIT_S = DRAIN_TIMEOUT_S + 10
-
-
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    return children
-
-
-def _tree(pid: int) -> dict[int, str]:
-    """The command and every process under it (Ray's GCS, raylet, workers, HAProxy), with cmdlines."""
-    children, todo, found = _children(), [pid], {}
-    while todo:
-        p = todo.pop()
-        try:
-            found[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        todo.extend(children.get(p, []))
-    return found
-
-
-def _left(tree: dict[int, str]) -> list[str]:
-    """Those of `tree` still running (same pid and command line: not a reused pid)."""
-    left = []
-    for pid, cmdline in tree.items():
-        try:
-            now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if now == cmdline and state != "Z":
-            left.append(f"{pid}: {cmdline[:100]}")
-    return left
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _wait_gone(tree: dict[int, str], timeout_s: float = 10) -> list[str]:
