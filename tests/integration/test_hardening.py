@@ -145,7 +145,7 @@ def test_a_replica_killed_under_load_fails_fast_the_others_serve_and_ray_restart
                     r = c.post(url + "/v1/embeddings", json={"input": ["hello world"] * 4})
                     outcome: object = r.status_code
                     if r.status_code != 200:  # who answered: our JSON, or the ingress' plain text
-                        failures.append((r.status_code, r.headers.get("content-type"), r.text[:80]))
+                        failures.append((r.status_code, r.headers.get("content-type"), r.text[:300]))
                 except httpx.HTTPError as e:
                     outcome = type(e).__name__
                 results.append((t0, time.monotonic() - t0, outcome))
