@@ -80,6 +80,10 @@ def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> d
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+        # Serve kills a proxy whose ready check (5 s by default) fails three times: on a busy small
+        # machine, HAProxy's proxy actor can take longer than that to start, and `serve.start`
+        # then fails with "the actor is dead because it was killed by ray.kill".
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
     }
     if access_log:
         wanted["RAY_SERVE_LOG_TO_STDERR"] = "1"
