@@ -224,7 +224,7 @@ class Batcher:
                         # batches expected within `inline_max_s`, and with all of the replica's
                         # compute (`run_inline`). Only when nothing else is running: a wide batch
                         # beside a running one would oversubscribe the cores.
-                        inline = (self.inflight_batches == 1
+                        inline = (self.inline_max_s > 0 and self.inflight_batches == 1
                                   and self.timings.device_s(taken[0].bucket) <= self.inline_max_s)
                 if wait_s > 0:
                     # batch_wait_ms: wait (up to that long since the oldest row arrived) for a

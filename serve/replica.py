@@ -139,6 +139,10 @@ def build_replica(args: AppArgs) -> Replica:
         on_failure=replica.on_failure,
         timings_s={Bucket.parse(k): v for k, v in warmup_s.items()},
         run_inline=run_inline,
+        # A device (Neuron, simulated) never runs on the event loop: the loop would wait out the
+        # device's time doing nothing, where a forward thread waits with the GIL free while the
+        # loop parses, tokenizes and answers (docs/decisions.md, "No inline batches on a device").
+        inline_max_ms=20.0 if backend.threads is not None else 0.0,
         pack=engine.packing and args.packing,
     )
     return replica

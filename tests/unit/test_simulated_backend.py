@@ -108,3 +108,30 @@ def test_a_bad_profile_file_is_a_clear_error(tmp_path):
     bad.write_text('{"fixed_ms": 1}')
     with pytest.raises(BackendError, match="needs fixed_ms and per_padded_token_us"):
         load_profile(str(bad))
+
+
+def test_a_replica_on_a_device_never_runs_a_batch_on_its_event_loop(artifact):
+    """On a device the event loop would only wait out the device time: every batch, however cheap,
+    goes to a forward thread (the CPU backend runs cheap ones inline, on all its cores)."""
+    import asyncio
+
+    from neuronserve.serve.replica import build_replica
+    from neuronserve.serve.settings import AppArgs
+
+    replica = build_replica(AppArgs(artifacts=str(artifact), backend="simulated", device_profile="zero"))
+    assert replica.batcher.inline_max_s == 0
+    backend = replica.engine.backend
+    threads = []
+    forward = backend.forward
+    backend.forward = lambda *a, **k: (threads.append(threading.current_thread().name), forward(*a, **k))[1]
+
+    async def main():
+        loop_thread = threading.current_thread().name
+        for _ in range(5):
+            await replica.batcher.submit([[101, 2000, 102]])
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 5 and loop_thread not in threads
+    cpu = build_replica(AppArgs(artifacts=str(artifact), backend="cpu", threads_per_replica=1))
+    assert cpu.batcher.inline_max_s > 0
