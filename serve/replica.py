@@ -70,6 +70,9 @@ class Replica:
                                args.max_queued_rows, pack=self.engine.packing and args.packing)
 
 
+DEVICE_INLINE_MAX_MS = 0.1
+
+
 def limits_of(args: AppArgs, model_name: str, task: str) -> Limits:
     return Limits(model_name, task, args.max_inputs_per_request, args.truncate)
 
@@ -139,10 +142,12 @@ def build_replica(args: AppArgs) -> Replica:
         on_failure=replica.on_failure,
         timings_s={Bucket.parse(k): v for k, v in warmup_s.items()},
         run_inline=run_inline,
-        # A device (Neuron, simulated) never runs on the event loop: the loop would wait out the
-        # device's time doing nothing, where a forward thread waits with the GIL free while the
-        # loop parses, tokenizes and answers (docs/decisions.md, "No inline batches on a device").
-        inline_max_ms=20.0 if backend.threads is not None else 0.0,
+        # On a device (Neuron, simulated) a batch runs on the event loop only if it takes less than
+        # handing it to a forward thread would (0.1 ms; a NeuronCore execution takes 0.3 ms or
+        # more): otherwise the loop would wait out the device's time doing nothing, where a forward
+        # thread waits with the GIL free while the loop parses, tokenizes and answers
+        # (docs/decisions.md, "Batches on a device leave the event loop").
+        inline_max_ms=20.0 if backend.threads is not None else DEVICE_INLINE_MAX_MS,
         pack=engine.packing and args.packing,
     )
     return replica
