@@ -137,6 +137,7 @@ class NeuronServe:
         # can say 503 until every bucket is warm; requests that arrive meanwhile wait for it.
         self._startup = asyncio.get_running_loop().create_task(self._start())
         self._ticker: asyncio.Task | None = None
+        self._lag_probe: asyncio.Task | None = None
         # Both are module-level classes, so these reach the real ones (see `FastRoutes.replica`).
         Edge.install(self.keys, self._observe, outer_returns_id=True)  # Serve's RequestIdMiddleware
         FastRoutes.replica = self
@@ -156,6 +157,21 @@ class NeuronServe:
             return
         self.loaded.set_result(True)
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag())
+
+    async def _probe_lag(self, period_s: float = 0.1) -> None:
+        """Event-loop lag, the host-saturation signal: how late a `period_s` timer fires. Ten
+        wake-ups a second cost nothing next to the requests; a loop busy with HTTP, tokenizing
+        and responses wakes it late (docs/host-sizing.md)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period_s)
+            try:
+                self.metrics.loop_lag(loop.time() - t0 - period_s)
+            except Exception:
+                log.exception("event-loop lag probe failed")
+                return
 
     async def _tick(self) -> None:
         """Accrue allocated cost and publish queue depth once a second (a timer, not a sync point)."""

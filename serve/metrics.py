@@ -133,6 +133,11 @@ class Metrics:
         self.batches_failed = Counter(
             f"{p}_batches_failed_total", "Batches whose forward raised (their requests answered 500).",
             ["model", "bucket"], registry=r)
+        self.loop_lag = Histogram(
+            f"{p}_event_loop_lag_seconds",
+            "How late the replica's event loop ran a 100 ms timer: above a few ms, the host's CPU "
+            "(HTTP, tokenizing, responses) holds requests back, not the device.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.replica_starts = Counter(
             f"{p}_replica_starts_total",
             "Replica processes started (each counts once as it loads its model); above the replicas running: restarts.",
@@ -334,6 +339,13 @@ class ServeMetrics:
         self._last_tick = self._clock()
 
     # -- calls from the serving code
+
+    def loop_lag(self, seconds: float) -> None:
+        """How late the event loop woke a timer (host saturation)."""
+        child = getattr(self, "_loop_lag", None)
+        if child is None:
+            child = self._loop_lag = self._m.loop_lag.labels(self.model)
+        child.observe(max(0.0, seconds))
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """One answered request. `route` is the route template (e.g. "/v1/embeddings")."""
