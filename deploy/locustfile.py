@@ -2,6 +2,9 @@
 
     NEURONSERVE_MODEL=my-model locust -f deploy/locustfile.py --host http://127.0.0.1:8000
 
+With API keys on the server, the first of `NEURONSERVE_API_KEY`'s comma-separated keys is sent as
+`Authorization: Bearer` (as `neuronserve loadtest` does).
+
 Each user POSTs /v1/embeddings back to back with texts from the same seeded `mixed` workload that
 `neuronserve loadtest --workload mixed` sends, so numbers from both tools are comparable. Locust
 rounds latencies under 100 ms to whole milliseconds; for encoder latencies prefer
@@ -26,6 +29,9 @@ class EmbeddingsUser(HttpUser):
     wait_time = constant(0)  # closed loop: like `neuronserve loadtest --concurrency <users>`
 
     def on_start(self):
+        key = os.environ.get("NEURONSERVE_API_KEY", "").split(",")[0].strip()
+        if key:
+            self.client.headers["Authorization"] = f"Bearer {key}"
         self.model = os.environ.get("NEURONSERVE_MODEL")
         if not self.model:
             with self.client.get("/v1/models", name="/v1/models", catch_response=True) as resp:
