@@ -133,8 +133,9 @@ def standin_replica(**args):
     return replica
 
 
-def post_embeddings(replica, body: bytes, content_type=b"application/json"):
-    """POST /v1/embeddings through FastRoutes to `replica`: (status, headers, JSON body)."""
+def post_embeddings(replica, body: bytes, content_type=b"application/json", headers: dict | None = None):
+    """POST /v1/embeddings through FastRoutes to `replica` (with `headers` besides the content
+    type): (status, headers, JSON body)."""
     import orjson
 
     async def fastapi_app(scope, receive, send):
@@ -152,7 +153,9 @@ def post_embeddings(replica, body: bytes, content_type=b"application/json"):
                 sent.append(message)
 
             scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "root_path": "",
-                     "headers": [(b"content-type", content_type)], "query_string": b""}
+                     "headers": [(b"content-type", content_type),
+                                 *((k.encode(), v.encode()) for k, v in (headers or {}).items())],
+                     "query_string": b""}
             await FastRoutes(fastapi_app)(scope, receive, send)
             return sent
         finally:

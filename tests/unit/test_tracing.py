@@ -272,32 +272,12 @@ def test_serve_with_an_endpoint_but_without_the_extra_is_one_line_naming_it(monk
 
 
 # -- through the HTTP layer: serve.app's hooks, on a replica with a stand-in engine and batcher ----
-def post(replica, path: str, body: bytes, headers: dict):
-    """One request through the app's FastRoutes (POST /v1/embeddings: the replica's handler)."""
-    import neuronserve.serve.app as app_module
+def post(replica, path: str, body: bytes, headers: dict) -> int:
+    """One request through the app's FastRoutes (POST /v1/embeddings: the replica's handler); its status."""
+    from tests.unit.test_fast_routes import post_embeddings
 
-    async def fastapi_app(scope, receive, send):
-        raise AssertionError("the fast path must not reach FastAPI")
-
-    async def run():
-        app_module.FastRoutes.replica = replica
-        try:
-            sent = []
-
-            async def receive():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            async def send(message):
-                sent.append(message)
-
-            raw = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in headers.items())]
-            scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": raw, "query_string": b""}
-            await app_module.FastRoutes(fastapi_app)(scope, receive, send)
-            return sent[0]["status"]
-        finally:
-            app_module.FastRoutes.replica = None
-
-    return asyncio.run(run())
+    assert path == "/v1/embeddings"
+    return post_embeddings(replica, body, headers=headers)[0]
 
 
 def test_the_app_traces_an_embeddings_request_and_its_caller(traced):
