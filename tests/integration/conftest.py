@@ -2,6 +2,7 @@
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,3 +99,16 @@ def start_server(artifacts, port, metrics_port, *extra, cwd=None):
             return proc, out, stderr
     proc.kill()
     raise AssertionError("server not ready in time:\n" + "".join(out) + "".join(stderr[-40:]))
+
+
+def stop_server(proc, timeout_s: float = 90) -> None:
+    """Stop a server `start_server` started, if it still runs: SIGTERM to the command itself (it
+    drains and stops its Ray and HAProxy; signalling the whole group would kill Ray under it
+    first), then SIGKILL to its group if it has not exited within `timeout_s`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -36,7 +36,7 @@ def keyed(serve_instance, artifact):
 
 
 def test_the_openai_client_with_the_right_key_works_and_a_wrong_one_is_an_authentication_error(keyed):
-    openai = pytest.importorskip("openai")
+    import openai  # the test extra's
     client = openai.OpenAI(base_url=keyed + "/v1", api_key="integration-key-2", max_retries=0)
     result = client.embeddings.create(model=MODEL, input=["hello world", "a"])
     assert [d.index for d in result.data] == [0, 1] and len(result.data[0].embedding) == 32

@@ -6,15 +6,13 @@ $0.7582/h), so it accrues 0.7582 / 3600 / 2 dollars per second, and 1e6 requests
 cost that times 1e6 / r. Tolerance 10%: the allocated counter moves once a second and pacing jitters.
 """
 
-import os
-import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port, start_server
+from tests.integration.conftest import free_port, start_server, stop_server
 from tests.integration.prom import prometheus_factory, scrape_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -60,9 +58,4 @@ def test_prometheus_counts_requests_and_prices_them(minilm_artifact, prometheus_
         assert padding is not None and padding >= 1.0
         assert prom.rule_errors() == []
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(90)
-            except Exception:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port, start_server
+from tests.integration.conftest import free_port, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -115,14 +115,7 @@ def test_serve_starts_from_a_directory_whose_packages_shadow_generic_names(minil
         assert r.status_code == 200, r.text
         assert len(r.json()["data"][0]["embedding"]) == 384
     finally:
-        # SIGTERM to the command itself (as Ctrl-C or a supervisor would): it drains and stops its
-        # Ray and HAProxy. Signalling the whole group would kill Ray under it first.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
 
 
 def test_every_subcommand_loads_with_shadowing_packages_on_the_path(tmp_path):

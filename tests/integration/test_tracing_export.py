@@ -4,9 +4,7 @@ then from the replicas of a real `neuronserve serve --otlp-endpoint`."""
 
 import asyncio
 import concurrent.futures as cf
-import os
 import signal
-import subprocess
 
 import httpx
 import pytest
@@ -14,7 +12,7 @@ import pytest
 from neuronserve.serve import tracing
 from neuronserve.serve.batcher import Batcher
 from tests.fixtures.otlp_receiver import OtlpReceiver
-from tests.integration.conftest import free_port, start_server
+from tests.integration.conftest import free_port, start_server, stop_server
 from tests.unit.test_tracing import BUCKETS, FLAT_TIMINGS, device, traced_request
 
 pytestmark = pytest.mark.integration
@@ -123,10 +121,4 @@ def test_neuronserve_serve_traces_requests_and_the_batch_they_shared(minilm_arti
         assert {s.name for s in spans if s.parent_span_id == others["v2"].span_id} == set(PHASES)
         assert receiver.errors == []
     finally:
-        # SIGTERM to the command itself: it drains and stops its Ray and HAProxy.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
