@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,34 +37,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO))
+from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
+from tests.fixtures.processes import cpu_seconds, tree  # noqa: E402
 
 
 def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system) of `root` and every process under it, now."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(p.name)] = fields
-            children.setdefault(int(fields[1]), []).append(int(p.name))
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += int(stats[pid][11]) + int(stats[pid][12])  # utime, stime
-            todo.extend(children.get(pid, []))
-    return total / TICKS
+    return cpu_seconds(tree(root))
 
 
 def device_limit(artifacts: str, texts: list[str], inputs: int, profile: str, max_batch_tokens: int = 2048) -> dict:

@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.fixtures.processes import port_free, still_running, tree  # noqa: E402  (the checkout's)
+from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
+from tests.fixtures.processes import port_free, still_running, tree  # noqa: E402
 PATHS = ("sigint-pid", "sigterm-pid", "sigint-group", "sigterm-group", "sigterm-all", "raylet-killed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(procs: dict[int, str]) -> list[str]:
