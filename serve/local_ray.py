@@ -79,6 +79,12 @@ def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> d
         # still waits for every in-flight request, so 2 s is enough and Ctrl-C returns in seconds.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # One HAProxy thread forwards thousands of requests a second; Ray's default of 4 threads
+        # on a host of 2 vCPUs only adds hand-offs between them (benchmarks/host_bench.py).
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+        # Serve publishes its own request metrics from each replica every 100 ms by default; once a
+        # second is enough for them (neuronserve's metrics are its own) and costs the event loop less.
+        "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
         # Serve kills a proxy whose ready check (5 s by default) fails three times: on a busy small
         # machine, HAProxy's proxy actor can take longer than that to start, and `serve.start`
@@ -152,8 +158,16 @@ def write_error_files() -> None:
         os.replace(tmp, error_file(code))
 
 
+# Ray's template sends HAProxy's access log, a syslog datagram per request, to 127.0.0.1:514, for
+# Ray's HAProxy metrics, which the local server turns off (RAY_SERVE_HAPROXY_METRICS_ENABLED=0):
+# nothing reads them, and on a host of 2 vCPUs a syscall and a formatted line per request are host
+# CPU taken from serving. `--access-log` logs requests in the replicas (Serve's access log).
+UNREAD_LOGS = ("    log {{ config.log_target }} local0 info\n", "    option httplog\n", "    option log-health-checks\n")
+
+
 def loopback_template(template: str) -> str:
-    """HAProxy's config template with its stats and metrics listeners on loopback only.
+    """HAProxy's config template with its stats and metrics listeners on loopback only, its error
+    pages in the API's shape (ERROR_FILES) and without the per-request log nothing reads (UNREAD_LOGS).
 
     >>> loopback_template("listen stats\\n  bind *:{{ config.stats_port }}\\n")
     'listen stats\\n  bind 127.0.0.1:{{ config.stats_port }}\\n'
@@ -168,6 +182,8 @@ def loopback_template(template: str) -> str:
         template = template.replace(old, new)
     for code in ERROR_FILES:  # where Ray's template has them; otherwise HAProxy's own pages stay
         template = template.replace(f"errorfile {code} {{{{ config.error_file_path }}}}", f"errorfile {code} {error_file(code)}")
+    for line in UNREAD_LOGS:
+        template = template.replace(line, "")
     return template
 
 

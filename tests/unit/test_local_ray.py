@@ -22,7 +22,19 @@ def test_local_ray_env_keeps_what_the_environment_sets():
     assert "RAY_SERVE_HAPROXY_METRICS_PORT" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
     assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in env
     assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) > 0 and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1"
+
+
+def test_the_haproxy_template_of_this_ray_loses_only_the_per_request_log():
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from neuronserve.serve.local_ray import UNREAD_LOGS, loopback_template
+
+    for line in UNREAD_LOGS:  # a Ray upgrade that renames one fails here, not silently
+        assert line in HAPROXY_CONFIG_TEMPLATE, line
+    patched = loopback_template(HAPROXY_CONFIG_TEMPLATE)
+    assert "local0" not in patched and "httplog" not in patched and "log-health-checks" not in patched
+    assert "option abortonclose" in patched and "http-reuse always" in patched  # the rest is Ray's
 
 
 def test_the_haproxy_template_of_this_ray_keeps_its_listeners_on_loopback():
