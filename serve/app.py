@@ -37,7 +37,17 @@ from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(title="neuronserve", docs_url="/docs", redoc_url=None)
+class API(FastAPI):
+    """FastAPI with `serve.edge.Edge` and `FastRoutes` outside its own middleware (error pages,
+    telemetry, body limit, exception routing): the hot route passes two thin layers instead of five,
+    and request ids and API keys still hold for every route. Our routes answer their own errors,
+    and Edge answers anything that escapes them (docs/decisions.md, "The embeddings fast path")."""
+
+    def build_middleware_stack(self):
+        return Edge(FastRoutes(super().build_middleware_stack()))
+
+
+api = API(title="neuronserve", docs_url="/docs", redoc_url=None)
 
 # Declared for /openapi.json only: the routes read their bodies themselves (`serve.protocols`).
 REQUEST_TYPES = (openai.EmbeddingsRequest, tei.PredictRequest, kserve.InferRequest)
@@ -88,9 +98,6 @@ class FastRoutes:
         await self.app(scope, receive, send)
 
 
-api.add_middleware(FastRoutes)
-# Added last, so outermost: request ids and API keys hold for FastRoutes' shortcut too.
-api.add_middleware(Edge)  # the replica installs its keys (`Edge.install`)
 
 
 def dumps(obj: Any) -> bytes:

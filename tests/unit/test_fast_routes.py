@@ -8,6 +8,7 @@ import pytest
 from starlette.responses import Response
 
 import neuronserve.serve.app as app_module
+from neuronserve.serve.edge import Edge
 from neuronserve.serve.app import FastRoutes
 
 
@@ -79,8 +80,10 @@ def test_before_the_replica_exists_everything_takes_fastapis_way(routed, monkeyp
     assert calls == [("POST", "/v1/embeddings")] and replica.bodies == []
 
 
-def test_the_app_routes_through_fast_routes():
-    assert any(m.cls is FastRoutes for m in app_module.api.user_middleware)
+def test_the_app_routes_through_edge_then_fast_routes_outside_fastapis_middleware():
+    stack = app_module.API(title="t").build_middleware_stack()
+    assert type(stack) is Edge and type(stack.app) is FastRoutes
+    assert type(stack.app.app).__name__ == "ServerErrorMiddleware"  # FastAPI's own stack, inside both
 
 
 # -- the adapters, on a replica with a stand-in engine and batcher (no Ray, no model) -------------
