@@ -79,13 +79,17 @@ def workload_file(kind: str, inputs: int, path: Path, n: int = 1024) -> list[str
 
 
 def start(env: dict, artifacts: str, profile: str, port: int, extra: list[str]) -> subprocess.Popen:
+    log = tempfile.NamedTemporaryFile("w+", prefix="hostbench-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "neuronserve", "serve", "--artifacts", artifacts, "--port", str(port),
                              "--metrics-port", "0", "--backend", "simulated", "--device-profile", profile, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True,
+                            cwd=env["PYTHONPATH"])  # `python -m` puts the working directory first on the path
     for line in proc.stdout:
         if "Ctrl-C" in line:
             return proc
-    raise RuntimeError(f"server exited with {proc.wait()}")
+    code = proc.wait()
+    log.seek(0)
+    raise RuntimeError(f"server exited with {code}: {log.read()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -120,6 +124,35 @@ def step(env: dict, proc: subprocess.Popen, url: str, workload: Path, inputs: in
             "loadgen_cores_busy": (s.get("client_cpu_percent") or 0) / 100}
 
 
+def sizing_table(rows: list[dict], code: str) -> str:
+    """Host capacity per NeuronCore on each inf2/trn1 size, from the zero-profile rows of `code`
+    (host work alone). One device replica is one process per NeuronCore whose event loop uses at
+    most one vCPU: it serves at most what this host reached (`loop req/s`, the best over the
+    concurrencies); the instance's vCPUs per NeuronCore bound it too (vCPUs x 1000 / server CPU ms
+    per request). The smaller is what the host can feed one NeuronCore."""
+    from neuronserve.common.pricing import INSTANCES
+
+    best: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r["code"] == code and r["profile"] == "zero" and r["rps"]:
+            key = (r["workload"], r["inputs"])
+            if key not in best or r["rps"] > best[key]["rps"]:
+                best[key] = r
+    if not best:
+        return ""
+    sizes = [t for t in INSTANCES.values() if t.family in ("inf2", "trn1") and t.neuron_cores]
+    head = "| instance | vCPUs per NeuronCore | " + " | ".join(
+        f"{w}, {n} text{'s' if n > 1 else ''}/req: req/s per NeuronCore" for w, n in best) + " |"
+    lines = ["Host-limited requests/s per NeuronCore (zero profile: host work only; "
+             "min(one event loop's best here, vCPUs per NeuronCore x 1000 / server CPU ms per request)):", "",
+             head, "|---|---|" + "---|" * len(best)]
+    for t in sizes:
+        per_core = t.vcpus / t.neuron_cores
+        cells = [f"{min(r['rps'], per_core * 1000 / r['server_cpu_ms_per_request']):.0f}" for r in best.values()]
+        lines.append(f"| {t.name} | {per_core:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profiles", default="zero,bert-base-inf2,distilbert-base-inf2")
@@ -146,10 +179,12 @@ def main() -> int:
     inputs_list = [int(x) for x in a.inputs.split(",")]
     concurrencies = [int(x) for x in a.concurrency.split(",")]
     rows = []
-    for code, label in zip(codes, labels):
-        env = {**os.environ, "PYTHONPATH": code, "HOME": tempfile.mkdtemp(prefix="nsh-")}
-        env.pop("RAY_ADDRESS", None)
-        for profile in a.profiles.split(","):
+    # Codes alternate within each profile, so a comparison does not pit one code's quiet minutes
+    # against another's busy ones.
+    for profile in a.profiles.split(","):
+        for code, label in zip(codes, labels):
+            env = {**os.environ, "PYTHONPATH": code, "HOME": tempfile.mkdtemp(prefix="nsh-")}
+            env.pop("RAY_ADDRESS", None)
             port = free_port()
             proc = start(env, a.artifacts, profile, port, a.serve_arg)
             try:
@@ -179,6 +214,9 @@ def main() -> int:
                      f"{r['tokens_per_s']:.0f} | {xl} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cores_busy']:.2f} | "
                      f"{r['server_cpu_ms_per_request']:.2f} | {r['loadgen_cores_busy']:.2f} | {r['errors']} |")
     table = "\n".join(lines)
+    sizing = sizing_table(rows, labels[-1])
+    if sizing:
+        table += "\n\n" + sizing
     print(table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     outdir = Path(a.out)
