@@ -356,11 +356,26 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         packed=packed,
         cache_key=key,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        files=artifact_file_hashes(out, hashes, packed),
     )
     save_manifest(manifest, out)  # written last: a manifest means a complete artifact
     seconds = time.perf_counter() - start
     log(f"wrote {out} in {seconds:.1f}s")
     return CompileResult(manifest, out, False, seconds)
+
+
+def artifact_file_hashes(out: Path, graph_hashes: dict[str, str], packed: PackedGraph | None) -> dict[str, str]:
+    """Every file the compile wrote but the manifest, with its sha256 (`Manifest.files`): what a
+    store pull verifies. Graph hashes are the ones already computed."""
+    files = dict(graph_hashes)
+    if packed is not None:
+        files[packed.file] = packed.sha256
+    for sub in ("graphs", "tokenizer"):
+        for path in sorted((out / sub).rglob("*")):
+            rel = path.relative_to(out).as_posix()
+            if path.is_file() and rel not in files:
+                files[rel] = sha256_file(path)
+    return dict(sorted(files.items()))
 
 
 def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: list[Bucket], opts: CompileOptions,

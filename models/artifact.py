@@ -2,7 +2,7 @@
 
 An artifact is a directory::
 
-    manifest.json          this module's `Manifest`
+    manifest.json          this module's `Manifest` (`files` lists every other file with its sha256)
     tokenizer/             the tokenizer files, copied from the model
     graphs/<file>.pt       compiled graphs (TorchScript); see `BucketEntry.file`
 
@@ -171,6 +171,11 @@ class Manifest(BaseModel):
     packed: PackedGraph | None = Field(default=None, description="graph for packed batches (CPU embed), if compiled")
     cache_key: str = ""
     created_at: str = ""
+    files: dict[str, str] = Field(
+        default_factory=dict,
+        description="every file of the artifact but the manifest (relative path -> sha256); empty in manifests "
+        "written before it existed, whose per-graph and tokenizer hashes list the same files",
+    )
 
     def bucket_list(self) -> list[Bucket]:
         return sorted(e.bucket for e in self.buckets)
