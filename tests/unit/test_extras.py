@@ -35,14 +35,19 @@ def test_extras_and_test_pulls_them_in():
     extras = project()["optional-dependencies"]
     assert names(extras["loadtest"]) == {"matplotlib"}
     assert names(extras["deploy"]) == {"jsonschema", "kubernetes-validate"}
+    assert names(extras["s3"]) == {"boto3"}
     test = set(extras["test"])
-    assert set(extras["loadtest"]) <= test and set(extras["deploy"]) <= test
+    assert set(extras["loadtest"]) <= test and set(extras["deploy"]) <= test and set(extras["s3"]) <= test
+
+
+def test_serving_install_has_no_s3_client():
+    assert "boto3" not in names(project()["dependencies"])
 
 
 def test_constraints_still_pin_the_extras():
     pinned = names(line for line in (REPO / "constraints.txt").read_text().splitlines()
                    if line.strip() and not line.startswith("#"))
-    assert {"matplotlib", "jsonschema", "kubernetes-validate"} <= pinned
+    assert {"matplotlib", "jsonschema", "kubernetes-validate", "boto3", "moto"} <= pinned
 
 
 def run_without(module: str, code: str) -> subprocess.CompletedProcess:
@@ -121,3 +126,18 @@ except MissingExtraError as e:
         out = run_without(module, code)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "manifest validation needs the deploy extra: pip install 'neuronserve[deploy]'", module
+
+
+def test_an_s3_uri_without_boto3_names_the_s3_extra(tmp_path):
+    """Local artifacts need no boto3; an s3:// one is one line naming the extra."""
+    code = f"""
+from neuronserve.compile import store
+print(store.resolve_artifacts({str(tmp_path)!r}))
+try:
+    store.pull("s3://bucket-name/prefix/key", cache_root={str(tmp_path / "cache")!r})
+except store.StoreError as e:
+    print(e)
+"""
+    out = run_without("boto3", code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(tmp_path), "s3:// artifacts need the s3 extra: pip install 'neuronserve[s3]'"]

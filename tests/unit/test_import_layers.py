@@ -78,6 +78,7 @@ def test_the_layout_holds_every_folder(layout):
 @pytest.mark.parametrize("module, imports", [
     ("models/artifact.py", "neuronserve.common.console"),  # models imports nothing of ours
     ("compile/compiler.py", "neuronserve.serve.settings"),  # compile never imports serve
+    ("compile/compiler.py", "neuronserve.compile.store"),  # the compiler writes artifacts; the store shares them
     ("serve/engine.py", "neuronserve.deploy.render"),  # serve never imports deploy
     ("common/pricing.py", "neuronserve.models.artifact"),  # common imports nothing of ours
     ("serve/engine.py", "neuronserve.serve.batcher"),  # the engine sits below the batcher
