@@ -35,6 +35,10 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU embedding artifacts: also trace the packed graph (several short rows per sequence)")
     p.add_argument("--force", action="store_true", help="recompile even when the cache holds this compile")
+    p.add_argument("--push", metavar="s3://BUCKET/PREFIX",
+                   help="also upload the artifact to PREFIX/<cache key>/ (manifest last; a key already there is left "
+                        "as it is) and print that URI, which `neuronserve serve --artifacts` takes. AWS credentials "
+                        "come from the standard chain; AWS_ENDPOINT_URL points at an S3-compatible store")
     p.set_defaults(func=run)
 
 
@@ -59,6 +63,14 @@ def run(args) -> int:
         buckets = buckets_from_args(args)
     except ValueError as e:
         return fail(str(e), code=2)
+    push = getattr(args, "push", None)
+    if push:
+        from neuronserve.compile.store import S3Uri, StoreError
+
+        try:
+            S3Uri.parse(push)  # a bad URI fails before the compile, not after it
+        except StoreError as e:
+            return fail(f"--push: {e}", code=2)
     from neuronserve.compile.compiler import CompileError, CompileOptions, compile_artifact
     from neuronserve.models.families import UnsupportedModelError
     from neuronserve.models.loading import ModelError
@@ -73,7 +85,17 @@ def run(args) -> int:
     except (CompileError, ModelError, UnsupportedModelError) as e:
         return fail(str(e))
     status = "cache hit" if result.cache_hit else "compiled"
-    print(result.out_dir)
     err(f"{status}: {result.out_dir} ({len(result.manifest.buckets)} buckets, {result.seconds:.1f}s)")
+    if not push:
+        print(result.out_dir)
+        return 0
+    from neuronserve.compile.store import StoreError, push as push_artifact
+
+    try:
+        pushed = push_artifact(result.out_dir, push, log=err)
+    except StoreError as e:
+        return fail(str(e))
+    print(pushed.uri)
+    err(f"serve it with: neuronserve serve --artifacts {pushed.uri}")
     return 0
 

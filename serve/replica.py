@@ -111,9 +111,11 @@ def build_replica(args: AppArgs) -> Replica:
     """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
     to minutes; run it off the event loop)."""
     from neuronserve.common import logs
+    from neuronserve.compile.store import resolve_artifacts
     from neuronserve.models.artifact import Bucket, load_manifest
 
     logs.configure_from_env()
+    args = args.model_copy(update={"artifacts": str(resolve_artifacts(args.artifacts, log.info))})  # s3:// pulled
     kind = args.backend
     if kind == "auto":
         kind = "cpu" if load_manifest(args.artifacts).target == "cpu" else "neuron"

@@ -55,7 +55,7 @@ def app_flag_names() -> list[str]:
     return [n for names in GROUPS.values() for n in names]
 
 
-def _app_args(args, artifacts: Path, metrics_dir: str | None):
+def _app_args(args, artifacts: Path | str, metrics_dir: str | None):
     """The application's settings: the flags given, else the environment, else the defaults."""
     from neuronserve.serve.settings import AppArgs, given
 
@@ -130,6 +130,7 @@ def run(args) -> int:
     from pydantic import ValidationError
 
     from neuronserve.compile.compiler import CompileError
+    from neuronserve.compile.store import StoreError, is_remote, resolve_artifacts
     from neuronserve.models.artifact import ArtifactError, load_manifest
     from neuronserve.models.loading import ModelError
     from neuronserve.serve.backends.base import BackendError
@@ -151,19 +152,21 @@ def run(args) -> int:
     if problem:
         return fail(problem)
     try:
-        artifacts = Path(args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast))
-        manifest = load_manifest(artifacts)
+        artifacts = args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast)
+        # An s3:// URI is pulled (and verified) here, once, before Ray starts; the replicas on this
+        # machine then find it in the cache, and the app keeps the URI for replicas elsewhere.
+        manifest = load_manifest(resolve_artifacts(artifacts, err))
         if probe.backend == "simulated":
             from neuronserve.serve.backends.simulated import load_profile
 
             load_profile(probe.device_profile)
-    except (ArtifactError, CompileError, ModelError, BackendError) as e:
+    except (ArtifactError, CompileError, ModelError, BackendError, StoreError) as e:
         return fail(str(e))
     metrics_dir = None
     exporter = None
     if probe.metrics_port != 0:
         metrics_dir = tempfile.mkdtemp(prefix="neuronserve-metrics-")
-    app_args = _app_args(args, artifacts.resolve(), metrics_dir)
+    app_args = _app_args(args, artifacts if is_remote(artifacts) else Path(artifacts).resolve(), metrics_dir)
 
     stop = threading.Event()
     signals = []  # each SIGINT/SIGTERM received; a second one skips the drain

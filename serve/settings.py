@@ -106,7 +106,9 @@ class ServeSettings(BaseSettings):
 class AppArgs(ServeSettings):
     """Typed arguments of the Ray Serve application builder `neuronserve.serve.app:build_app`."""
 
-    artifacts: str = Field(description="artifact directory from `neuronserve compile`", json_schema_extra={"metavar": "DIR"})
+    artifacts: str = Field(description="artifact directory from `neuronserve compile`, or the s3:// URI `neuronserve "
+                           "compile --push` prints (pulled into the local cache and verified)",
+                           json_schema_extra={"metavar": "DIR|URI"})
     backend: Literal["auto", "cpu", "neuron", "simulated"] = Field(
         "auto", description="where replicas run; auto: the artifact's target; simulated: a simulated NeuronCore "
         "(no model: device time from --device-profile, for measuring the host path)")
