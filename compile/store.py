@@ -80,8 +80,8 @@ class S3Uri:
         if not is_remote(text):
             raise StoreError(f"{uri!r} is not an S3 URI: expected s3://bucket/prefix")
         bucket, _, key = text[len(SCHEME):].partition("/")
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise StoreError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.\-]{0,61}[a-z0-9])?", bucket):
+            raise StoreError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name (lowercase letters, digits, '.' and '-')")
         key = key.strip("/")
         parts = key.split("/") if key else []
         if any(p in ("", ".", "..") for p in parts):

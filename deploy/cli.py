@@ -25,14 +25,15 @@ def add_subcommand(subparsers) -> None:
             "pods and NetworkPolicies (Serve from the ingress, metrics from Prometheus, the dashboard from the "
             "KubeRay operator, Ray's own ports from the app's pods). Every container passes the Kubernetes "
             "'restricted' Pod Security Standard. A local --artifacts DIR is "
-            "assumed baked into --image at /opt/neuronserve/artifacts (deploy/docker/); an s3:// URI is synced "
-            "into each pod by an init container. Apply with `kubectl apply -f`."
+            "assumed baked into --image at /opt/neuronserve/artifacts (deploy/docker/); an s3:// URI (what "
+            "`neuronserve compile --push` prints) is pulled by the pods themselves, verified, with the IAM role of "
+            "--service-account. Apply with `kubectl apply -f`."
         ),
     )
     from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs, add_flags
 
     r.add_argument("--artifacts", required=True, metavar="DIR|URI",
-                   help="local artifact directory (baked into the image) or s3://bucket/prefix")
+                   help="local artifact directory (baked into the image) or s3://bucket/prefix/<cache key>")
     r.add_argument("--instance-type", required=True, metavar="TYPE",
                    help="EC2 instance type of the worker nodes, e.g. inf2.48xlarge")
     r.add_argument("--image", required=True, help="container image (deploy/docker/Dockerfile.neuron or .cpu)")
@@ -49,8 +50,9 @@ def add_subcommand(subparsers) -> None:
     add_flags(r.add_argument_group("replicas (as `neuronserve serve` on a machine of the pod's vCPUs but one)"),
               AppArgs, ["backend", "cores_per_replica", "threads_per_replica", *BATCHING_KNOBS, "price_per_hour_usd"],
               env=False)
-    r.add_argument("--service-account", help="serviceAccountName for the Ray pods (e.g. an IRSA role to read S3)")
-    r.add_argument("--aws-cli-image", help="image of the init container that syncs s3:// artifacts")
+    r.add_argument("--service-account",
+                   help="serviceAccountName for the Ray pods: with s3:// artifacts, one whose IAM role (IRSA or EKS "
+                        "Pod Identity) may read the bucket")
     from neuronserve.deploy.render import (
         DEFAULT_API_KEY_SECRET_KEY, DEFAULT_INGRESS_NAMESPACE, DEFAULT_KUBERAY_NAMESPACE, DEFAULT_KUBERAY_VERSION,
         DEFAULT_PROMETHEUS_NAMESPACE, RAY_AUTH_MODES,
@@ -87,7 +89,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def run(args) -> int:
-    from neuronserve.deploy.render import DEFAULT_AWS_CLI_IMAGE, RenderError, RenderOptions, render_yaml
+    from neuronserve.deploy.render import RenderError, RenderOptions, render_yaml
     from neuronserve.common.console import fail
 
     opts = RenderOptions(
@@ -110,7 +112,6 @@ def run(args) -> int:
         packing=args.packing,
         price_per_hour_usd=args.price_per_hour_usd,
         service_account=args.service_account,
-        aws_cli_image=args.aws_cli_image or DEFAULT_AWS_CLI_IMAGE,
         ray_auth=args.ray_auth,
         kuberay_version=args.kuberay_version,
         expose_dashboard=args.expose_dashboard,

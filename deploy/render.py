@@ -11,9 +11,13 @@ How artifacts reach the pods (a serving pod never compiles):
 
 - ``--artifacts DIR`` (a local artifact directory): the artifact is baked into the image at
   ``/opt/neuronserve/artifacts`` (see deploy/docker/); the manifest is read from DIR to size things.
-- ``--artifacts s3://bucket/prefix``: an init container (aws-cli image) syncs the prefix into an
-  emptyDir mounted at ``/mnt/neuronserve/artifacts`` before Ray starts. Sizing then needs a local
-  copy of the manifest (``--manifest FILE``) or ``--target`` (and optionally ``--cores-per-replica``).
+- ``--artifacts s3://bucket/prefix/<cache_key>`` (what ``neuronserve compile --push`` prints): the
+  Serve config carries the URI, and the pods pull it themselves (``neuronserve.compile.store``:
+  verified against the manifest, under a file lock, into an emptyDir cache at
+  ``/mnt/neuronserve/cache``) with the pod's IAM role (``--service-account``: IRSA or EKS Pod
+  Identity); nothing is baked into the image. The head reads the manifest only; each worker pod
+  downloads once for all its replicas. Sizing needs a local copy of the manifest
+  (``--manifest FILE``) or ``--target`` (and optionally ``--cores-per-replica``).
 
 What the pods expose (docs/deploy-eks.md, "Security"):
 
@@ -61,7 +65,7 @@ IMPORT_PATH = "neuronserve.serve.app:build_app"
 RAY_VERSION = "2.60.0"
 
 IMAGE_ARTIFACTS_DIR = "/opt/neuronserve/artifacts"  # baked into the image (Dockerfile COPY)
-S3_ARTIFACTS_DIR = "/mnt/neuronserve/artifacts"  # emptyDir filled by the init container
+ARTIFACT_CACHE_DIR = "/mnt/neuronserve/cache"  # NEURONSERVE_CACHE_DIR: an emptyDir the pods pull s3:// artifacts into
 METRICS_DIR = "/tmp/neuronserve-metrics"  # PROMETHEUS_MULTIPROC_DIR, shared with the sidecar
 
 SERVE_PORT = 8000
@@ -81,7 +85,6 @@ NEURON_CORE_RESOURCE = "aws.amazon.com/neuroncore"
 NEURON_TAINT_KEY = "aws.amazon.com/neuron"
 NEURON_SCHEDULER = "my-scheduler"  # the Neuron scheduler extension's scheduler on EKS
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
-DEFAULT_AWS_CLI_IMAGE = "public.ecr.aws/aws-cli/aws-cli:2.15.0"
 
 BACKENDS = ("auto", "cpu", "neuron")
 
@@ -270,7 +273,6 @@ class RenderOptions:
     price_per_hour_usd: float | None = None  # default: deploy.pricing
     metrics_port: int = METRICS_PORT
     service_account: str | None = None
-    aws_cli_image: str = DEFAULT_AWS_CLI_IMAGE
     facts: ArtifactFacts | None = None  # given directly (tests, overlays): skips reading artifacts
     # Security (see the module docstring).
     ray_auth: str = "token"
@@ -321,16 +323,26 @@ def _facts(opts: RenderOptions) -> ArtifactFacts:
     if opts.facts is not None:
         return opts.facts
     if _is_remote(opts.artifacts):
-        if not opts.artifacts.startswith("s3://"):
+        from neuronserve.compile.store import CACHE_KEY_RE, S3Uri, StoreError, is_remote
+
+        if not is_remote(opts.artifacts):
             raise RenderError(f"--artifacts {opts.artifacts!r}: only local directories and s3:// URIs are supported")
+        try:
+            uri = S3Uri.parse(opts.artifacts)
+        except StoreError as e:
+            raise RenderError(f"--artifacts: {e}") from None
         if opts.manifest_file:
             path = Path(opts.manifest_file)
             if not path.is_file():
                 raise RenderError(f"--manifest {path}: no such file; pass the artifact's manifest.json")
             try:
-                return ArtifactFacts.from_manifest(Manifest.model_validate_json(path.read_text()))
+                manifest = Manifest.model_validate_json(path.read_text())
             except ValueError as e:
                 raise RenderError(f"--manifest {path} is not a neuronserve manifest: {str(e).splitlines()[0]}") from None
+            if CACHE_KEY_RE.fullmatch(uri.name) and manifest.cache_key != uri.name:
+                raise RenderError(f"--manifest {path} is for cache key {manifest.cache_key[:16]}..., not the "
+                                  f"{uri.name[:16]}... that --artifacts names: pass that artifact's manifest.json")
+            return ArtifactFacts.from_manifest(manifest)
         if not opts.target:
             raise RenderError(
                 f"--artifacts {opts.artifacts} is remote, so its manifest cannot be read: pass --manifest "
@@ -446,7 +458,7 @@ def plan(opts: RenderOptions) -> Plan:
     price = opts.price_per_hour_usd if opts.price_per_hour_usd is not None else inst.price_per_hour_usd
     s3 = opts.artifacts if _is_remote(opts.artifacts) else None
     given = {
-        "artifacts": S3_ARTIFACTS_DIR if s3 else IMAGE_ARTIFACTS_DIR,
+        "artifacts": s3 or IMAGE_ARTIFACTS_DIR,  # an s3:// URI: each pod pulls it (compile.store)
         "backend": opts.backend,
         "cores_per_replica": opts.cores_per_replica if neuron else None,
         "threads_per_replica": None if neuron else opts.threads_per_replica,
@@ -641,26 +653,6 @@ def _sidecar(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     }
 
 
-def _init_containers(p: Plan, opts: RenderOptions) -> list[dict[str, Any]]:
-    if not p.s3_uri:
-        return []
-    return [
-        {
-            "name": "fetch-artifacts",
-            "image": opts.aws_cli_image,
-            "imagePullPolicy": "IfNotPresent",
-            # Credentials come from the pod's service account (IRSA / EKS Pod Identity).
-            "command": ["aws"],
-            "args": ["s3", "sync", "--only-show-errors", p.s3_uri, S3_ARTIFACTS_DIR],
-            # The aws-cli image's HOME (/root) is not writable by the non-root user.
-            "env": [{"name": "HOME", "value": "/tmp"}],
-            "resources": _resources(1, "1Gi"),
-            "securityContext": _security(),
-            "volumeMounts": [{"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR}],
-        }
-    ]
-
-
 def _head_probe() -> dict[str, Any]:
     """KubeRay's own head probe (raylet through the dashboard agent, GCS through the dashboard), with
     the dashboard at the pod's address instead of localhost, where it no longer listens. KubeRay
@@ -708,8 +700,10 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
     mounts = [{"name": "metrics", "mountPath": METRICS_DIR}]
     volumes: list[dict[str, Any]] = [{"name": "metrics", "emptyDir": {"sizeLimit": "1Gi"}}]
     if p.s3_uri:
-        mounts.append({"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR})
-        volumes.append({"name": "artifacts", "emptyDir": {}})
+        # The replicas pull the artifact into this cache (one download per pod, under a file lock);
+        # credentials come from the pod's service account (IRSA / EKS Pod Identity).
+        mounts.append({"name": "artifact-cache", "mountPath": ARTIFACT_CACHE_DIR})
+        volumes.append({"name": "artifact-cache", "emptyDir": {}})
 
     env = [
         {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
@@ -722,6 +716,8 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
     ]
+    if p.s3_uri:
+        env.append({"name": "NEURONSERVE_CACHE_DIR", "value": ARTIFACT_CACHE_DIR})
     if head and not opts.expose_dashboard:
         env.append({"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     if opts.api_key_secret:
@@ -748,9 +744,6 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
     if opts.service_account:
         spec["serviceAccountName"] = opts.service_account
     spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
-    inits = _init_containers(p, opts)
-    if inits:
-        spec["initContainers"] = inits
     # KubeRay requires the Ray container first.
     spec["containers"] = [ray_container, _sidecar(p, opts)]
     spec["volumes"] = volumes
@@ -906,8 +899,8 @@ def render_yaml(opts: RenderOptions) -> str:
         + (f" x {p.cores_per_replica} NeuronCore(s)" if p.neuron else
            f" x {p.cpus_per_replica} vCPU(s) ({p.forwards_per_replica} concurrent batch(es) x {p.threads_per_replica} thread(s))")
         + f", replicas {p.min_replicas}..{p.max_replicas} on {p.min_workers}..{p.max_workers} node(s)\n"
-        f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods"
-        + (" (baked into the image)" if not p.s3_uri else " (init container sync)")
+        + (f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods (baked into the image)" if not p.s3_uri
+           else f"# artifacts: {opts.artifacts}, pulled by the pods into {ARTIFACT_CACHE_DIR} (verified)")
         + "\n"
         + f"# Ray token authentication: {opts.ray_auth}"
         + (f" (KubeRay authOptions: needs the operator at {'.'.join(map(str, KUBERAY_AUTH_MIN_VERSION))} or newer)"

@@ -139,15 +139,13 @@ def test_containers_kuberay_adds_are_checked(artifact):
     assert any("autoscaler" in v and v.startswith("Privilege Escalation") for v in found), found
 
 
-def test_s3_init_container_is_restricted(tmp_path):
+def test_s3_artifacts_render_restricted_pods(tmp_path):
     manifest = make_artifact(tmp_path / "local", "inf2") / "manifest.json"
-    objs = render_objects(opts("s3://b/p", "inf2.xlarge", manifest_file=str(manifest)))
-    for where, template in assert_restricted(objs):
-        (init,) = [c for c in template["spec"]["initContainers"] if c["name"] == "fetch-artifacts"]
-        assert init["securityContext"]["allowPrivilegeEscalation"] is False
-        # The aws-cli image runs as root by default: the pod's numeric user makes runAsNonRoot hold.
-        assert template["spec"]["securityContext"]["runAsUser"] == 1000
-        assert {"name": "HOME", "value": "/tmp"} in init["env"]
+    objs = render_objects(opts("s3://b-1/p", "inf2.xlarge", manifest_file=str(manifest)))
+    templates = assert_restricted(objs)
+    assert templates
+    for where, template in templates:
+        assert any(v["name"] == "artifact-cache" for v in template["spec"]["volumes"]), where
 
 
 def k8s_builds():

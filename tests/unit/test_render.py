@@ -16,7 +16,7 @@ from neuronserve.deploy.render import (
     IMPORT_PATH,
     METRICS_DIR,
     NEURON_CORE_RESOURCE,
-    S3_ARTIFACTS_DIR,
+    ARTIFACT_CACHE_DIR,
     RenderError,
     RenderOptions,
     allocatable,
@@ -192,7 +192,7 @@ def test_metrics_sidecar_and_ports(artifact):
         assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "neuronserve"
 
 
-def test_s3_artifacts_use_an_init_container(tmp_path, artifact):
+def test_s3_artifacts_are_pulled_by_the_pods_into_an_emptydir_cache(tmp_path, artifact):
     manifest = make_artifact(tmp_path / "local", "inf2") / "manifest.json"
     o = opts("s3://my-bucket/minilm/inf2", "inf2.xlarge", manifest_file=str(manifest), service_account="reader")
     objs = render_objects(o)
@@ -201,14 +201,32 @@ def test_s3_artifacts_use_an_init_container(tmp_path, artifact):
     rs, _ = split(objs)
     for t in (rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
               rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]):
-        (init,) = t["spec"]["initContainers"]
-        assert init["args"][-2:] == ["s3://my-bucket/minilm/inf2", S3_ARTIFACTS_DIR]
+        assert "initContainers" not in t["spec"]  # nothing but the pods' own pull
         assert t["spec"]["serviceAccountName"] == "reader"
-        assert {"name": "artifacts", "mountPath": S3_ARTIFACTS_DIR} in t["spec"]["containers"][0]["volumeMounts"]
+        ray = t["spec"]["containers"][0]
+        assert {"name": "artifact-cache", "mountPath": ARTIFACT_CACHE_DIR} in ray["volumeMounts"]
+        assert {"name": "NEURONSERVE_CACHE_DIR", "value": ARTIFACT_CACHE_DIR} in ray["env"]
+        assert {"name": "artifact-cache", "emptyDir": {}} in t["spec"]["volumes"]
+        assert not any(e["name"].startswith("AWS_") for e in ray["env"])  # credentials: the pod's IAM role
     args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert args["artifacts"] == S3_ARTIFACTS_DIR
+    assert args["artifacts"] == "s3://my-bucket/minilm/inf2"
     # --target instead of a manifest: default buckets assumed
     assert plan(opts("s3://b/p", "trn1.32xlarge", target="trn1")).replicas_per_node == 32
+
+
+def test_a_local_artifact_gets_no_cache_volume(artifact):
+    rs, _ = split(render_objects(opts(artifact("inf2"), "inf2.xlarge")))
+    t = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
+    assert all(v["name"] != "artifact-cache" for v in t["spec"]["volumes"])
+    assert all(e["name"] != "NEURONSERVE_CACHE_DIR" for e in t["spec"]["containers"][0]["env"])
+
+
+def test_an_s3_manifest_must_be_the_one_the_uri_names(tmp_path):
+    manifest = make_artifact(tmp_path / "local", "inf2") / "manifest.json"
+    with pytest.raises(RenderError, match="not the 0000000000000000... that --artifacts names"):
+        plan(opts("s3://my-bucket/models/" + "0" * 64, "inf2.xlarge", manifest_file=str(manifest)))
+    with pytest.raises(RenderError, match="not a valid S3 bucket name"):
+        plan(opts("s3://My_Bucket/models", "inf2.xlarge", target="inf2"))
 
 
 def test_app_args_match_the_app_contract(artifact):
