@@ -410,6 +410,24 @@ def _download(src: S3Uri, tmp: Path, log: Log) -> int:
         raise StoreError(str(e)) from None
 
 
+def read_manifest(artifacts: str | os.PathLike) -> Manifest:
+    """The manifest of `artifacts` alone, for decisions made before loading (placement reads the
+    target): a local directory's, the cached copy's, or manifest.json fetched by itself, so a Ray
+    head that only places replicas never downloads the graphs. The replicas verify what they load."""
+    if not is_remote(artifacts):
+        return load_manifest(artifacts)
+    src = S3Uri.parse(str(artifacts))
+    cached = cache_dir_for(src)
+    if (cached / MANIFEST_NAME).is_file():
+        return load_manifest(cached)
+    obj = src.child(MANIFEST_NAME)
+    with s3_errors(str(src), "read", missing=f"no artifact at {src}: {obj} does not exist"):
+        body = client().get_object(Bucket=obj.bucket, Key=obj.key)["Body"].read()
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, MANIFEST_NAME).write_bytes(body)
+        return load_manifest(tmp)
+
+
 def resolve_artifacts(artifacts: str | os.PathLike, log: Log | None = None) -> Path:
     """A local artifact directory for `artifacts`: a local path as it is; an s3:// URI pulled into
     the local cache (a cache hit costs a stat), with the pull's duration logged.

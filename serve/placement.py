@@ -8,13 +8,10 @@ rendered RayService and a local server given the same settings agree.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 
 from neuronserve.serve.settings import AppArgs
-
-log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "NeuronServe"
 
@@ -152,10 +149,9 @@ def serve_logging_config(*, access_log: bool = False, level: str | None = None, 
 def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     """Ray Serve options for `NeuronServe` (`Deployment.options`), derived from the artifact and the
     running cluster, and the arguments the replicas get (`place`)."""
-    from neuronserve.compile.store import resolve_artifacts
-    from neuronserve.models.artifact import load_manifest
+    from neuronserve.compile.store import read_manifest
 
-    neuron = uses_neuron(args, load_manifest(resolve_artifacts(args.artifacts, log.info)).target)
+    neuron = uses_neuron(args, read_manifest(args.artifacts).target)  # an s3:// artifact's manifest alone
     args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
     options = deployment_config(args, neuron=neuron, env=replica_env(args, os.environ))
     del options["name"]  # the deployment's own (DEPLOYMENT_NAME)

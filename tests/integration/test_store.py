@@ -164,6 +164,35 @@ def test_pull_verifies_into_the_cache_and_a_second_pull_downloads_nothing(s3, aw
     assert calls == []  # not even a request: the cache entry exists only once verified
 
 
+def test_placement_reads_an_s3_artifacts_manifest_alone(s3, aws, artifact, cache, calls):
+    """What a Ray head does when it builds the app: it reads the target, downloads no graph."""
+    from neuronserve.serve.placement import deployment_options
+    from neuronserve.serve.settings import AppArgs
+
+    uri = store.push(artifact, fresh_prefix("placement")).uri
+    calls.clear()
+    options, placed = deployment_options(AppArgs(artifacts=uri, threads_per_replica=1))
+    assert placed.artifacts == uri and "ray_actor_options" in options
+    assert [c[0] for c in calls] == ["get_object"]
+    assert not store.cache_dir_for(store.S3Uri.parse(uri), cache).exists()
+    assert store.read_manifest(uri).cache_key == load_manifest(artifact).cache_key
+
+
+def test_a_replica_given_an_s3_uri_pulls_it_and_serves(s3, aws, artifact, cache):
+    """build_replica resolves the URI itself (a replica on a node where nothing pulled before)."""
+    from tests.fixtures.inprocess_app import Running
+
+    uri = store.push(artifact, fresh_prefix("replica")).uri
+    running = Running(uri)
+    try:
+        r = running.request("POST", "/v1/embeddings", json={"input": ["pulled by the replica"]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["data"][0]["embedding"]) == load_manifest(artifact).model.output_dim
+        assert (store.cache_dir_for(store.S3Uri.parse(uri), cache) / MANIFEST_NAME).is_file()
+    finally:
+        running.close()
+
+
 @pytest.mark.parametrize("rel", ["graphs/cpu.pt", "tokenizer/tokenizer.json"])
 def test_an_object_changed_in_the_bucket_is_refused_naming_the_file(s3, aws, artifact, cache, rel):
     uri = store.push(artifact, fresh_prefix("tamper")).uri
