@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from neuronserve.cli import build_parser, main
+from neuronserve.models.artifact import load_manifest
 from neuronserve.models.loading import DEFAULT_MODEL_NAME
 from tests.fixtures import kustomize, pod_security
 from tests.fixtures.k8s_validate import validate_object
@@ -24,7 +25,9 @@ from tests.fixtures.manifests import make_artifact
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "deploy-eks.md"
-VARIABLES = {"REPO": "123456789012.dkr.ecr.us-east-1.amazonaws.com/neuronserve"}
+EXAMPLE_KEY = "3f9c" + "0" * 60  # the cache key `compile --push` printed, in the page's $ARTIFACT
+VARIABLES = {"REPO": "123456789012.dkr.ecr.us-east-1.amazonaws.com/neuronserve",
+             "ARTIFACT": f"s3://my-bucket/neuronserve/{EXAMPLE_KEY}"}
 
 
 def blocks(lang: str) -> list[str]:
@@ -58,6 +61,7 @@ def test_compile_command_parses():
     (argv,) = neuronserve_commands("neuronserve compile")
     args = build_parser().parse_args(argv[1:])
     assert args.target == "inf2"
+    assert VARIABLES["ARTIFACT"].startswith(args.push + "/")  # the URI it prints is the one rendered
 
 
 @pytest.fixture
@@ -65,8 +69,8 @@ def workdir(tmp_path, monkeypatch):
     """The paths the page uses, relative to where the commands run: the compiled artifact (a
     manifest-only copy for inf2) and a local copy of an S3 artifact's manifest."""
     make_artifact(tmp_path / "artifacts" / "minilm-inf2", "inf2")
-    make_artifact(tmp_path / "s3copy", "inf2")
-    (tmp_path / "manifest.json").write_text((tmp_path / "s3copy" / "manifest.json").read_text())
+    manifest = load_manifest(make_artifact(tmp_path / "s3copy", "inf2"))
+    (tmp_path / "manifest.json").write_text(manifest.model_copy(update={"cache_key": EXAMPLE_KEY}).model_dump_json())
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
