@@ -8,6 +8,7 @@ rendered RayService and a local server given the same settings agree.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -78,6 +79,9 @@ def place(args: AppArgs, *, neuron: bool, cpus: int, neuron_cores: int | None = 
     (1, 1, 2)
     >>> place(AppArgs(artifacts="a", cores_per_replica=2), neuron=True, cpus=4, neuron_cores=24).num_replicas
     12
+    >>> a = place(AppArgs(artifacts="a", autoscale="1:2"), neuron=False, cpus=8)  # each of 2 replicas fits
+    >>> a.threads_per_replica * a.max_concurrent_batches
+    4
     """
     if args.backend == "simulated":  # one device-like replica; it reserves no CPU, like a Neuron one
         return args.model_copy(update={"num_replicas": 1 if args.num_replicas == "auto" else args.num_replicas})
@@ -86,7 +90,10 @@ def place(args: AppArgs, *, neuron: bool, cpus: int, neuron_cores: int | None = 
         if replicas == "auto":
             replicas = max(1, neuron_cores // args.cores_per_replica) if neuron_cores else 1
         return args.model_copy(update={"num_replicas": replicas})
-    replicas, threads, forwards = cpu_layout(cpus, args)
+    layout = args
+    if args.autoscale is not None and args.num_replicas == "auto":  # room for MAX replicas at once
+        layout = args.model_copy(update={"num_replicas": args.autoscale_range()[1]})
+    replicas, threads, forwards = cpu_layout(cpus, layout)
     return args.model_copy(update={"num_replicas": replicas, "threads_per_replica": threads,
                                    "max_concurrent_batches": forwards})
 
@@ -109,13 +116,90 @@ def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dic
     return actor
 
 
-def deployment_config(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dict:
-    """The `NeuronServe` deployment of placed `args`, as Serve config keys (`num_replicas` fixed;
-    `deploy render` replaces it with an autoscaling range)."""
+# The input length the default autoscaling target assumes: a sentence or a short passage, the
+# common case for embeddings and classification (docs/decisions.md, "Autoscaling").
+TYPICAL_INPUT_TOKENS = 128
+
+
+def target_ongoing_requests(args: AppArgs, max_batch_rows: int) -> float:
+    """Requests one replica of placed `args` holds in flight with every batch full: the autoscaler's
+    target (`--target-ongoing-requests` when given). A full batch of TYPICAL_INPUT_TOKENS-token rows
+    has min(largest compiled batch, max_batch_tokens // TYPICAL_INPUT_TOKENS) rows; the replica runs
+    max_concurrent_batches of them at once; a request brings inputs_per_request rows.
+
+    >>> target_ongoing_requests(AppArgs(artifacts="a", max_concurrent_batches=2), max_batch_rows=64)
+    32.0
+    >>> target_ongoing_requests(AppArgs(artifacts="a", inputs_per_request=4), max_batch_rows=8)
+    2.0
+    >>> target_ongoing_requests(AppArgs(artifacts="a", target_ongoing_requests=3), max_batch_rows=8)
+    3.0
+    """
+    if args.target_ongoing_requests is not None:
+        return float(args.target_ongoing_requests)
+    rows_per_batch = max(1, min(max_batch_rows, args.max_batch_tokens // TYPICAL_INPUT_TOKENS))
+    return max(1.0, float(args.max_concurrent_batches * rows_per_batch // args.inputs_per_request))
+
+
+def autoscaling_config(args: AppArgs, max_batch_rows: int) -> dict:
+    """Serve's `autoscaling_config` for placed `args` with `autoscale` set.
+
+    A replica starts at once even with MIN 0, so the server proves it loads before saying it is
+    ready; it leaves after `downscale_delay_s` of no load.
+
+    >>> c = autoscaling_config(AppArgs(artifacts="a", autoscale="0:2"), max_batch_rows=16)
+    >>> c["min_replicas"], c["initial_replicas"], c["max_replicas"], c["target_ongoing_requests"]
+    (0, 1, 2, 16.0)
+    """
+    low, high = args.autoscale_range()
+    return {
+        "min_replicas": low,
+        "initial_replicas": max(low, 1),
+        "max_replicas": high,
+        "target_ongoing_requests": target_ongoing_requests(args, max_batch_rows),
+        # A replica takes tens of seconds to load and warm (a node, minutes): react to load soon,
+        # give capacity back only after a lull several warm-ups long.
+        "upscale_delay_s": args.upscale_delay_s,
+        "downscale_delay_s": args.downscale_delay_s,
+    }
+
+
+def max_ongoing_requests(args: AppArgs, target: float | None) -> int:
+    """Serve's per-replica cap. Serve sends a replica at most this many requests, and the autoscaler
+    only sees what replicas hold (behind HAProxy the rest waits in HAProxy, unseen), so with
+    autoscaling the cap stays at least twice the target: load above the target must be visible for
+    the application to scale out. A cap the user set lower is refused.
+
+    >>> max_ongoing_requests(AppArgs(artifacts="a"), 600.0)
+    1200
+    >>> max_ongoing_requests(AppArgs(artifacts="a", max_ongoing_requests=8), None)
+    8
+    """
+    if target is None:
+        return args.max_ongoing_requests
+    floor = math.ceil(2 * target)
+    if "max_ongoing_requests" in args.model_fields_set and args.max_ongoing_requests < floor:
+        raise ValueError(
+            f"--max-ongoing-requests {args.max_ongoing_requests} is less than twice the autoscaling target "
+            f"({target:g} requests per replica): the autoscaler would never see a replica above its target; "
+            f"set it to at least {floor}, or lower --target-ongoing-requests")
+    return max(args.max_ongoing_requests, floor)
+
+
+def deployment_config(args: AppArgs, *, neuron: bool, env: Mapping[str, str], max_batch_rows: int | None = None) -> dict:
+    """The `NeuronServe` deployment of placed `args`, as Serve config keys: `num_replicas` fixed, or
+    with `args.autoscale` an `autoscaling_config` (its target from `max_batch_rows`, the artifact's
+    largest compiled batch)."""
+    scaling: dict = {"num_replicas": args.num_replicas}
+    target = None
+    if args.autoscale is not None:
+        if max_batch_rows is None:
+            raise ValueError("autoscaling needs the artifact's largest compiled batch (max_batch_rows)")
+        scaling = {"autoscaling_config": autoscaling_config(args, max_batch_rows)}
+        target = scaling["autoscaling_config"]["target_ongoing_requests"]
     return {
         "name": DEPLOYMENT_NAME,
-        "num_replicas": args.num_replicas,
-        "max_ongoing_requests": args.max_ongoing_requests,
+        **scaling,
+        "max_ongoing_requests": max_ongoing_requests(args, target),
         # Live-tunable batching knobs (the replica's reconfigure()).
         "user_config": args.user_config(),
         "ray_actor_options": actor_options(args, neuron=neuron, env=env),
@@ -151,9 +235,14 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     running cluster, and the arguments the replicas get (`place`)."""
     from neuronserve.compile.store import read_manifest
 
-    neuron = uses_neuron(args, read_manifest(args.artifacts).target)  # an s3:// artifact's manifest alone
+    if args.autoscale is not None and args.num_replicas != "auto":
+        raise ValueError(f"--replicas {args.num_replicas} and --autoscale {args.autoscale} both set the replica count: "
+                         "give one of them")
+    manifest = read_manifest(args.artifacts)  # an s3:// artifact's manifest alone
+    neuron = uses_neuron(args, manifest.target)
     args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
-    options = deployment_config(args, neuron=neuron, env=replica_env(args, os.environ))
+    options = deployment_config(args, neuron=neuron, env=replica_env(args, os.environ),
+                                max_batch_rows=max(b.batch_size for b in manifest.bucket_list()))
     del options["name"]  # the deployment's own (DEPLOYMENT_NAME)
     return options, args
 

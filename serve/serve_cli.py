@@ -22,6 +22,8 @@ COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s"
 GROUPS = {
     "what to serve": ("artifacts", "model_name", "backend", "device_profile"),
     "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
+    "autoscaling (docs/decisions.md, \"Autoscaling\")": (
+        "autoscale", "target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"),
     "batching (live-tunable through Serve's user_config)": (
         "max_batch_tokens", "batch_wait_ms", "max_concurrent_batches", "max_queued_rows", "packing"),
     "requests": ("request_timeout_s", "max_inputs_per_request", "max_body_bytes", "truncate", "max_ongoing_requests",
@@ -213,7 +215,11 @@ def run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         serve.start(http_options={"host": command.host, "port": command.port}, logging_config=serve_logging_config())
-        app = build_app(app_args)
+        try:
+            app = build_app(app_args)
+        except ValueError as e:  # settings that contradict each other only with the artifact known
+            code = fail(str(e), code=2)
+            return code
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{command.host}:{command.port}"
         if not wait_ready(url, command.ready_timeout_s, stop, replica_count()):

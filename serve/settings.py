@@ -119,11 +119,64 @@ class AppArgs(ServeSettings):
     num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
     cores_per_replica: int = Field(1, ge=1, description="Neuron backend: NeuronCores per replica")
     max_ongoing_requests: int = Field(1024, ge=1, description="Ray Serve per-replica cap; the replica queues itself")
+    # autoscaling (Serve's autoscaling_config; docs/decisions.md, "Autoscaling")
+    autoscale: str | None = Field(None, description="scale between MIN and MAX replicas with the load instead of a fixed "
+                                  "count (MIN 0: scale to zero when idle)",
+                                  json_schema_extra={"metavar": "MIN:MAX", "default_help": "off: --replicas"})
+    target_ongoing_requests: float | None = Field(None, gt=0, description="with --autoscale: requests per replica "
+                                                  "(running and queued) the autoscaler aims for",
+                                                  json_schema_extra={"default_help": "the replica's batch capacity: "
+                                                                     "concurrent batches x rows per full batch of "
+                                                                     "128-token inputs / inputs per request"})
+    inputs_per_request: int = Field(1, ge=1, description="with --autoscale: texts a typical request carries, for the "
+                                    "default target")
+    upscale_delay_s: float = Field(10.0, ge=0, description="with --autoscale: load above target this long adds replicas")
+    downscale_delay_s: float = Field(300.0, ge=0, description="with --autoscale: load below target this long removes "
+                                     "replicas (to MIN 0 too)")
     metrics_dir: str | None = Field(None, description="PROMETHEUS_MULTIPROC_DIR shared by this node's replicas")
     access_log: bool = Field(False, description="Ray Serve per-request access log (costs throughput)")
 
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale_range(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parse_autoscale(value)
+        return value.strip()
+
+    def autoscale_range(self) -> tuple[int, int] | None:
+        """(MIN, MAX) replicas of `autoscale`, or None for a fixed count.
+
+        >>> AppArgs(artifacts="a", autoscale="0:2").autoscale_range()
+        (0, 2)
+        """
+        return parse_autoscale(self.autoscale) if self.autoscale is not None else None
+
     def user_config(self) -> dict:
         return {k: getattr(self, k) for k in BATCHING_KNOBS}
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """`MIN:MAX` replicas of --autoscale.
+
+    >>> parse_autoscale("1:4")
+    (1, 4)
+    >>> parse_autoscale("3:2")
+    Traceback (most recent call last):
+    ...
+    ValueError: MIN:MAX '3:2': MIN is greater than MAX; e.g. 1:4, or 0:2 to scale to zero when idle
+    """
+    hint = "e.g. 1:4, or 0:2 to scale to zero when idle"
+    low, sep, high = str(text).strip().partition(":")
+    try:
+        lo, hi = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"MIN:MAX {text!r}: expected two whole numbers of replicas; {hint}") from None
+    if not sep or lo < 0 or hi < 1:
+        raise ValueError(f"MIN:MAX {text!r}: MIN must be >= 0 and MAX >= 1; {hint}")
+    if lo > hi:
+        raise ValueError(f"MIN:MAX {text!r}: MIN is greater than MAX; {hint}")
+    return lo, hi
 
 
 class ServeCommand(BaseSettings):
