@@ -50,6 +50,10 @@ def add_subcommand(subparsers) -> None:
     add_flags(r.add_argument_group("replicas (as `neuronserve serve` on a machine of the pod's vCPUs but one)"),
               AppArgs, ["backend", "cores_per_replica", "threads_per_replica", *BATCHING_KNOBS, "price_per_hour_usd"],
               env=False)
+    add_flags(r.add_argument_group("autoscaling (between --min-replicas and --max-replicas; docs/decisions.md, "
+                                   "\"Autoscaling\")"),
+              AppArgs, ["target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"],
+              env=False)
     r.add_argument("--service-account",
                    help="serviceAccountName for the Ray pods: with s3:// artifacts, one whose IAM role (IRSA or EKS "
                         "Pod Identity) may read the bucket")
@@ -110,6 +114,10 @@ def run(args) -> int:
         max_concurrent_batches=args.max_concurrent_batches,
         max_queued_rows=args.max_queued_rows,
         packing=args.packing,
+        target_ongoing_requests=args.target_ongoing_requests,
+        inputs_per_request=args.inputs_per_request,
+        upscale_delay_s=args.upscale_delay_s,
+        downscale_delay_s=args.downscale_delay_s,
         price_per_hour_usd=args.price_per_hour_usd,
         service_account=args.service_account,
         ray_auth=args.ray_auth,

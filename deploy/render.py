@@ -56,6 +56,7 @@ from neuronserve.serve.placement import (
     deployment_config,
     place,
     replica_env,
+    target_ongoing_requests,
 )
 from neuronserve.serve.settings import AppArgs
 
@@ -270,6 +271,11 @@ class RenderOptions:
     max_concurrent_batches: int | None = None
     max_queued_rows: int | None = None
     packing: bool | None = None
+    # Autoscaling (serve.placement.autoscaling_config); None: the server's defaults.
+    target_ongoing_requests: float | None = None
+    inputs_per_request: int | None = None
+    upscale_delay_s: float | None = None
+    downscale_delay_s: float | None = None
     price_per_hour_usd: float | None = None  # default: deploy.pricing
     metrics_port: int = METRICS_PORT
     service_account: str | None = None
@@ -305,7 +311,7 @@ class Plan:
     max_batch_tokens: int
     max_queued_rows: int
     max_ongoing_requests: int
-    target_ongoing_requests: int
+    target_ongoing_requests: float
     pod_artifacts_dir: str
     s3_uri: str | None
     price_per_hour_usd: float | None
@@ -467,6 +473,10 @@ def plan(opts: RenderOptions) -> Plan:
         "max_concurrent_batches": opts.max_concurrent_batches,
         "max_queued_rows": opts.max_queued_rows,
         "packing": opts.packing,
+        "target_ongoing_requests": opts.target_ongoing_requests,
+        "inputs_per_request": opts.inputs_per_request,
+        "upscale_delay_s": opts.upscale_delay_s,
+        "downscale_delay_s": opts.downscale_delay_s,
         "instance_type": inst.name,
         "price_per_hour_usd": price,
         "metrics_port": opts.metrics_port,
@@ -510,8 +520,9 @@ def plan(opts: RenderOptions) -> Plan:
     # replica can batch and queue, so overload reaches the replica and is answered by its own 429
     # (queue full, with Retry-After) instead of piling up unseen in Serve's router.
     args = args.model_copy(update={"max_ongoing_requests": 2 * (in_flight + args.max_queued_rows)})
-    # Scale out when a replica holds more than its in-flight capacity on average.
-    target_ongoing = max(1, in_flight)
+    # Scale out when a replica holds more requests than keep its batches full (docs/decisions.md,
+    # "Autoscaling"); the admission cap above is at least twice that (serve.placement.max_ongoing_requests).
+    target_ongoing = target_ongoing_requests(args, facts.max_batch_rows)
     return Plan(
         instance=inst,
         facts=facts,
@@ -558,18 +569,12 @@ def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
 def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     """The Serve config (ServeDeploySchema) KubeRay submits to the cluster: the deployment is
     serve.placement's, with an autoscaling range instead of a fixed replica count."""
-    deployment = deployment_config(p.args, neuron=p.neuron, env=replica_env(p.args, {}))
-    del deployment["num_replicas"]
-    deployment["autoscaling_config"] = {
-        "min_replicas": p.min_replicas,
-        "initial_replicas": max(p.min_replicas, 1),
-        "max_replicas": p.max_replicas,
-        "target_ongoing_requests": p.target_ongoing_requests,
-        # Replicas of compiled models load in tens of seconds and nodes take minutes: react to
-        # load quickly, give capacity back slowly.
-        "upscale_delay_s": 15.0,
-        "downscale_delay_s": 300.0,
-    }
+    scaled = p.args.model_copy(update={"autoscale": f"{p.min_replicas}:{p.max_replicas}"})
+    try:
+        deployment = deployment_config(scaled, neuron=p.neuron, env=replica_env(p.args, {}),
+                                       max_batch_rows=p.facts.max_batch_rows)
+    except ValueError as e:
+        raise RenderError(str(e)) from None
     return {
         "proxy_location": "EveryNode",
         "applications": [
