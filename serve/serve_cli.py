@@ -33,6 +33,7 @@ GROUPS = {
     "security and faults (docs/security.md)": ("api_key", "api_key_file", "max_consecutive_failed_batches"),
 }
 NOT_FLAGS = {"metrics_dir"}  # the command makes its own
+WARM_UP_S = 60  # a replica's load and warm-up stays under this (docs/decisions.md, "Scale to zero")
 
 
 def add_subcommand(subparsers) -> None:
@@ -143,6 +144,10 @@ def run(args) -> int:
         probe = _app_args(args, Path("."), None)  # settings checked before any compile
     except ValidationError as e:
         return fail(_invalid(e), code=2)
+    if probe.autoscale is not None and probe.downscale_delay_s < WARM_UP_S:
+        # Serve counts requests, not warm-up: an idle replica still warming can be removed.
+        err(f"warning: --downscale-delay-s {probe.downscale_delay_s:g} is shorter than a replica's warm-up "
+            f"(tens of seconds): a replica started with no request waiting can be removed before it is warm")
     # Before any compile or Ray start: a taken port is one line naming the flag, not a Ray/HAProxy
     # traceback after the start.
     wanted = [] if (command.address or os.environ.get("RAY_ADDRESS")) else [("port", command.port)]
