@@ -7,7 +7,9 @@ the application with `--autoscale 0:1` (default artifact: the default model for 
 the cache if missing) and a 2 s downscale delay, then for each round waits until Serve reports no
 running replica and times one embeddings request from sending to its answer: the autoscaler
 noticing the request, a replica process starting, loading the artifact and warming its buckets,
-and the request itself. Prints one line per round and the median.
+and the request itself. A replica still warming when the request has waited `request_timeout_s`
+answers 503 with Retry-After; the client retries after it, as a client should, and the time runs
+to the first 200. Prints one line per round (every answer) and the median.
 """
 
 from __future__ import annotations
@@ -73,19 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         with httpx.Client(timeout=300) as c:
             for i in range(args.rounds):
                 t0 = time.monotonic()
-                while running("neuronserve"):
+                zeros = 0
+                while zeros < 3:  # three polls in a row, so a status between two states is not taken
+                    zeros = zeros + 1 if running("neuronserve") == 0 else 0
                     time.sleep(0.5)
                 idle = time.monotonic() - t0
                 t0 = time.monotonic()
-                r = c.post(url + "/v1/embeddings", json={"input": ["the first request after scale to zero"]})
+                answers = []  # a replica still warming after request_timeout_s answers 503 with Retry-After
+                while True:
+                    r = c.post(url + "/v1/embeddings", json={"input": ["the first request after scale to zero"]})
+                    answers.append(f"{r.status_code} at {time.monotonic() - t0:.1f} s")
+                    if r.status_code != 503 or not r.headers.get("retry-after"):
+                        break
+                    time.sleep(float(r.headers["retry-after"]))
                 took = time.monotonic() - t0
                 times.append(took)
-                print(f"round {i + 1}: zero replicas {idle:.1f} s after the last request; first response "
-                      f"{r.status_code} in {took:.2f} s", flush=True)
+                print(f"round {i + 1}: zero replicas {idle:.1f} s after the last request; first 200 in {took:.2f} s "
+                      f"({', '.join(answers)})", flush=True)
                 if r.status_code != 200:
                     print(r.headers, r.text[:300])
                     return 1
-        print(f"median time to first response from zero: {statistics.median(times):.1f} s over {len(times)} rounds "
+        print(f"median time to first 200 from zero: {statistics.median(times):.1f} s over {len(times)} rounds "
               f"({os.cpu_count()} CPUs)")
         return 0
     finally:
