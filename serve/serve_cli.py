@@ -144,6 +144,9 @@ def run(args) -> int:
         probe = _app_args(args, Path("."), None)  # settings checked before any compile
     except ValidationError as e:
         return fail(_invalid(e), code=2)
+    if probe.autoscale is not None and probe.num_replicas != "auto":
+        return fail(f"--replicas {probe.num_replicas} and --autoscale {probe.autoscale} both set the replica count: "
+                    "give one of them", code=2)
     if probe.autoscale is not None and probe.downscale_delay_s < WARM_UP_S:
         # Serve counts requests, not warm-up: an idle replica still warming can be removed.
         err(f"warning: --downscale-delay-s {probe.downscale_delay_s:g} is shorter than a replica's warm-up "

@@ -136,3 +136,26 @@ def test_scale_to_zero_then_the_first_request_is_answered(serve_instance, artifa
         assert len(r.json()["data"][0]["embedding"]) > 0
     finally:
         serve.delete(APP)
+
+
+def test_the_command_autoscales_answers_and_refuses_a_fixed_count_with_it(artifact):
+    import subprocess
+    import sys
+
+    from tests.fixtures.ports import free_port
+    from tests.integration.conftest import start_server, stop_server
+
+    both = subprocess.run([sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(artifact),
+                           "--autoscale", "1:2", "--replicas", "2"], capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2
+    assert "--replicas 2 and --autoscale 1:2" in both.stderr and "Traceback" not in both.stderr
+
+    port = free_port()
+    proc, out, stderr = start_server(artifact, port, 0, "--autoscale", "0:2", "--downscale-delay-s", "20")
+    try:
+        assert any("shorter than a replica's warm-up" in line for line in stderr), stderr[-5:]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["autoscaled"]}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
