@@ -164,10 +164,10 @@ def autoscaling_config(args: AppArgs, max_batch_rows: int) -> dict:
 
 
 def max_ongoing_requests(args: AppArgs, target: float | None) -> int:
-    """Serve's per-replica cap. Serve sends a replica at most this many requests, and the autoscaler
-    only sees what replicas hold (behind HAProxy the rest waits in HAProxy, unseen), so with
-    autoscaling the cap stays at least twice the target: load above the target must be visible for
-    the application to scale out. A cap the user set lower is refused.
+    """Serve's per-replica cap. A replica counts at most this many requests as ongoing (behind
+    HAProxy the rest wait for a slot in the replica, uncounted), and the autoscaler sees only that
+    count, so with autoscaling the cap stays at least twice the target: load above the target must
+    be visible for the application to scale out. A cap the user set lower is refused.
 
     >>> max_ongoing_requests(AppArgs(artifacts="a"), 600.0)
     1200
