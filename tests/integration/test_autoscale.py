@@ -96,7 +96,7 @@ def test_under_load_one_replica_becomes_two_and_back_without_losing_a_request(se
                    target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=3, batch_wait_ms=5)
     deploy(serve_instance, args, name=APP)
     try:
-        assert running_replicas() == 1
+        wait_for(lambda: running_replicas() == 1, 30, "one replica RUNNING")
         load = Load(serve_instance)
         heavy = load.start(clients=6)
         up_s = wait_for(lambda: running_replicas() == 2, 90, "scale out to 2 replicas under load")
@@ -123,7 +123,13 @@ def test_scale_to_zero_then_the_first_request_is_answered(serve_instance, artifa
                    upscale_delay_s=0, downscale_delay_s=2)
     deploy(serve_instance, args, name=APP)  # one replica to start with, so the app is known to load
     try:
-        gone_s = wait_for(lambda: running_replicas() == 0, 90, "scale to zero when idle")
+        # Serve's status may say STARTING a moment after the replica answers: see it RUNNING first,
+        # then gone for three polls in a row.
+        wait_for(lambda: running_replicas() == 1, 30, "the first replica RUNNING")
+        first = httpx.get(serve_instance + "/v2/health/ready", timeout=10).json()["replica"]
+        zeros = []
+        gone_s = wait_for(lambda: zeros.append(running_replicas() == 0) or zeros[-3:] == [True] * 3, 90,
+                          "scale to zero when idle")
         # No replica to answer: HAProxy hands the request to its backup, Serve's own proxy, which
         # holds it while the autoscaler starts a replica.
         t0 = time.monotonic()
@@ -134,6 +140,8 @@ def test_scale_to_zero_then_the_first_request_is_answered(serve_instance, artifa
               f"({r.status_code})")
         assert r.status_code == 200, (r.status_code, r.headers, r.text[:300])
         assert len(r.json()["data"][0]["embedding"]) > 0
+        # A new replica answered: the first one had gone.
+        assert httpx.get(serve_instance + "/v2/health/ready", timeout=10).json()["replica"] != first
     finally:
         serve.delete(APP)
 
