@@ -120,9 +120,10 @@ def test_scale_to_zero_then_the_first_request_is_answered(serve_instance, artifa
     from ray import serve
 
     args = AppArgs(artifacts=str(artifact), autoscale="0:1", threads_per_replica=1, max_concurrent_batches=1,
-                   upscale_delay_s=0, downscale_delay_s=2)
+                   upscale_delay_s=0, downscale_delay_s=5)
     deploy(serve_instance, args, name=APP)  # one replica to start with, so the app is known to load
     try:
+        # The replica stays 5 s after the last request (the readiness poll): time to see it.
         # Serve's status may say STARTING a moment after the replica answers: see it RUNNING first,
         # then gone for three polls in a row.
         wait_for(lambda: running_replicas() == 1, 30, "the first replica RUNNING")
