@@ -225,9 +225,11 @@ class NeuronServe:
             raise RuntimeError(f"replica unhealthy: {problem}")
 
     async def __del__(self):
-        # Serve stops routing to a replica before this; let queued and running rows finish.
-        if self.batcher is not None:
-            await self.batcher.drain(self.args.request_timeout_s)
+        # Serve stops routing to a replica before this; let queued and running rows finish. A
+        # constructor that failed early left no batcher (and maybe no settings) behind.
+        batcher = getattr(self, "batcher", None)
+        if batcher is not None:
+            await batcher.drain(self.args.request_timeout_s)
         if self.tokenizing is not None:
             self.tokenizing.close()
         if self.tracing is not None:  # export the spans still buffered

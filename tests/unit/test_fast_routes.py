@@ -206,3 +206,12 @@ def test_openapi_declares_request_bodies_answers_and_error_shapes():
         assert op["responses"]["4XX"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{error}"}
         assert {request, answer, error} <= set(components)
     assert app_module.api.docs_url == "/docs"
+
+
+def test_a_replica_whose_constructor_failed_early_stops_without_an_error():
+    # Serve awaits __del__ even when __init__ raised (e.g. invalid settings): nothing to drain then.
+    shipped = app_module.NeuronServe.func_or_class
+    ours = next(c for c in shipped.__mro__ if c.__name__ == "NeuronServe" and "__del__" in vars(c))
+    replica = object.__new__(type("Failed", (shipped,), {"__del__": lambda self: None}))  # no second, unawaited one
+    asyncio.run(ours.__del__(replica))
+    assert getattr(replica, "batcher", None) is None
