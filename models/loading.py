@@ -89,10 +89,49 @@ def model_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def inspect_model(model: str, task: str) -> ModelSpec:
-    """Read config and sentence-transformers files; no weights are loaded."""
-    from neuronserve.models.tasks import read_pooling
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
+
+def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
+    """Pooling and max_seq_length from a sentence-transformers folder (modules.json).
+
+    Without sentence-transformers files: mean pooling, normalised (the common embedding recipe).
+    """
+    max_seq_length = None
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        max_seq_length = json.loads(sbert.read_text()).get("max_seq_length")
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return Pooling(mode="mean", normalize=True), max_seq_length
+    modules = json.loads(modules_file.read_text())
+    mode, normalize = "mean", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_path = model_dir / module.get("path", "") / "config.json"
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            if isinstance(cfg.get("pooling_mode"), str):
+                mode = cfg["pooling_mode"]
+            else:
+                chosen = [name for key, name in _POOLING_KEYS.items() if cfg.get(key)]
+                if len(chosen) > 1:
+                    raise ValueError(f"{cfg_path}: several pooling modes {chosen}; neuronserve supports one")
+                mode = chosen[0] if chosen else "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return Pooling(mode=mode, normalize=normalize), max_seq_length
+
+
+def inspect_model(model: str, task: str) -> ModelSpec:
+    """Read config and sentence-transformers files; no weights are loaded, and nothing imports torch
+    (an unchanged compile is a cache hit in well under a second)."""
     if task not in ("embed", "classify"):
         raise ModelError(f"unknown task {task!r}: expected embed or classify")
     path, name = resolve_model_path(model)

@@ -6,52 +6,8 @@ The pooling runs inside the compiled graph (a (batch, hidden) result moves off t
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
-
-from neuronserve.models.artifact import Pooling
-
-_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-
-
-def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
-    """Pooling and max_seq_length from a sentence-transformers folder (modules.json).
-
-    Without sentence-transformers files: mean pooling, normalised (the common embedding recipe).
-    """
-    max_seq_length = None
-    sbert = model_dir / "sentence_bert_config.json"
-    if sbert.is_file():
-        max_seq_length = json.loads(sbert.read_text()).get("max_seq_length")
-    modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():
-        return Pooling(mode="mean", normalize=True), max_seq_length
-    modules = json.loads(modules_file.read_text())
-    mode, normalize = "mean", False
-    for module in modules:
-        kind = module.get("type", "")
-        if kind.endswith("Pooling"):
-            cfg_path = model_dir / module.get("path", "") / "config.json"
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-            if isinstance(cfg.get("pooling_mode"), str):
-                mode = cfg["pooling_mode"]
-            else:
-                chosen = [name for key, name in _POOLING_KEYS.items() if cfg.get(key)]
-                if len(chosen) > 1:
-                    raise ValueError(f"{cfg_path}: several pooling modes {chosen}; neuronserve supports one")
-                mode = chosen[0] if chosen else "mean"
-        elif kind.endswith("Normalize"):
-            normalize = True
-    return Pooling(mode=mode, normalize=normalize), max_seq_length
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

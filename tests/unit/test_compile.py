@@ -134,6 +134,57 @@ def test_unchanged_compile_is_a_cache_hit(models_dir, tmp_path):
     assert not forced.cache_hit
 
 
+def _change_weights(model):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model / "model.safetensors"))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _change_json(path, **values):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+@pytest.mark.parametrize("change", ["weights", "config", "tokenizer", "tokenizer_config", "option"])
+def test_a_changed_input_is_not_a_cache_hit(tmp_path, change):
+    """What the cache key covers: every weight, config and tokenizer file, and the options."""
+    model = make_tiny_model(tmp_path / "models")
+    opts = CompileOptions(model=str(model), buckets=parse_buckets("1x8,2x16"), out=tmp_path / "art")
+    first = compile_artifact(opts)
+    assert compile_artifact(opts).cache_hit
+    if change == "weights":
+        _change_weights(model)
+    elif change == "config":
+        _change_json(model / "config.json", layer_norm_eps=1e-6)
+    elif change == "tokenizer":
+        _change_json(model / "tokenizer.json")  # the same tokenizer, other bytes
+    elif change == "tokenizer_config":
+        _change_json(model / "tokenizer_config.json", model_max_length=64)
+    else:
+        opts.packing = False
+    again = compile_artifact(opts)
+    assert not again.cache_hit and again.manifest.cache_key != first.manifest.cache_key
+
+
+def test_a_cache_hit_imports_no_torch(models_dir, tmp_path):
+    """The cache-hit path reads and hashes files only: no torch, no transformers, no model loaded."""
+    import subprocess
+    import sys
+
+    model = make_tiny_model(models_dir)
+    out = tmp_path / "art"
+    compile_artifact(CompileOptions(model=str(model), buckets=BUCKETS, out=out))
+    code = ("import sys\n"
+            "from neuronserve.compile.compiler import CompileOptions, compile_artifact\n"
+            "from neuronserve.models.artifact import parse_buckets\n"
+            f"r = compile_artifact(CompileOptions(model={str(model)!r}, buckets=parse_buckets({','.join(map(str, BUCKETS))!r}), out={str(out)!r}))\n"
+            "print(r.cache_hit, sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[0] == "True []", done.stdout + done.stderr
+
+
 def test_cache_dir_is_used_without_out(models_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path / "cache"))
     model = make_tiny_model(models_dir)
