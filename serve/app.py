@@ -119,6 +119,7 @@ class NeuronServe:
     tokenizing = None  # set once loaded: requests of several texts tokenize off the event loop (serve.tokenizing)
 
     async def __init__(self, args: dict, key_digests: tuple[str, ...] = ()):
+        self.started = time.perf_counter()  # the start of the replica's `ready` start-up phase
         # The replica's environment may add keys (NEURONSERVE_API_KEY, NEURONSERVE_API_KEY_FILE:
         # validating the settings reads them); `key_digests` are those the builder was given.
         self.args = AppArgs.model_validate(args)
@@ -193,7 +194,7 @@ class NeuronServe:
     def _load(self) -> None:
         from neuronserve.serve.replica import build_replica
 
-        replica = self.replica = build_replica(self.args)
+        replica = self.replica = build_replica(self.args, started=self.started)
         self.engine, self.metrics = replica.engine, replica.metrics
         self.model_name, self.limits = replica.model_name, replica.limits
         if self.tracing is not None:
@@ -374,7 +375,8 @@ class NeuronServe:
         if problem:
             return JSONResponse({"ready": False, "replica": self.replica_id, "error": problem}, status_code=503)
         if self.is_ready:
-            return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health()})
+            return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health(),
+                                 "startup_s": self.replica.startup_s, "timings": self.replica.timings})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
 

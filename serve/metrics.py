@@ -142,6 +142,12 @@ class Metrics:
             f"{p}_replica_starts_total",
             "Replica processes started (each counts once as it loads its model); above the replicas running: restarts.",
             ["model", "backend"], registry=r)
+        self.startup = Gauge(
+            f"{p}_startup_seconds",
+            "Seconds of each phase of the latest replica start: pull (the artifact from its store; 0 "
+            "when local), load (graphs and tokenizer), warmup (each graph run; every bucket timed "
+            "unless the cached timing table was used), ready (in total, until it takes requests).",
+            ["model", "backend", "phase"], multiprocess_mode="livemostrecent", registry=r)
         self.packed_batches = Counter(
             f"{p}_packed_batches_total", "Batches that packed several rows into a sequence (CPU packing).",
             ["model", "bucket"], registry=r)
@@ -346,6 +352,11 @@ class ServeMetrics:
         if child is None:
             child = self._loop_lag = self._m.loop_lag.labels(self.model)
         child.observe(max(0.0, seconds))
+
+    def startup(self, phases: dict[str, float]) -> None:
+        """The replica's start-up phases (pull, load, warmup, ready), in seconds."""
+        for phase, seconds in phases.items():
+            self._m.startup.labels(self.model, self.backend, phase).set(max(0.0, seconds))
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """One answered request. `route` is the route template (e.g. "/v1/embeddings")."""

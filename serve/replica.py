@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from neuronserve.common.neuron_sdk import NEURON_TARGETS
@@ -32,6 +33,10 @@ class Replica:
     warmup_s: dict[str, float]
     batcher: Batcher = field(init=False)
     limits: Limits = field(init=False)
+    # Seconds of each start-up phase (pull, load, warmup, ready) and where the timing table came
+    # from ("cached" or "measured"), set by `build_replica`.
+    startup_s: dict[str, float] = field(init=False, default_factory=dict)
+    timings: str = field(init=False, default="measured")
 
     def __post_init__(self) -> None:
         self.limits = limits_of(self.args, self.model_name, self.engine.task)
@@ -107,25 +112,81 @@ def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics
     return ServeMetrics(model_name, backend.kind, cores, instance_type or "unknown", args.price_per_hour_usd, None)
 
 
-def build_replica(args: AppArgs) -> Replica:
+def timing_cache_for(kind: str, args: AppArgs, engine: Engine):
+    """The warm-up timing table this replica may reuse (`serve.timing_cache`): its artifact, on
+    its backend and host shape."""
+    from neuronserve.compile.compiler import cache_root
+    from neuronserve.models.artifact import MANIFEST_NAME
+    from neuronserve.serve.timing_cache import TimingCache, artifact_key, host_shape
+
+    if kind == "neuron":
+        from neuronserve.common.pricing import detect_instance_type
+
+        instance_type = args.instance_type or detect_instance_type()
+    else:
+        instance_type = args.instance_type
+    shape = host_shape(kind, threads=engine.backend.threads, forwards=args.max_concurrent_batches,
+                       instance_type=instance_type, cores_per_replica=args.cores_per_replica,
+                       profile=args.device_profile)
+    return TimingCache.at(cache_root(), artifact_key(engine.manifest, engine.artifact_dir / MANIFEST_NAME), shape)
+
+
+def describe_startup(phases: dict[str, float], timings: str) -> str:
+    """One line of a replica's start-up phases.
+
+    >>> describe_startup({"pull": 0.0, "load": 1.24, "warmup": 0.61, "ready": 2.0}, "cached")
+    'ready in 2.0 s: pull 0.0 s, load 1.2 s, warm-up 0.6 s (cached timings)'
+    """
+    parts = ", ".join(f"{PHASE_NAMES.get(k, k)} {v:.1f} s" for k, v in phases.items() if k != "ready")
+    return f"ready in {phases['ready']:.1f} s: {parts} ({timings} timings)"
+
+
+PHASE_NAMES = {"warmup": "warm-up"}
+
+
+def build_replica(args: AppArgs, started: float | None = None) -> Replica:
     """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
-    to minutes; run it off the event loop)."""
+    to minutes; run it off the event loop). `started`: `time.perf_counter()` when the replica
+    began starting (default: now), the start of its `ready` phase."""
     from neuronserve.common import logs
     from neuronserve.compile.store import resolve_artifacts
     from neuronserve.models.artifact import Bucket, load_manifest
 
     logs.configure_from_env()
+    started = time.perf_counter() if started is None else started
+    # Start-up phases (`neuronserve_startup_seconds{phase}`): pull, load, warmup, ready (in total).
+    t0 = time.perf_counter()
     args = args.model_copy(update={"artifacts": str(resolve_artifacts(args.artifacts, log.info))})  # s3:// pulled
+    artifacts = args.artifacts
+    phases = {"pull": time.perf_counter() - t0}
+    t0 = time.perf_counter()
     kind = args.backend
     if kind == "auto":
-        kind = "cpu" if load_manifest(args.artifacts).target == "cpu" else "neuron"
-    engine = Engine(args.artifacts, kind, backend_options=backend_options(kind, args))
+        kind = "cpu" if load_manifest(artifacts).target == "cpu" else "neuron"
+    engine = Engine(artifacts, kind, backend_options=backend_options(kind, args))
     backend = engine.backend
+    phases["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     model_name = args.model_name or engine.model_name
     metrics = make_metrics(args, model_name, engine)
     forwards = args.max_concurrent_batches
-    # Warmed up spread over the replica's concurrent forwards, as they run when serving.
-    warmup_s = backend.warmup(forwards=forwards)
+    cache = timing_cache_for(kind, args, engine)
+    if args.cached_timings:
+        warmup_s = cache.load(engine.buckets.buckets)
+    else:
+        warmup_s = None
+        log.info("cached warm-up timings off (cached_timings=false): timing every bucket")
+    if warmup_s is not None:
+        # Each graph runs once (a NeuronCore loads a graph on its first execution); the batcher
+        # refines the cached table from served batches as it would a measured one.
+        backend.warmup(forwards=forwards, measure=False)
+        timings = "cached"
+    else:
+        # Warmed up spread over the replica's concurrent forwards, as they run when serving.
+        warmup_s = backend.warmup(forwards=forwards)
+        cache.save(warmup_s, time.perf_counter() - t0)
+        timings = "measured"
+    phases["warmup"] = time.perf_counter() - t0
     run_inline = None
     if backend.threads is not None and forwards > 1:
         # The batches the batcher runs on its event loop (cheap ones on an idle replica; nothing
@@ -152,4 +213,8 @@ def build_replica(args: AppArgs) -> Replica:
         inline_max_ms=20.0 if backend.threads is not None else DEVICE_INLINE_MAX_MS,
         pack=engine.packing and args.packing,
     )
+    phases["ready"] = time.perf_counter() - started
+    replica.startup_s, replica.timings = phases, timings
+    metrics.startup(phases)
+    log.info("%s (%s, %d buckets)", describe_startup(phases, timings), kind, len(warmup_s))
     return replica

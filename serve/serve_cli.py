@@ -20,7 +20,7 @@ APP_NAME = "neuronserve"
 # `neuronserve serve`'s flags, in help order, each generated from its setting (serve.settings).
 COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
-    "what to serve": ("artifacts", "model_name", "backend", "device_profile"),
+    "what to serve": ("artifacts", "model_name", "backend", "device_profile", "cached_timings"),
     "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
     "autoscaling (docs/decisions.md, \"Autoscaling\")": (
         "autoscale", "target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"),
@@ -75,16 +75,17 @@ def _default_artifacts(auto_cast: str) -> Path:
     return result.out_dir
 
 
-def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int = 1, *, interval_s: float = 0.5,
-               settle_polls: int = 20) -> bool:
+def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int = 1, *, interval_s: float = 0.25,
+               settle_polls: int = 20) -> list[dict] | None:
     """Poll readiness until every replica has answered 200 (each names itself in the body). Each
     poll is a new connection so the load balancer spreads them; should it keep sending them to the
-    same replicas, `settle_polls` answers of 200 in a row count as ready."""
+    same replicas, `settle_polls` answers of 200 in a row count as ready. Returns the ready
+    answers' bodies, one per replica seen (with their start-up phases), or None if not ready."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
     last = ""
-    warm: set = set()
+    warm: dict = {}
     in_a_row = 0
     with httpx.Client(timeout=5, headers={"Connection": "close"}) as client:
         while time.monotonic() < deadline and not stop.is_set():
@@ -92,10 +93,11 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int 
                 r = client.get(f"{url}/v2/health/ready")
                 json_body = r.headers.get("content-type", "").startswith("application/json")
                 if r.status_code == 200:
-                    warm.add(r.json().get("replica") if json_body else None)
+                    body = r.json() if json_body else {}
+                    warm[body.get("replica")] = body
                     in_a_row += 1
                     if len(warm) >= replicas or in_a_row >= settle_polls:
-                        return True
+                        return list(warm.values())
                     state = f"{len(warm)}/{replicas} replicas warm"
                 else:
                     in_a_row = 0
@@ -107,7 +109,25 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int 
                 err(f"waiting for readiness: {state}")
                 last = state
             stop.wait(interval_s)
-    return False
+    return None
+
+
+def describe_ready(took_s: float, steps: dict[str, float], replicas: list[dict]) -> str:
+    """The console's start-up line: the command's steps, then the slowest replica's phases.
+
+    >>> describe_ready(8.04, {"artifact": 0.5, "Ray": 3.0, "Serve": 2.0, "replicas": 2.5},
+    ...                [{"startup_s": {"pull": 0.0, "load": 0.8, "warmup": 0.7, "ready": 1.6}, "timings": "cached"}])
+    'ready in 8.0 s: artifact 0.5 s, Ray 3.0 s, Serve 2.0 s, replicas 2.5 s (load 0.8 s, warm-up 0.7 s, cached timings)'
+    """
+    line = f"ready in {took_s:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+    phased = [r for r in replicas if isinstance(r.get("startup_s"), dict)]
+    if phased:
+        slowest = max(phased, key=lambda r: r["startup_s"].get("ready", 0.0))
+        phases = slowest["startup_s"]
+        pull = f"pull {phases['pull']:.1f} s, " if phases.get("pull", 0.0) >= 0.05 else ""
+        line += (f" ({pull}load {phases.get('load', 0.0):.1f} s, warm-up {phases.get('warmup', 0.0):.1f} s, "
+                 f"{slowest.get('timings', 'measured')} timings)")
+    return line
 
 
 def replica_count() -> int:
@@ -130,6 +150,7 @@ def _invalid(e) -> str:
 
 
 def run(args) -> int:
+    began = time.monotonic()
     from pydantic import ValidationError
 
     from neuronserve.compile.compiler import CompileError
@@ -161,6 +182,8 @@ def run(args) -> int:
     problem = ports_problem(command.host, wanted)
     if problem:
         return fail(problem)
+    steps: dict[str, float] = {}  # the command's start-up steps, in seconds, for the ready line
+    mark = time.monotonic()
     try:
         artifacts = args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast)
         # An s3:// URI is pulled (and verified) here, once, before Ray starts; the replicas on this
@@ -177,6 +200,7 @@ def run(args) -> int:
     if probe.metrics_port != 0:
         metrics_dir = tempfile.mkdtemp(prefix="neuronserve-metrics-")
     app_args = _app_args(args, artifacts if is_remote(artifacts) else Path(artifacts).resolve(), metrics_dir)
+    steps["artifact"] = time.monotonic() - mark
 
     stop = threading.Event()
     signals = []  # each SIGINT/SIGTERM received; a second one skips the drain
@@ -205,6 +229,7 @@ def run(args) -> int:
     finished = threading.Event()  # the watch runs until the command is done, through the drain
     code = 0
     try:
+        mark = time.monotonic()
         if metrics_dir:
             exporter = _start_exporter(metrics_dir, app_args.metrics_port, command.host)
         address = command.address or os.environ.get("RAY_ADDRESS")
@@ -222,6 +247,7 @@ def run(args) -> int:
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        steps["Ray"], mark = time.monotonic() - mark, time.monotonic()
         serve.start(http_options={"host": command.host, "port": command.port}, logging_config=serve_logging_config())
         try:
             app = build_app(app_args)
@@ -229,8 +255,11 @@ def run(args) -> int:
             code = fail(str(e), code=2)
             return code
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        steps["Serve"], mark = time.monotonic() - mark, time.monotonic()
         url = f"http://{command.host}:{command.port}"
-        if not wait_ready(url, command.ready_timeout_s, stop, replica_count()):
+        ready = wait_ready(url, command.ready_timeout_s, stop, replica_count())
+        steps["replicas"] = time.monotonic() - mark
+        if ready is None:
             if died:
                 code = _ray_died(died[0], signals)
             elif stop.is_set():
@@ -238,7 +267,7 @@ def run(args) -> int:
             else:
                 code = fail(f"the server did not become ready within {command.ready_timeout_s:g} s; see the replica logs above")
             return code
-        _print_banner(url, manifest, exporter, app_args)
+        _print_banner(url, manifest, exporter, app_args, describe_ready(time.monotonic() - began, steps, ready))
         stop.wait()
         if died:
             code = _ray_died(died[0], signals)
@@ -415,9 +444,10 @@ def _start_exporter(metrics_dir: str, port: int, host: str):
     return start_exporter(metrics_dir, port, host=host)
 
 
-def _print_banner(url: str, manifest, exporter, app_args) -> None:
+def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
     name = app_args.model_name or manifest.model.name
     print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
+    print(f"  {startup}", flush=True)
     if app_args.backend == "simulated":
         print(f"  SIMULATED NeuronCore (profile {app_args.device_profile}): no model runs and the vectors mean "
               "nothing; for measuring the host path only", flush=True)

@@ -135,6 +135,9 @@ class AppArgs(ServeSettings):
                                      "replicas (to MIN 0 too)")
     metrics_dir: str | None = Field(None, description="PROMETHEUS_MULTIPROC_DIR shared by this node's replicas")
     access_log: bool = Field(False, description="Ray Serve per-request access log (costs throughput)")
+    cached_timings: bool = Field(True, description="start from the warm-up timing table kept in the cache for this "
+                                 "artifact and host (each graph runs once, then the replica is ready); "
+                                 "--no-cached-timings times every bucket again and refreshes the table")
 
     @field_validator("autoscale")
     @classmethod

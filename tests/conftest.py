@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -25,3 +26,12 @@ def minilm_artifact(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("minilm")
     return compile_artifact(CompileOptions(model="default", buckets=parse_buckets("1x16,4x16,8x16,4x32,4x64,2x128,2x256"), out=out)).out_dir
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_dir(request, tmp_path_factory, monkeypatch):
+    """Unit and contract tests that build replicas keep their warm-up timing tables (and any
+    compile into the cache) out of the user's cache; integration tests give their servers a HOME
+    of their own."""
+    if "integration" not in request.node.path.parts and "NEURONSERVE_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "neuronserve-cache"))

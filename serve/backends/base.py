@@ -41,10 +41,12 @@ class Backend(Protocol):
         """
         ...
 
-    def warmup(self, forwards: int = 1) -> dict[str, float]:
+    def warmup(self, forwards: int = 1, measure: bool = True) -> dict[str, float]:
         """Run every bucket once; returns seconds of device time per bucket (keyed by
         str(bucket)), the planner's timing table. `forwards`: how many forwards the replica runs at once, so the timings are
-        taken as they will run (a backend whose device runs one graph at a time runs them in turn)."""
+        taken as they will run (a backend whose device runs one graph at a time runs them in turn).
+        `measure=False` (the replica has a cached table, `serve.timing_cache`): run only what
+        serving needs first, each graph once, and return {}."""
         ...
 
     def health(self) -> dict:

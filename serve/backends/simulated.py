@@ -93,14 +93,15 @@ class SimulatedBackend:
             out = self._out[bucket.batch_size] = torch.ones((bucket.batch_size, self.manifest.model.output_dim))
         return out
 
-    def warmup(self, forwards: int = 1) -> dict[str, float]:
-        """The profile's time for every bucket (each runs once, as a NeuronCore loads each graph)."""
+    def warmup(self, forwards: int = 1, measure: bool = True) -> dict[str, float]:
+        """The profile's time for every bucket (each runs once, as a NeuronCore loads each graph;
+        with `measure=False` too, returning {})."""
         timings = {}
         for bucket in sorted(self.buckets):
             t0 = time.perf_counter()
             self.forward(bucket, self._ones(bucket))
             timings[str(bucket)] = max(device_seconds(self.profile, bucket), time.perf_counter() - t0)
-        return timings
+        return timings if measure else {}
 
     def _ones(self, bucket: Bucket) -> tuple[torch.Tensor, ...]:
         return tuple(torch.ones((bucket.batch_size, bucket.seq_len), dtype=torch.long) for _ in range(self._n_inputs))

@@ -321,8 +321,8 @@ def test_the_composition_root_wires_a_replica_by_the_backends_capabilities(serve
     from neuronserve.serve.protocols.common import Limits
     from neuronserve.serve.settings import AppArgs
 
-    made = []
-    monkeypatch.setattr(root, "ServeMetrics", lambda *a: made.append(a) or SimpleNamespace())
+    made, startups = [], []
+    monkeypatch.setattr(root, "ServeMetrics", lambda *a: made.append(a) or SimpleNamespace(startup=startups.append))
     before = torch.get_num_threads()
     args = AppArgs(artifacts=str(served.artifact_dir), backend="auto", threads_per_replica=1, max_concurrent_batches=2,
                    instance_type="c7i.xlarge", max_inputs_per_request=8, truncate=False)
@@ -336,4 +336,6 @@ def test_the_composition_root_wires_a_replica_by_the_backends_capabilities(serve
     assert r.batcher.run_inline is not r.engine.run_batch and r.batcher.run_inline.keywords == {"threads": 2}
     assert r.batcher.pack == backend.packing
     assert made == [(r.model_name, "cpu", 2, "c7i.xlarge", None, None)]
+    assert startups == [r.startup_s] and list(r.startup_s) == ["pull", "load", "warmup", "ready"]
+    assert r.startup_s["ready"] >= r.startup_s["load"] + r.startup_s["warmup"]
     assert r.limits == Limits(r.model_name, served.task, max_inputs=8, truncate=False)
