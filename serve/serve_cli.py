@@ -75,6 +75,40 @@ def _default_artifacts(auto_cast: str) -> Path:
     return result.out_dir
 
 
+class _Compile:
+    """The default model's compile (`_default_artifacts`) on a thread of its own; a daemon, so a
+    stop while it runs does not wait for it."""
+
+    def __init__(self, auto_cast: str):
+        self.outcome = None
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, args=(auto_cast,), name="compile", daemon=True)
+        self.thread.start()
+
+    def _run(self, auto_cast: str) -> None:
+        from neuronserve.compile.compiler import CompileError
+        from neuronserve.models.artifact import ArtifactError, load_manifest
+        from neuronserve.models.loading import ModelError
+
+        t0 = time.monotonic()
+        try:
+            artifacts = _default_artifacts(auto_cast)
+            self.outcome = (artifacts, load_manifest(artifacts))
+        except (ArtifactError, CompileError, ModelError) as e:
+            self.outcome = e
+        except Exception as e:  # reported by the command's thread, as a failure, not lost on this one
+            self.outcome = RuntimeError(f"compiling the default model failed: {type(e).__name__}: {e}")
+        self.seconds = time.monotonic() - t0
+
+    def wait(self, stop: threading.Event):
+        """(artifacts, manifest), the error, or None when `stop` was set first."""
+        while self.thread.is_alive():
+            if stop.is_set():
+                return None
+            self.thread.join(0.1)
+        return self.outcome
+
+
 def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int = 1, *, interval_s: float = 0.25,
                settle_polls: int = 20) -> list[dict] | None:
     """Poll readiness until every replica has answered 200 (each names itself in the body). Each
@@ -184,23 +218,31 @@ def run(args) -> int:
         return fail(problem)
     steps: dict[str, float] = {}  # the command's start-up steps, in seconds, for the ready line
     mark = time.monotonic()
+    given = args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS")
+    artifacts = manifest = None
     try:
-        artifacts = args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS") or _default_artifacts(command.auto_cast)
-        # An s3:// URI is pulled (and verified) here, once, before Ray starts; the replicas on this
-        # machine then find it in the cache, and the app keeps the URI for replicas elsewhere.
-        manifest = load_manifest(resolve_artifacts(artifacts, err))
+        if given:
+            artifacts = given
+            # An s3:// URI is pulled (and verified) here, once, before Ray starts; the replicas on this
+            # machine then find it in the cache, and the app keeps the URI for replicas elsewhere.
+            manifest = load_manifest(resolve_artifacts(artifacts, err))
         if probe.backend == "simulated":
             from neuronserve.serve.backends.simulated import load_profile
 
             load_profile(probe.device_profile)
     except (ArtifactError, CompileError, ModelError, BackendError, StoreError) as e:
         return fail(str(e))
+    compiling = None
+    if given:
+        steps["artifact"] = time.monotonic() - mark
+    else:
+        # The default model's compile (or its cache hit) runs beside Ray's and Serve's start, which
+        # need no artifact; the application is built once both are done.
+        compiling = _Compile(command.auto_cast)
     metrics_dir = None
     exporter = None
     if probe.metrics_port != 0:
         metrics_dir = tempfile.mkdtemp(prefix="neuronserve-metrics-")
-    app_args = _app_args(args, artifacts if is_remote(artifacts) else Path(artifacts).resolve(), metrics_dir)
-    steps["artifact"] = time.monotonic() - mark
 
     stop = threading.Event()
     signals = []  # each SIGINT/SIGTERM received; a second one skips the drain
@@ -231,12 +273,12 @@ def run(args) -> int:
     try:
         mark = time.monotonic()
         if metrics_dir:
-            exporter = _start_exporter(metrics_dir, app_args.metrics_port, command.host)
+            exporter = _start_exporter(metrics_dir, probe.metrics_port, command.host)
         address = command.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            os.environ.update(local_ray_env(access_log=app_args.access_log))  # read by the Ray processes started next
+            os.environ.update(local_ray_env(access_log=probe.access_log))  # read by the Ray processes started next
             # "local" always starts a fresh Ray for this server instead of joining a stray one.
             with ray_in_own_sessions():
                 ray.init(address="local", include_dashboard=False, logging_level="WARNING",
@@ -249,13 +291,26 @@ def run(args) -> int:
             signal.signal(sig, on_signal)
         steps["Ray"], mark = time.monotonic() - mark, time.monotonic()
         serve.start(http_options={"host": command.host, "port": command.port}, logging_config=serve_logging_config())
+        serve_s = time.monotonic() - mark
+        if compiling is not None:
+            outcome = compiling.wait(stop)
+            if outcome is None:  # a signal while compiling
+                code = 130
+                return code
+            if isinstance(outcome, Exception):
+                code = fail(str(outcome))
+                return code
+            artifacts, manifest = outcome
+            steps = {"artifact (beside Ray)": compiling.seconds, **steps}
+        app_args = _app_args(args, artifacts if is_remote(str(artifacts)) else Path(artifacts).resolve(), metrics_dir)
+        mark = time.monotonic()
         try:
             app = build_app(app_args)
         except ValueError as e:  # settings that contradict each other only with the artifact known
             code = fail(str(e), code=2)
             return code
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        steps["Serve"], mark = time.monotonic() - mark, time.monotonic()
+        steps["Serve"], mark = serve_s + time.monotonic() - mark, time.monotonic()
         url = f"http://{command.host}:{command.port}"
         ready = wait_ready(url, command.ready_timeout_s, stop, replica_count())
         steps["replicas"] = time.monotonic() - mark
