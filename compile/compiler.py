@@ -233,6 +233,52 @@ def sample_inputs(tokenizer, spec: ModelSpec, bucket: Bucket, pad_id: int):
     return graph_inputs(spec.family.inputs, ids, mask)
 
 
+class References:
+    """The eager fp32 model's output for each bucket's sample batch (`sample_inputs`).
+
+    A row's output does not depend on the batch it is in (padding is masked), and the sample rows
+    of a smaller batch at one sequence length are rows of the largest batch at that length (for
+    batch sizes that divide it, as the default grids' powers of two do). So the model runs once on
+    the largest batch per sequence length and smaller buckets take their rows from it: every
+    bucket is still compared with the eager model on its own rows, for about half the eager work
+    (a compile of the default 121-bucket artifact spent ~45% of its time there)."""
+
+    def __init__(self, module, inputs: Callable, buckets: list[Bucket]):
+        self.module = module
+        self.inputs = inputs
+        self.largest = {}
+        for b in buckets:
+            self.largest[b.seq_len] = max(self.largest.get(b.seq_len, b), b)
+        self.rows: dict[tuple, object] = {}  # a row of every graph input -> its output row
+        self.ran: set[Bucket] = set()  # largest batches run ahead for smaller ones
+
+    def _run(self, example):
+        import torch
+
+        with torch.inference_mode():
+            out = self.module(*example)
+        for i in range(out.shape[0]):
+            self.rows[self._key(example, i)] = out[i]
+        return out
+
+    def of(self, bucket: Bucket, example):
+        import torch
+
+        largest = self.largest.get(bucket.seq_len, bucket)
+        if largest != bucket and largest not in self.ran:
+            self.ran.add(largest)
+            self._run(self.inputs(largest))
+        keys = [self._key(example, i) for i in range(bucket.batch_size)]
+        if all(k in self.rows for k in keys):
+            return torch.stack([self.rows[k] for k in keys])
+        return self._run(example)
+
+    @staticmethod
+    def _key(example, i: int) -> tuple:
+        """Row `i` of every graph input: what its output depends on."""
+        return tuple(tuple(t[i].tolist()) for t in example)
+
+
 def measure_parity(task: str, got, ref, auto_cast: str) -> Parity:
     import torch
 
@@ -279,12 +325,12 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     tokenizer.save_pretrained(str(out / "tokenizer"))
 
     entries: list[BucketEntry] = []
+    references = References(module, lambda b: sample_inputs(tokenizer, spec, b, pad_id), buckets)
     cpu_graph = None
     for i, bucket in enumerate(buckets, 1):
         t0 = time.perf_counter()
         example = sample_inputs(tokenizer, spec, bucket, pad_id)
-        with torch.inference_mode():
-            reference = module(*example)
+        reference = references.of(bucket, example)
         if opts.target == "cpu":
             file = "graphs/cpu.pt"
             if cpu_graph is None:

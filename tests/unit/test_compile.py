@@ -245,3 +245,28 @@ def test_default_buckets_fit_the_model_and_target():
         assert min(s for s in seq_lens if s >= n) <= 1.25 * n, n
     neuron = default_buckets("inf2", 512)
     assert len(neuron) == 15 and max(b.seq_len for b in neuron) == 512
+
+
+def test_references_reuse_the_largest_batchs_rows_and_match_the_model_run_alone(models_dir):
+    """`References`: smaller buckets at a sequence length take their eager rows from the largest
+    batch's run when those rows are theirs, and run the model themselves otherwise; either way
+    each bucket gets what the model gives its own batch."""
+    from neuronserve.compile.compiler import References, sample_inputs
+    from neuronserve.models.loading import build_module, inspect_model, load_tokenizer
+
+    spec = inspect_model(str(make_tiny_model(models_dir)), "embed")
+    tokenizer, module = load_tokenizer(spec), build_module(spec)
+    inputs = lambda b: sample_inputs(tokenizer, spec, b, tokenizer.pad_token_id or 0)  # noqa: E731
+    buckets = parse_buckets("1x16,2x16,4x16,3x16,8x16,2x32")
+    runs = []
+    counted = lambda *example: runs.append(tuple(example[0].shape)) or module(*example)  # noqa: E731
+    references = References(counted, inputs, buckets)
+    for bucket in sorted(buckets):
+        example = inputs(bucket)
+        got = references.of(bucket, example)
+        with torch.inference_mode():
+            alone = module(*example)
+        assert got.shape == alone.shape
+        assert torch.allclose(got, alone, atol=1e-5), bucket
+    # 8x16 once for 1x16, 2x16 and 4x16 (their rows are its rows); 3x16's are not; 2x32 is the largest at 32.
+    assert sorted(runs) == [(2, 32), (3, 16), (8, 16)]
