@@ -166,10 +166,10 @@ def build_replica(args: AppArgs, started: float | None = None) -> Replica:
     engine = Engine(artifacts, kind, backend_options=backend_options(kind, args))
     backend = engine.backend
     phases["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     model_name = args.model_name or engine.model_name
     metrics = make_metrics(args, model_name, engine)
     forwards = args.max_concurrent_batches
+    t0 = time.perf_counter()
     cache = timing_cache_for(kind, args, engine)
     if args.cached_timings:
         warmup_s = cache.load(engine.buckets.buckets)
