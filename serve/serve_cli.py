@@ -147,11 +147,15 @@ def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int 
 
 
 def describe_ready(took_s: float, steps: dict[str, float], replicas: list[dict]) -> str:
-    """The console's start-up line: the command's steps, then the slowest replica's phases.
+    """The console's start-up line: the command's steps, then the slowest replica's phases and
+    where the replicas' timing tables came from.
 
     >>> describe_ready(8.04, {"artifact": 0.5, "Ray": 3.0, "Serve": 2.0, "replicas": 2.5},
     ...                [{"startup_s": {"pull": 0.0, "load": 0.8, "warmup": 0.7, "ready": 1.6}, "timings": "cached"}])
     'ready in 8.0 s: artifact 0.5 s, Ray 3.0 s, Serve 2.0 s, replicas 2.5 s (load 0.8 s, warm-up 0.7 s, cached timings)'
+    >>> describe_ready(9.0, {}, [{"startup_s": {"load": 1.0, "warmup": 5.0, "ready": 6.0}, "timings": "measured"},
+    ...                          {"startup_s": {"load": 1.0, "warmup": 0.5, "ready": 7.0}, "timings": "cached"}])
+    'ready in 9.0 s:  (load 1.0 s, warm-up 0.5 s, measured timings on 1 of 2 replicas, cached on 1)'
     """
     line = f"ready in {took_s:.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
     phased = [r for r in replicas if isinstance(r.get("startup_s"), dict)]
@@ -159,8 +163,13 @@ def describe_ready(took_s: float, steps: dict[str, float], replicas: list[dict])
         slowest = max(phased, key=lambda r: r["startup_s"].get("ready", 0.0))
         phases = slowest["startup_s"]
         pull = f"pull {phases['pull']:.1f} s, " if phases.get("pull", 0.0) >= 0.05 else ""
+        measured = sum(r.get("timings") != "cached" for r in phased)
+        if measured in (0, len(phased)):
+            timings = "measured timings" if measured else "cached timings"
+        else:  # a later replica found the table an earlier one kept
+            timings = f"measured timings on {measured} of {len(phased)} replicas, cached on {len(phased) - measured}"
         line += (f" ({pull}load {phases.get('load', 0.0):.1f} s, warm-up {phases.get('warmup', 0.0):.1f} s, "
-                 f"{slowest.get('timings', 'measured')} timings)")
+                 f"{timings})")
     return line
 
 
