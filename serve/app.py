@@ -286,7 +286,7 @@ class NeuronServe:
         if self.metrics is not None:
             self.metrics.request(route, status, time.perf_counter() - started)
         if self.tracing is not None:
-            self.tracing.end(status)
+            self.tracing.end(status, getattr(self, "model_name", None))
 
     async def _guard(self, route: str, error_body, handler, request: Request | None = None) -> Response:
         """The one error handler: every error answers with its status in the route's protocol."""

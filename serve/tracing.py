@@ -134,13 +134,16 @@ class Tracing:
         _request.set(rt)
         return rt
 
-    def end(self, status: int) -> None:
-        """End this task's request span with the response status (5xx marks it an error)."""
+    def end(self, status: int, model: str | None = None) -> None:
+        """End this task's request span with the response status (5xx marks it an error), and the
+        model when the span began before it was known (a request that waited for the warm-up)."""
         rt = _request.get()
         if rt is None:
             return
         _request.set(None)
         rt.span.set_attribute("http.response.status_code", status)
+        if model:
+            rt.span.set_attribute("neuronserve.model", model)
         if status >= 500:
             from opentelemetry.trace import Status, StatusCode
 

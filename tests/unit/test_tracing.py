@@ -322,3 +322,12 @@ def test_the_app_without_tracing_sends_no_spans_and_answers_the_same():
     assert replica.tracing is None
     assert post(replica, "/v1/embeddings", b'{"input": ["ab"]}', {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}) == 200
     assert tracing.current_span_context() is None
+
+
+def test_a_request_that_began_before_the_model_was_known_still_names_it(traced):
+    # A request that arrives during the warm-up begins its span before the replica knows its model.
+    t, exporter = traced
+    t.begin("/v1/embeddings", FakeRequest({}), None)
+    t.end(200, "tiny")
+    (server,) = by_name(exporter.get_finished_spans())["POST /v1/embeddings"]
+    assert server.attributes["neuronserve.model"] == "tiny"
