@@ -98,8 +98,6 @@ class FastRoutes:
         await self.app(scope, receive, send)
 
 
-
-
 def dumps(obj: Any) -> bytes:
     """JSON for responses. float32 arrays go out as the shortest text that reads back to the
     same float32 (as OpenAI's embeddings look): about half the bytes of float64 text, and far

@@ -14,12 +14,9 @@ A request of one text is tokenized on the loop (`tokenize` in the HTTP layer dec
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 from typing import Callable
-
-log = logging.getLogger(__name__)
 
 Tokenize = Callable[[list[str], bool], list[list[int]]]
 

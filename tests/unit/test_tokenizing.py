@@ -37,16 +37,24 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def queued_behind_a_held_call(tok: Recording, pool: Tokenizing, first: list[str], *later):
+    """Submit `first` and hold it in the tokenizer; queue each of `later` (texts, or (texts,
+    truncate)) behind it; release. Returns the futures of `first` and of `later`."""
+    held = asyncio.ensure_future(pool.submit(first))
+    await asyncio.get_running_loop().run_in_executor(None, tok.entered.wait, 5)
+    queued = [asyncio.ensure_future(pool.submit(*(job if isinstance(job, tuple) else (job,)))) for job in later]
+    await asyncio.sleep(0.05)  # all of them queued behind the held call
+    tok.release.set()
+    return held, queued
+
+
 def test_each_request_gets_its_own_rows_and_waiting_requests_share_one_call():
     tok = Recording(hold_first=True)
     pool = Tokenizing(tok)
 
     async def main():
-        first = asyncio.ensure_future(pool.submit(["a", "bb"]))
-        await asyncio.get_running_loop().run_in_executor(None, tok.entered.wait, 5)
-        rest = [asyncio.ensure_future(pool.submit(["x" * n, "y" * (n + 1)])) for n in range(1, 6)]
-        await asyncio.sleep(0.05)  # all five queued behind the held call
-        tok.release.set()
+        first, rest = await queued_behind_a_held_call(tok, pool, ["a", "bb"],
+                                                      *(["x" * n, "y" * (n + 1)] for n in range(1, 6)))
         return await first, await asyncio.gather(*rest)
 
     first, rest = run(main())
@@ -62,11 +70,7 @@ def test_groups_stop_at_max_texts():
     pool = Tokenizing(tok, max_texts=4)
 
     async def main():
-        first = asyncio.ensure_future(pool.submit(["a"]))
-        await asyncio.get_running_loop().run_in_executor(None, tok.entered.wait, 5)
-        rest = [asyncio.ensure_future(pool.submit(["b", "c"])) for _ in range(4)]
-        await asyncio.sleep(0.05)
-        tok.release.set()
+        first, rest = await queued_behind_a_held_call(tok, pool, ["a"], *(["b", "c"] for _ in range(4)))
         await first
         return await asyncio.gather(*rest)
 
@@ -80,12 +84,7 @@ def test_a_request_without_truncation_runs_alone_and_its_error_is_its_own():
     pool = Tokenizing(tok)
 
     async def main():
-        first = asyncio.ensure_future(pool.submit(["a"]))
-        await asyncio.get_running_loop().run_in_executor(None, tok.entered.wait, 5)
-        strict = asyncio.ensure_future(pool.submit(["ok", "too long"], False))
-        other = asyncio.ensure_future(pool.submit(["cc"]))
-        await asyncio.sleep(0.05)
-        tok.release.set()
+        first, (strict, other) = await queued_behind_a_held_call(tok, pool, ["a"], (["ok", "too long"], False), ["cc"])
         await first
         with pytest.raises(InputTooLong) as e:
             await strict
