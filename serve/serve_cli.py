@@ -109,6 +109,59 @@ class _Compile:
         return self.outcome
 
 
+class _ServeStart:
+    """`serve.start` on a thread of its own, so the application deploys while the proxy starts.
+
+    `serve.start` returns only once the proxy (here HAProxy and its manager actor) is up, and a
+    deployment waits for `serve.start`; each of them starts a Ray worker process, which on a small
+    machine takes seconds. Once the Serve controller exists (the proxy's options are given to it when
+    it is created), `serve.run` finds it and deploys, and the controller starts the replicas beside
+    the proxy instead of after it."""
+
+    def __init__(self, serve, http_options: dict, logging_config):
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        self._names = (SERVE_CONTROLLER_NAME, SERVE_NAMESPACE)
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(serve, http_options, logging_config),
+                                        name="serve-start", daemon=True)
+        self._thread.start()
+
+    def _run(self, serve, http_options: dict, logging_config) -> None:
+        try:
+            serve.start(http_options=http_options, logging_config=logging_config)
+        except BaseException as e:  # reported by the wait_* methods, on the command's thread
+            self.error = e
+        finally:
+            self._done.set()
+
+    def _problem(self) -> str | None:
+        return None if self.error is None else f"Ray Serve did not start: {self.error}"
+
+    def wait_for_controller(self, stop: threading.Event, interval_s: float = 0.05) -> str | None:
+        """None once the Serve controller exists (or `serve.start` returned), else what went wrong."""
+        import ray
+
+        name, namespace = self._names
+        while not stop.is_set():
+            if self._done.is_set():
+                return self._problem()
+            try:
+                ray.get_actor(name, namespace=namespace)
+                return None
+            except ValueError:  # not created yet
+                self._done.wait(interval_s)
+        return "stopped while Ray Serve was starting"
+
+    def wait_for_proxies(self, stop: threading.Event) -> str | None:
+        """None once `serve.start` has returned (the proxy is up), else what went wrong."""
+        while not self._done.wait(0.1):
+            if stop.is_set():
+                return "stopped while Ray Serve was starting"
+        return self._problem()
+
+
 def wait_ready(url: str, timeout_s: float, stop: threading.Event, replicas: int = 1, *, interval_s: float = 0.25,
                settle_polls: int = 20) -> list[dict] | None:
     """Poll readiness until every replica has answered 200 (each names itself in the body). Each
@@ -267,7 +320,7 @@ def run(args) -> int:
 
     from neuronserve.serve.app import build_app
     from neuronserve.common import logs
-    from neuronserve.serve.local_ray import (SETUP_HOOK, LocalRayProcesses, local_ray_env, quiet_ray_console,
+    from neuronserve.serve.local_ray import (LocalRayProcesses, check_haproxy_template, local_ray_env, quiet_ray_console,
                                              ray_in_own_sessions, stop_haproxy)
     from neuronserve.serve.placement import serve_logging_config
 
@@ -287,11 +340,15 @@ def run(args) -> int:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
+            problem = check_haproxy_template()
+            if problem:
+                code = fail(problem)
+                return code
             os.environ.update(local_ray_env(access_log=probe.access_log))  # read by the Ray processes started next
-            # "local" always starts a fresh Ray for this server instead of joining a stray one.
+            # "local" always starts a fresh Ray for this server instead of joining a stray one. No
+            # runtime_env: Serve's actors then start in the worker processes Ray has started already.
             with ray_in_own_sessions():
-                ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-                         runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+                ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             node_id = ray.get_runtime_context().get_node_id()
             local = LocalRayProcesses.of_this_driver()
             threading.Thread(target=_watch, args=(local, stop, died, finished), name="ray-watch", daemon=True).start()
@@ -299,7 +356,11 @@ def run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         steps["Ray"], mark = time.monotonic() - mark, time.monotonic()
-        serve.start(http_options={"host": command.host, "port": command.port}, logging_config=serve_logging_config())
+        starting = _ServeStart(serve, {"host": command.host, "port": command.port}, serve_logging_config())
+        problem = starting.wait_for_controller(stop)
+        if problem is not None:
+            code = fail(problem) if not stop.is_set() else 130
+            return code
         serve_s = time.monotonic() - mark
         if compiling is not None:
             outcome = compiling.wait(stop)
@@ -319,6 +380,10 @@ def run(args) -> int:
             code = fail(str(e), code=2)
             return code
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        problem = starting.wait_for_proxies(stop)
+        if problem is not None:
+            code = fail(problem) if not stop.is_set() else 130
+            return code
         steps["Serve"], mark = serve_s + time.monotonic() - mark, time.monotonic()
         url = f"http://{command.host}:{command.port}"
         ready = wait_ready(url, command.ready_timeout_s, stop, replica_count())

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from neuronserve.serve.local_ray import SETUP_HOOK, local_ray_env, stop_haproxy
+from neuronserve.serve.local_ray import local_ray_env, stop_haproxy
 from tests.fixtures.ports import free_port
 
 
@@ -40,8 +40,7 @@ def serve_instance(ray_home):
     os.environ.update(ingress)  # other clusters started by tests must pick their own ports
     ray.init(address="local", num_cpus=2, resources={"neuron_cores": 4}, include_dashboard=False,
              _temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp"), logging_level="WARNING",
-             # The HAProxy set-up `neuronserve serve` gives its local Ray (loopback listeners, 503 for a dead replica).
-             runtime_env={"env_vars": {"PYTHONPATH": f"{repo}:{repo}/tests/doubles"}, "worker_process_setup_hook": SETUP_HOOK})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{repo}:{repo}/tests/doubles"}})
     for key in ingress:
         os.environ.pop(key)
     port = free_port()

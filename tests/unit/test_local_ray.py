@@ -48,17 +48,74 @@ def test_the_haproxy_template_of_this_ray_keeps_its_listeners_on_loopback():
     assert not [b for b in binds if b.startswith(("bind *:", "bind :"))], binds
 
 
-def test_the_setup_hook_patches_the_module_serve_renders_from(monkeypatch):
-    import ray.serve._private.haproxy as rendered
-    from ray.serve._private import haproxy_templates
+def _rendered(template: str, stats: int = 23456, metrics: int = 23457) -> str:
+    """The lines of Ray's template that the rewrite touches, as Serve renders them."""
+    return (template.replace("{{ config.stats_port }}", str(stats)).replace("{{ config.metrics_port }}", str(metrics))
+            .replace("{{ config.log_target }}", "127.0.0.1:514").replace("{{ config.error_file_path }}", "/tmp/ray/500.http"))
 
-    from neuronserve.serve.local_ray import loopback_haproxy_listeners
 
-    monkeypatch.setattr(haproxy_templates, "HAPROXY_CONFIG_TEMPLATE", haproxy_templates.HAPROXY_CONFIG_TEMPLATE)
-    monkeypatch.setattr(rendered, "HAPROXY_CONFIG_TEMPLATE", rendered.HAPROXY_CONFIG_TEMPLATE)
-    loopback_haproxy_listeners()
-    assert "bind *:{{ config.stats_port }}" not in rendered.HAPROXY_CONFIG_TEMPLATE
-    assert "bind 127.0.0.1:{{ config.stats_port }}" in rendered.HAPROXY_CONFIG_TEMPLATE
+def test_the_rendered_config_gets_what_the_template_rewrite_gives():
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    from neuronserve.serve.local_ray import loopback_config, loopback_template
+
+    rewritten = loopback_config(_rendered(HAPROXY_CONFIG_TEMPLATE), 23456, 23457)
+    assert rewritten == _rendered(loopback_template(HAPROXY_CONFIG_TEMPLATE))
+    assert "bind 127.0.0.1:23456" in rewritten and "bind 127.0.0.1:23457" in rewritten
+    assert "bind *:23456" not in rewritten and "local0" not in rewritten and "/tmp/ray/500.http" not in rewritten
+    assert loopback_config(rewritten, 23456, 23457) == rewritten  # a reload of a rewritten config changes nothing
+
+
+def test_a_config_whose_stats_listener_moved_is_refused():
+    import pytest
+
+    from neuronserve.serve.local_ray import check_haproxy_template, loopback_config
+
+    with pytest.raises(ValueError, match="stats listener"):
+        loopback_config("listen stats\n  bind 0.0.0.0:8404\n", 8404, 9101)
+    assert check_haproxy_template() is None  # this Ray's template has the lines
+
+
+def test_the_wrapper_rewrites_the_config_then_becomes_the_real_haproxy(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from neuronserve.serve import local_ray
+
+    monkeypatch.setattr(local_ray, "ERROR_DIR", tmp_path)
+    fake = tmp_path / "haproxy"  # records its pid, arguments and the config it was given
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "cfg = sys.argv[sys.argv.index('-f') + 1]\n"
+                    "print(json.dumps({'pid': os.getpid(), 'argv': sys.argv, 'config': open(cfg).read()}))\n")
+    fake.chmod(0o755)
+    env = local_ray.install_haproxy_wrapper({"RAY_SERVE_HAPROXY_BINARY_PATH": str(fake)})
+    assert env[local_ray.HAPROXY_REAL_ENV] == str(fake) and env["RAY_SERVE_HAPROXY_BINARY_PATH"] != str(fake)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("global\n    log 127.0.0.1:514 local0 info\nlisten stats\n  bind *:8404\nfrontend http\n"
+                      "    bind 0.0.0.0:8000\n    errorfile 502 /tmp/ray/500.http\n")
+    proc = subprocess.Popen([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-db", "-f", str(config), "-sf", "12"],
+                            env={**os.environ, **env, "RAY_SERVE_HAPROXY_STATS_PORT": "8404"},
+                            stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    seen = json.loads(out)
+    assert seen["pid"] == proc.pid  # exec'd in place: Serve's process handle is HAProxy's
+    assert seen["argv"][1:] == ["-db", "-f", str(config), "-sf", "12"]
+    assert "bind 127.0.0.1:8404" in seen["config"] and "bind 0.0.0.0:8000" in seen["config"]  # the API port is untouched
+    assert "local0" not in seen["config"] and "/tmp/ray/500.http" not in seen["config"]  # neuronserve's error pages
+    assert (tmp_path / "503.http").exists()  # written once, by the command, before Ray starts
+
+
+def test_the_wrapper_refuses_a_config_it_cannot_keep_on_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("listen stats\n  bind 0.0.0.0:8404\n")
+    done = subprocess.run([sys.executable, "-c", "import sys; from neuronserve.serve.local_ray import run_haproxy; "
+                           "run_haproxy(sys.argv)", "-db", "-f", str(config)], capture_output=True, text=True,
+                          env={**os.environ, "NEURONSERVE_HAPROXY_BINARY": "/bin/true", "RAY_SERVE_HAPROXY_STATS_PORT": "8404"})
+    assert done.returncode == 1 and "stats listener cannot be kept on loopback" in done.stderr
 
 
 class _Process:
