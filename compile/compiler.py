@@ -1,8 +1,10 @@
 """Compile a model into an artifact: trace per bucket, check against the eager reference, cache.
 
 On `cpu` one traced graph serves every bucket (the trace is shape-polymorphic for these encoders,
-so weights are stored once); it is still validated bucket by bucket. On Neuron targets every
-bucket is its own `torch_neuronx.trace` (static shapes), so each bucket has its own file.
+so weights are stored once); it is still validated bucket by bucket. On inf2/trn1 every bucket is
+its own `torch_neuronx.trace` (static shapes), so each bucket has its own file. On trn2/trn3 every
+bucket is its own exported program, compiled with TorchNeuron on the device into the artifact's
+NEFF cache (`compile.torchneuron`), so serving loads NEFFs and never compiles.
 """
 
 from __future__ import annotations
@@ -117,18 +119,32 @@ def library_versions(target: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "unknown"
     if target != "cpu":
-        from neuronserve.common.neuron_sdk import NeuronSDKMissing, sdk_versions
+        from neuronserve.common.neuron_sdk import NATIVE_TARGETS, NeuronSDKMissing, sdk_versions, torchneuron_versions
 
         try:
-            versions.update(sdk_versions())
+            versions.update(torchneuron_versions() if target in NATIVE_TARGETS else sdk_versions())
         except NeuronSDKMissing as e:
             raise CompileError(str(e)) from None
     return versions
 
 
+def native(opts: CompileOptions) -> bool:
+    """Whether `opts` compiles with TorchNeuron (trn2/trn3) rather than torch_neuronx.trace."""
+    from neuronserve.common.neuron_sdk import NATIVE_TARGETS
+
+    return opts.target in NATIVE_TARGETS
+
+
 def compiler_args_for(opts: CompileOptions) -> list[str]:
     if opts.target == "cpu":
         return []
+    if native(opts):
+        from neuronserve.common.torchneuron import cc_flags
+
+        try:
+            return cc_flags(opts.optlevel, opts.extra_compiler_args)
+        except (ValueError, TypeError) as e:
+            raise CompileError(str(e)) from None
     from neuronserve.compile.neuron import compiler_args
 
     try:
@@ -137,7 +153,8 @@ def compiler_args_for(opts: CompileOptions) -> list[str]:
         raise CompileError(str(e)) from None
 
 
-def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args: list[str], versions: dict) -> str:
+def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args: list[str], versions: dict,
+              lnc: int | None = None) -> str:
     payload = {
         "schema": SCHEMA_VERSION,
         "model": spec.sha256,
@@ -149,6 +166,8 @@ def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args
         "packed": packs(opts),
         "versions": {k: v for k, v in versions.items() if k != "neuronserve"},
     }
+    if lnc is not None:  # trn2/trn3 only, so the keys of other artifacts stay as they were
+        payload["lnc"] = lnc
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -206,6 +225,8 @@ def is_cache_hit(out: Path, key: str) -> Manifest | None:
         f = out / file
         if len(hashes) != 1 or not f.is_file() or sha256_file(f) not in hashes:
             return None
+    if manifest.neuron_cache_dir and not any((out / manifest.neuron_cache_dir).rglob("*.neff")):
+        return None  # trn2/trn3: without its NEFFs the artifact would compile when served
     return manifest
 
 
@@ -298,12 +319,22 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     check_options(opts)
+    lnc = None
+    if native(opts):
+        from neuronserve.common.torchneuron import lnc_from_env
+        from neuronserve.compile.torchneuron import TorchNeuronCompileError, require_device
+
+        try:
+            require_device(opts.target)
+            lnc = lnc_from_env()
+        except (TorchNeuronCompileError, ValueError) as e:
+            raise CompileError(str(e)) from None
     spec = inspect_model(opts.model, opts.task)
     buckets = sorted(set(opts.buckets)) if opts.buckets else default_buckets(opts.target, spec.max_seq_length)
     check_buckets(spec, buckets)
     args = compiler_args_for(opts)
     versions = library_versions(opts.target)
-    key = cache_key(spec, opts, buckets, args, versions)
+    key = cache_key(spec, opts, buckets, args, versions, lnc)
     out = Path(opts.out) if opts.out else cache_root() / "artifacts" / key[:16]
     prepare_out(out)
     if not opts.force:
@@ -318,7 +349,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     tokenizer = load_tokenizer(spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     module = build_module(spec)
-    for stale in ("graphs", "tokenizer", "neuron-workdir"):
+    for stale in ("graphs", "tokenizer", "neuron-workdir", "neuron-cache"):
         shutil.rmtree(out / stale, ignore_errors=True)
     (out / "manifest.json").unlink(missing_ok=True)
     (out / "graphs").mkdir()
@@ -343,6 +374,10 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                     cpu_graph = torch.jit.trace(module, sample_inputs(tokenizer, spec, largest, pad_id), check_trace=False)
                 torch.jit.save(cpu_graph, str(out / file))
             graph = cpu_graph
+        elif native(opts):
+            file = f"graphs/b{bucket.batch_size}_s{bucket.seq_len}.pt2"
+            got = compile_native_bucket(module, example, out / file, opts, args, lnc, bucket)
+            graph = _Computed(got)
         else:
             from neuronserve.common.neuron_sdk import NeuronSDKMissing
             from neuronserve.compile.neuron import NeuronCompileError, trace_bucket
@@ -383,6 +418,8 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         e.sha256 = hashes[e.file]
     packed = compile_packed(module, spec, tokenizer, pad_id, buckets, opts, out, log) if packs(opts) else None
     shutil.rmtree(out / "neuron-workdir", ignore_errors=True)
+    if native(opts):
+        check_neff_cache(out, buckets)
 
     manifest = Manifest(
         model=ModelInfo(
@@ -404,6 +441,9 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         target=opts.target,
         precision="bf16" if opts.auto_cast == "bf16" else "fp32",
         compiler_args=args,
+        neuron_stack=_stack(opts.target),
+        lnc=lnc,
+        neuron_cache_dir=NEURON_CACHE_DIR if native(opts) else None,
         versions=versions,
         buckets=entries,
         packed=packed,
@@ -423,12 +463,59 @@ def artifact_file_hashes(out: Path, graph_hashes: dict[str, str], packed: Packed
     files = dict(graph_hashes)
     if packed is not None:
         files[packed.file] = packed.sha256
-    for sub in ("graphs", "tokenizer"):
+    for sub in ("graphs", "tokenizer", NEURON_CACHE_DIR):
         for path in sorted((out / sub).rglob("*")):
             rel = path.relative_to(out).as_posix()
             if path.is_file() and rel not in files:
                 files[rel] = sha256_file(path)
     return dict(sorted(files.items()))
+
+
+NEURON_CACHE_DIR = "neuron-cache"  # common.torchneuron.CACHE_DIR_NAME; read without importing it
+
+
+def _stack(target: str) -> str | None:
+    from neuronserve.common.neuron_sdk import stack_of_target
+
+    return stack_of_target(target)
+
+
+class _Computed:
+    """A bucket's output already computed on the device (TorchNeuron compiles by running it), in
+    the shape `run_parity` calls a graph."""
+
+    def __init__(self, output) -> None:
+        self.output = output
+
+    def __call__(self, *_inputs):
+        return self.output
+
+
+def compile_native_bucket(module, example, path: Path, opts: CompileOptions, args: list[str], lnc: int | None,
+                          bucket: Bucket):
+    """Export and compile one trn2/trn3 bucket into the artifact's NEFF cache; its output on the host."""
+    from neuronserve.common.neuron_sdk import NeuronSDKMissing
+    from neuronserve.compile.torchneuron import TorchNeuronCompileError, compile_bucket, export_bucket
+
+    precision = "bf16" if opts.auto_cast == "bf16" else "fp32"
+    try:
+        export_bucket(module, example, path)
+        return compile_bucket(path, example, precision=precision, cache_dir=path.parents[1] / NEURON_CACHE_DIR,
+                              lnc=lnc, flags=args)
+    except (TorchNeuronCompileError, NeuronSDKMissing) as e:
+        raise CompileError(f"bucket {bucket}: {e}") from e
+
+
+def check_neff_cache(out: Path, buckets: list[Bucket]) -> None:
+    """The compile must have left NEFFs in the artifact's cache, or serving would compile."""
+    from neuronserve.common.torchneuron import NEFF_CACHE_ENV, neff_files
+
+    if not neff_files(out / NEURON_CACHE_DIR):
+        raise CompileError(
+            f"TorchNeuron compiled {len(buckets)} buckets but wrote no NEFF into {out / NEURON_CACHE_DIR}: it "
+            f"read {NEFF_CACHE_ENV} before this compile set it (the cache is configured once per process); run "
+            f"`neuronserve compile` in a fresh process without {NEFF_CACHE_ENV} set"
+        )
 
 
 def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: list[Bucket], opts: CompileOptions,

@@ -1,4 +1,5 @@
-"""The Neuron side of compiling: neuronx-cc flags and the `torch_neuronx.trace` call.
+"""The Neuron side of compiling for inf2/trn1: neuronx-cc flags and the `torch_neuronx.trace` call
+(the XLA toolchain; trn2/trn3 compile with TorchNeuron, `compile.torchneuron`).
 
 The SDK facts both compile/ and serve/ need (guarded import, versions, device check) live in
 `neuronserve.common.neuron_sdk`.
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from neuronserve.common import neuron_sdk
-from neuronserve.common.neuron_sdk import AUTO_CASTS, NEURON_TARGETS, OPTLEVELS, import_torch_neuronx
+from neuronserve.common.neuron_sdk import AUTO_CASTS, NATIVE_TARGETS, OPTLEVELS, XLA_TARGETS, import_torch_neuronx
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,9 +37,15 @@ def compiler_args(
     >>> compiler_args("trn1")
     ['--target', 'trn1', '--model-type', 'transformer', '--optlevel', '2', '--auto-cast', 'none']
     """
-    if target not in NEURON_TARGETS:
+    if target in NATIVE_TARGETS:
+        raise ValueError(
+            f"{target} is not compiled with torch_neuronx.trace: PyTorch/XLA inference is unsupported on Trn2/Trn3 "
+            f"from Neuron SDK 2.34, so {target} artifacts are built with TorchNeuron (compile.torchneuron); "
+            f"torch_neuronx.trace targets are {', '.join(XLA_TARGETS)}"
+        )
+    if target not in XLA_TARGETS:
         hint = " (cpu artifacts are not compiled by neuronx-cc)" if target == "cpu" else ""
-        raise ValueError(f"unknown Neuron target {target!r}{hint}: expected one of {', '.join(NEURON_TARGETS)}")
+        raise ValueError(f"unknown Neuron target {target!r}{hint}: expected one of {', '.join(XLA_TARGETS)}")
     if type(optlevel) is not int or optlevel not in OPTLEVELS:
         raise ValueError(f"optlevel {optlevel!r} is not supported by neuronx-cc: expected 1, 2 or 3 (1 compiles fastest)")
     if auto_cast not in AUTO_CASTS:
@@ -81,7 +88,7 @@ def trace_bucket(
     if cpu_backend and "--target" not in args and not any(a.startswith("--target=") for a in args):
         raise ValueError(
             f"no Neuron device ({neuron_sdk.NEURON_DEVICE} absent): compiling here needs a --target flag "
-            f"(one of {', '.join(NEURON_TARGETS)}); build the flags with compiler_args(target, ...)"
+            f"(one of {', '.join(XLA_TARGETS)}); build the flags with compiler_args(target, ...)"
         )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ An artifact is a directory::
     manifest.json          this module's `Manifest` (`files` lists every other file with its sha256)
     tokenizer/             the tokenizer files, copied from the model
     graphs/<file>.pt       compiled graphs (TorchScript); see `BucketEntry.file`
+    graphs/<file>.pt2      trn2/trn3: each bucket's exported program (torch.export), which the
+                           serving process compiles with TorchNeuron from the packaged cache
+    neuron-cache/          trn2/trn3: TorchNeuron's NEFF cache filled by the compile, so serving never compiles
 
 Nothing here imports torch: the manifest is read by tools (deploy, metrics) that never run a model.
 """
@@ -24,9 +27,12 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 Task = Literal["embed", "classify"]
-Target = Literal["cpu", "inf2", "trn1", "trn2"]
+Target = Literal["cpu", "inf2", "trn1", "trn2", "trn3"]
 Precision = Literal["fp32", "bf16"]
-TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2")
+TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2", "trn3")
+# The Neuron toolchain that built an artifact (neuronserve.common.neuron_sdk): "xla" for inf2/trn1
+# (torch_neuronx.trace), "torchneuron" for trn2/trn3 (TorchNeuron, torch.compile(backend="neuron")).
+NeuronStack = Literal["xla", "torchneuron"]
 
 
 class ArtifactError(Exception):
@@ -166,6 +172,13 @@ class Manifest(BaseModel):
     target: Target
     precision: Precision = "fp32"
     compiler_args: list[str] = Field(default_factory=list)
+    neuron_stack: NeuronStack | None = Field(
+        default=None, description="Neuron toolchain that built it: xla (inf2/trn1) or torchneuron (trn2/trn3); "
+        "None for cpu and for artifacts written before the field existed (all by the XLA path)")
+    lnc: int | None = Field(default=None, description="trn2/trn3: the Logical NeuronCore configuration the graphs "
+                            "were compiled for (physical cores per logical core; the runtime must use the same)")
+    neuron_cache_dir: str | None = Field(default=None, description="trn2/trn3: TorchNeuron's NEFF cache, relative "
+                                         "to the artifact dir")
     versions: dict[str, str] = Field(default_factory=dict, description="library and SDK versions used")
     buckets: list[BucketEntry]
     packed: PackedGraph | None = Field(default=None, description="graph for packed batches (CPU embed), if compiled")

@@ -1,9 +1,18 @@
 """Facts about the Neuron SDK that compiling and serving share: the guarded `torch_neuronx` import,
 the device check, the SDK release table and the toolchain versions an artifact records.
 
-`torch_neuronx` is imported only inside functions, through `import_torch_neuronx()`, so this module
-imports on any machine. Every call follows the torch-neuronx API reference for SDK 2.31; tests run it
-against the stand-in in `tests/doubles/torch_neuronx`.
+Two Neuron toolchains share the pip name `torch-neuronx` and the import name `torch_neuronx`:
+
+- the XLA one (PyTorch NeuronX, `torch_neuronx.trace`, torch 2.9, torch-neuronx 2.9.x): inf2 and
+  trn1, extra `neuron`, SDK 2.31 (the last release that built it);
+- TorchNeuron, the native PyTorch backend (a PrivateUse1 `neuron` device,
+  `torch.compile(backend="neuron")`, torch 2.13/2.14, torch-neuronx 2.13.x/2.14.x): trn2 and trn3,
+  extra `trainium`, SDK 2.33 on (docs/trainium.md).
+
+They are told apart by the version line (`stack_of_version`), never by what imports: the wrong one
+is refused with a message naming both. `torch_neuronx` is imported only inside functions, so this
+module imports on any machine. Tests run it against the stand-ins in `tests/doubles/torch_neuronx`
+(XLA) and `tests/doubles/torchneuron/torch_neuronx` (TorchNeuron).
 """
 
 from __future__ import annotations
@@ -16,7 +25,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from types import ModuleType
 
-NEURON_TARGETS: tuple[str, ...] = ("inf2", "trn1", "trn2")
+# Which toolchain compiles and serves which target: inf2/trn1 stay on the XLA path; trn2/trn3 are
+# TorchNeuron's (PyTorch/XLA inference on Trn2/Trn3 is unsupported from SDK 2.34).
+XLA_TARGETS: tuple[str, ...] = ("inf2", "trn1")
+NATIVE_TARGETS: tuple[str, ...] = ("trn2", "trn3")
+NEURON_TARGETS: tuple[str, ...] = XLA_TARGETS + NATIVE_TARGETS
+STACK_XLA = "xla"
+STACK_NATIVE = "torchneuron"
+# The torch-neuronx version lines (major.minor) of each toolchain, from the release notes: XLA
+# 2.9.0.2.x (PyTorch 2.9); TorchNeuron 2.13.3.0.* and 2.14.3.0.* (PyTorch 2.13 and 2.14).
+STACK_VERSION_LINES: dict[str, tuple[str, ...]] = {STACK_XLA: ("2.9",), STACK_NATIVE: ("2.13", "2.14")}
 AUTO_CASTS: tuple[str, ...] = ("none", "bf16")
 OPTLEVELS: tuple[int, ...] = (1, 2, 3)
 
@@ -29,6 +47,18 @@ INSTALL_HINT = (
     f"install the Neuron SDK {SDK_RELEASE} toolchain: "
     f"pip install --extra-index-url {NEURON_INDEX_URL} 'neuronserve[neuron]'"
 )
+NATIVE_SDK_RELEASE = "2.33"
+NATIVE_INSTALL_HINT = (
+    f"install TorchNeuron (Neuron SDK {NATIVE_SDK_RELEASE} or later, Python 3.12+): "
+    f"pip install --extra-index-url {NEURON_INDEX_URL} 'neuronserve[trainium]'"
+)
+# One phrase per toolchain, for messages that must name both.
+STACK_NAMES: dict[str, str] = {
+    STACK_XLA: "the XLA toolchain (torch-neuronx 2.9.x, torch 2.9, `torch_neuronx.trace`; inf2/trn1; "
+               "extra `neuronserve[neuron]`)",
+    STACK_NATIVE: "TorchNeuron, the native PyTorch backend (torch-neuronx 2.13.x/2.14.x, torch 2.13/2.14, "
+                  "`torch.compile(backend=\"neuron\")`; trn2/trn3; extra `neuronserve[trainium]`)",
+}
 
 # Which Neuron SDK release a (torch-neuronx, neuronx-cc) pair belongs to, from the release notes'
 # component index. The pair, not torch-neuronx alone, names the release: the same torch-neuronx
@@ -38,12 +68,16 @@ INSTALL_HINT = (
 SDK_RELEASES: dict[tuple[str, str], str] = {
     ("2.9.0.2.15.32035", "2.26.6360.0"): "2.31",
 }
+# TorchNeuron wheels are named by their package family (torch-neuronx 2.14.3.0.*, one wheel per
+# PyTorch and Python pair), so the family prefix names the release (release notes, Neuron 2.33.0).
+NATIVE_SDK_RELEASES: dict[str, str] = {"2.13.3.0": "2.33", "2.14.3.0": "2.33"}
 
 # Keys of `sdk_versions()`; the ones a loader compares are the package versions and the double flag.
 KEY_TORCH_NEURONX = "torch_neuronx"
 KEY_NEURONX_CC = "neuronx_cc"
 KEY_SDK = "neuron_sdk"
 KEY_TEST_DOUBLE = "neuron_test_double"
+KEY_STACK = "neuron_stack"
 COMPARED_KEYS: tuple[str, ...] = (KEY_TORCH_NEURONX, KEY_NEURONX_CC, KEY_TEST_DOUBLE)
 NOT_INSTALLED = "not installed"
 
@@ -82,6 +116,9 @@ def import_torch_neuronx() -> "ModuleType":
                 f"incomplete: {INSTALL_HINT}"
             ) from e
         raise NeuronSDKMissing(f"torch-neuronx is not installed; {INSTALL_HINT}") from e
+    version = installed_torch_neuronx_version(torch_neuronx)
+    if stack_of_version(version) == STACK_NATIVE:
+        raise NeuronSDKMissing(wrong_stack_message(f"the installed torch-neuronx {version}", STACK_NATIVE, STACK_XLA))
     if not callable(getattr(torch_neuronx, "trace", None)):
         installed = _dist_version("torch-neuronx") or getattr(torch_neuronx, "__version__", "?")
         raise NeuronSDKMissing(
@@ -89,6 +126,120 @@ def import_torch_neuronx() -> "ModuleType":
             f"not the AWS Neuron SDK; uninstall it and {INSTALL_HINT}"
         )
     return torch_neuronx
+
+
+def stack_of_version(version: str | None) -> str | None:
+    """Which toolchain a torch-neuronx version belongs to, by its major.minor line; None if neither.
+
+    >>> stack_of_version("2.9.0.2.15.32035"), stack_of_version("2.14.3.0.1234"), stack_of_version("1.0")
+    ('xla', 'torchneuron', None)
+    """
+    if not version:
+        return None
+    line = ".".join(str(version).split(".")[:2])
+    for stack, lines in STACK_VERSION_LINES.items():
+        if line in lines:
+            return stack
+    return None
+
+
+def stack_of_target(target: str) -> str | None:
+    """The toolchain a target is compiled and served with; None for cpu.
+
+    >>> stack_of_target("inf2"), stack_of_target("trn2"), stack_of_target("cpu")
+    ('xla', 'torchneuron', None)
+    """
+    if target in XLA_TARGETS:
+        return STACK_XLA
+    if target in NATIVE_TARGETS:
+        return STACK_NATIVE
+    return None
+
+
+def artifact_stack(target: str, recorded_stack: str | None, versions: Mapping[str, str]) -> str | None:
+    """The toolchain an artifact was built with: what its manifest says, else (manifests written
+    before the field existed, all by the XLA path, trn2 included) what its torch-neuronx version says.
+
+    >>> artifact_stack("trn2", None, {"torch_neuronx": "2.9.0.2.15.32035"})
+    'xla'
+    >>> artifact_stack("trn2", "torchneuron", {})
+    'torchneuron'
+    """
+    if recorded_stack:
+        return recorded_stack
+    by_version = stack_of_version(versions.get(KEY_TORCH_NEURONX))
+    if by_version is not None:
+        return by_version
+    return STACK_XLA if target in NEURON_TARGETS else None
+
+
+def wrong_stack_message(what: str, has: str, needs: str) -> str:
+    """`what` is built for / is toolchain `has` where `needs` is required; names both and the fix."""
+    fix = NATIVE_INSTALL_HINT if needs == STACK_NATIVE else INSTALL_HINT
+    return (f"{what} is {STACK_NAMES[has]}, but this needs {STACK_NAMES[needs]}; the two are different "
+            f"toolchains under the same pip name and neither loads the other's artifacts: {fix}")
+
+
+def installed_torch_neuronx_version(module: "ModuleType") -> str:
+    """The installed torch-neuronx version: its distribution's, else the module's `__version__`."""
+    return _dist_version("torch-neuronx") or str(getattr(module, "__version__", "unknown"))
+
+
+def import_torchneuron() -> "ModuleType":
+    """Import TorchNeuron (`torch_neuronx` 2.13.x/2.14.x) or raise `NeuronSDKMissing` naming both
+    toolchains. TorchNeuron registers the `neuron` device and the `neuron` torch.compile backend
+    when torch loads it (autoload); importing it here makes that happen before either is used."""
+    try:
+        import torch_neuronx
+    except ImportError as e:
+        installed = _dist_version("torch-neuronx")
+        if installed is not None and stack_of_version(installed) == STACK_XLA:
+            raise NeuronSDKMissing(wrong_stack_message(f"the installed torch-neuronx {installed}", STACK_XLA,
+                                                       STACK_NATIVE)) from e
+        if installed is not None and e.name in (None, "torch_neuronx"):
+            raise NeuronSDKMissing(
+                f"torch-neuronx {installed} is installed but has no importable torch_neuronx module: it is "
+                f"PyPI's empty placeholder, not the AWS Neuron SDK; uninstall it and {NATIVE_INSTALL_HINT}"
+            ) from e
+        if e.name not in (None, "torch_neuronx"):
+            raise NeuronSDKMissing(f"torch_neuronx is installed but cannot be imported ({e}); "
+                                   f"the TorchNeuron install is incomplete: {NATIVE_INSTALL_HINT}") from e
+        raise NeuronSDKMissing(f"TorchNeuron (torch-neuronx 2.13.x/2.14.x) is not installed; {NATIVE_INSTALL_HINT}") from e
+    version = installed_torch_neuronx_version(torch_neuronx)
+    stack = stack_of_version(version)
+    if stack == STACK_XLA:
+        raise NeuronSDKMissing(wrong_stack_message(f"the installed torch-neuronx {version}", STACK_XLA, STACK_NATIVE))
+    if stack is None:
+        raise NeuronSDKMissing(
+            f"the installed torch-neuronx {version} is neither TorchNeuron (2.13.x/2.14.x) nor the XLA "
+            f"toolchain (2.9.x); it may be PyPI's empty placeholder: uninstall it and {NATIVE_INSTALL_HINT}"
+        )
+    return torch_neuronx
+
+
+def torchneuron_versions() -> dict[str, str]:
+    """TorchNeuron's toolchain here, for the manifest and the load-time check: torch-neuronx,
+    neuronx-cc (when installed), the release, the stack, and the test-double flag as `sdk_versions()`
+    sets it (torch itself is pinned by the torch-neuronx package family and recorded with the
+    other libraries)."""
+    tnx = import_torchneuron()
+    version = _dist_version("torch-neuronx")
+    test_double = False
+    if version is None:
+        version = str(getattr(tnx, "__version__", "unknown"))
+        test_double = bool(getattr(tnx, "NEURONSERVE_TEST_DOUBLE", False))
+    cc = _dist_version("neuronx-cc") or (str(getattr(tnx, "NEURONX_CC_VERSION", NOT_INSTALLED)) if test_double
+                                         else NOT_INSTALLED)
+    family = ".".join(version.split(".")[:4])
+    versions = {
+        KEY_TORCH_NEURONX: version,
+        KEY_NEURONX_CC: cc,
+        KEY_SDK: NATIVE_SDK_RELEASES.get(family, "unknown"),
+        KEY_STACK: STACK_NATIVE,
+    }
+    if test_double:
+        versions[KEY_TEST_DOUBLE] = "true"
+    return versions
 
 
 def neuron_device_present() -> bool:

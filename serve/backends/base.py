@@ -77,6 +77,14 @@ def load_backend(artifact_dir: str | Path, kind: str = "auto", **options) -> Bac
 
         return CpuBackend(artifact_dir, manifest, **options)
     if kind == "neuron":
+        # Which Neuron toolchain: TorchNeuron for trn2/trn3, torch_neuronx.trace for inf2/trn1. Each
+        # refuses the other's artifacts, naming both (an older trn2 artifact built by the trace among them).
+        from neuronserve.common.neuron_sdk import NATIVE_TARGETS, STACK_NATIVE
+
+        if manifest.target in NATIVE_TARGETS or manifest.neuron_stack == STACK_NATIVE:
+            from neuronserve.serve.backends.torchneuron import TorchNeuronBackend
+
+            return TorchNeuronBackend(artifact_dir, manifest, **options)
         from neuronserve.serve.backends.neuron import NeuronBackend
 
         return NeuronBackend(artifact_dir, manifest, **options)

@@ -55,7 +55,8 @@ def _pad_inputs(manifest: Manifest, bucket: Bucket) -> tuple[torch.Tensor, ...]:
 
 
 class NeuronBackend:
-    """Backend over an artifact compiled for inf2/trn1/trn2 with torch-neuronx."""
+    """Backend over an artifact compiled for inf2/trn1 with torch-neuronx's XLA toolchain
+    (`torch_neuronx.trace`); trn2/trn3 artifacts are TorchNeuronBackend's."""
 
     kind = "neuron"
     threads = None  # the NeuronCores run the forward, not host threads
@@ -69,7 +70,16 @@ class NeuronBackend:
         expected_target: str | None = None,
         verify_files: bool = True,
     ) -> None:
-        from neuronserve.common.neuron_sdk import NeuronSDKMissing, import_torch_neuronx, sdk_mismatch, sdk_versions
+        from neuronserve.common.neuron_sdk import (
+            STACK_NATIVE,
+            STACK_XLA,
+            NeuronSDKMissing,
+            artifact_stack,
+            import_torch_neuronx,
+            sdk_mismatch,
+            sdk_versions,
+            wrong_stack_message,
+        )
 
         self.artifact_dir = Path(artifact_dir)
         self.manifest = manifest
@@ -77,8 +87,13 @@ class NeuronBackend:
         if target == "cpu":
             raise BackendError(
                 f"artifact {self.artifact_dir} was compiled for cpu; serve it with the cpu backend "
-                f"(backend auto or cpu), or recompile it with `neuronserve compile --target inf2` (or trn1/trn2)"
+                f"(backend auto or cpu), or recompile it with `neuronserve compile --target inf2` (or trn1)"
             )
+        if artifact_stack(target, manifest.neuron_stack, manifest.versions) == STACK_NATIVE:
+            raise BackendError(wrong_stack_message(
+                f"artifact {self.artifact_dir} ({target}, built with torch-neuronx "
+                f"{manifest.versions.get('torch_neuronx', 'unknown')})", STACK_NATIVE, STACK_XLA,
+            ) + "; serve it with the TorchNeuron backend (backend auto) on a trn2/trn3 instance")
         if expected_target is not None and target != expected_target:
             raise BackendError(
                 f"artifact {self.artifact_dir} was compiled for {target} but this machine is {expected_target}; "

@@ -3,6 +3,10 @@
 - cpu: CpuBackend on an artifact compiled for cpu;
 - neuron-standin: NeuronBackend on an artifact compiled for inf2 through `compile_artifact`, with
   the torch_neuronx stand-in (a test double) playing the SDK;
+- torchneuron-standin: TorchNeuronBackend on an artifact compiled for trn2 through
+  `compile_artifact`, with the TorchNeuron stand-in (tests/doubles/torchneuron, a test double)
+  playing the native backend: the `neuron` device stays on the CPU and the `neuron` torch.compile
+  backend runs the graph eagerly, recording device strings, compile arguments and NEFF cache use;
 - neuron: NeuronBackend on the real SDK and a real NeuronCore (marker `neuron`; skipped without
   /dev/neuron0). Set NEURONSERVE_TEST_TARGET (default inf2) to the machine's family.
 
@@ -24,6 +28,7 @@ from neuronserve.models.artifact import Bucket, Manifest
 from neuronserve.serve.backends.base import Backend, BackendError, load_backend
 from tests.fixtures.neuron_standin import standin_installed
 from tests.fixtures.tiny_models import make_tiny_model
+from tests.fixtures.torchneuron_standin import host_neuron_device, torchneuron_installed
 
 BUCKETS = [Bucket(1, 16), Bucket(4, 32)]
 MODELS = [("bert", "embed"), ("roberta", "classify")]
@@ -36,6 +41,7 @@ TEXTS = [
 BACKENDS = [
     pytest.param("cpu", id="cpu"),
     pytest.param("neuron-standin", id="neuron-standin"),
+    pytest.param("torchneuron-standin", id="torchneuron-standin"),
     pytest.param("neuron", id="neuron", marks=pytest.mark.neuron),
 ]
 
@@ -56,9 +62,53 @@ def tiny_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")
 
 
-def _compile_and_load(name: str, model_dir: Path, task: str, out: Path) -> Served:
+@pytest.fixture(scope="module", autouse=True)
+def torchneuron():
+    """The TorchNeuron stand-in, installed for this module: its backend's tensors go to the `neuron`
+    device on every forward. Only the stand-in sees a device; compiles borrow it (host_neuron_device)."""
+    with torchneuron_installed(device=True, host_device=False) as tnx:
+        yield tnx
+
+
+def _compile_and_load_native(model_dir: Path, task: str, out: Path, tnx) -> Served:
+    """trn2 through compile_artifact and the TorchNeuron stand-in: one exported program and one
+    compile per bucket, into the artifact's NEFF cache; the backend then loads from that cache."""
     from neuronserve.compile.compiler import CompileOptions, compile_artifact
 
+    tnx.reset()
+    with host_neuron_device(tnx):
+        result = compile_artifact(
+            CompileOptions(model=str(model_dir), task=task, target="trn2", buckets=list(BUCKETS), out=out,
+                           auto_cast="none", optlevel=1)
+        )
+    m = result.manifest
+    assert m.target == "trn2" and m.neuron_stack == "torchneuron" and m.lnc == 2
+    assert m.versions["neuron_test_double"] == "true" and m.versions["torch_neuronx"] == "2.14.3.0"
+    compiles = tnx.calls("compile")
+    assert compiles and all(c["backend"] == "neuron" and c["dynamic"] is False and c["fullgraph"] is True
+                            and c["options"] is None for c in compiles)
+    built = tnx.calls("neuron_backend")
+    assert [c["cache"] for c in built] == ["miss"] * len(BUCKETS)
+    assert all(c["env"]["TORCH_NEURONX_NEFF_CACHE_DIR"] == str(out / "neuron-cache")
+               and c["env"]["NEURON_LOGICAL_NC_CONFIG"] == "2" and c["env"]["NEURON_CC_FLAGS"] == "--optlevel 1"
+               for c in built)
+    assert all(e.parity is not None and e.parity.passed for e in m.buckets)  # measured on the device
+    assert {c["device"] for c in tnx.calls("module.to")} == {"neuron"}
+    tnx.reset()
+    backend = load_backend(result.out_dir, kind="neuron")
+    backend.warmup()
+    loads = tnx.calls("neuron_backend")
+    assert [c["cache"] for c in loads] == ["hit"] * len(BUCKETS), "serving must not compile"
+    assert all(c["env"]["TORCH_NEURONX_NEFF_CACHE_DIR"] == str(backend.neff_cache) for c in loads)
+    assert backend.health()["compiled_at_load"] == []
+    return Served("torchneuron-standin", backend, m, model_dir, result.out_dir, task, 1e-4)
+
+
+def _compile_and_load(name: str, model_dir: Path, task: str, out: Path, tnx=None) -> Served:
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
+
+    if name == "torchneuron-standin":
+        return _compile_and_load_native(model_dir, task, out, tnx)
     target = "cpu" if name == "cpu" else os.environ.get("NEURONSERVE_TEST_TARGET", "inf2")
     sdk = standin_installed() if name == "neuron-standin" else contextlib.nullcontext()
     with sdk as tnx:
@@ -89,13 +139,13 @@ def backend_name(request):
 
 
 @pytest.fixture(params=MODELS, ids=[f"{f}-{t}" for f, t in MODELS])
-def served(request, backend_name, tiny_dir, served_cache, tmp_path_factory) -> Served:
+def served(request, backend_name, tiny_dir, served_cache, tmp_path_factory, torchneuron) -> Served:
     family, task = request.param
     key = (backend_name, family, task)
     if key not in served_cache:
         model_dir = make_tiny_model(tiny_dir, family=family, task=task)
         out = tmp_path_factory.mktemp(f"art-{backend_name}-{family}-{task}")
-        served_cache[key] = _compile_and_load(backend_name, model_dir, task, out)
+        served_cache[key] = _compile_and_load(backend_name, model_dir, task, out, torchneuron)
     return served_cache[key]
 
 
@@ -242,6 +292,22 @@ def test_health(served):
         assert health["device"] == "neuron"
         assert health["target"] == served.manifest.target
         assert "cores" in health
+
+
+@pytest.mark.parametrize("backend_name", ["torchneuron-standin"])
+def test_torchneuron_forward_runs_on_the_neuron_device_without_compiling(served, torchneuron):
+    """A forward moves its inputs to the `neuron` device (as int64) and runs a graph the packaged
+    NEFF cache already holds; the health names the stack and the LNC."""
+    torchneuron.reset()
+    bucket = BUCKETS[1]
+    served.backend.forward(bucket, tokenized(served, bucket))
+    moves = torchneuron.calls("tensor.to")
+    assert len(moves) == len(served.manifest.inputs)
+    assert all(m["device"] == "neuron" and m["shape"] == [bucket.batch_size, bucket.seq_len]
+               and m["dtype"] == "torch.int64" for m in moves)
+    assert all(c["cache"] == "hit" for c in torchneuron.calls("neuron_backend"))
+    health = served.backend.health()
+    assert health["stack"] == "torchneuron" and health["lnc"] == 2 and health["target"] == "trn2"
 
 
 # Thread width and side-by-side warm-up are the CPU backend's own: these run on it alone.

@@ -141,3 +141,33 @@ except store.StoreError as e:
     out = run_without("boto3", code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [str(tmp_path), "s3:// artifacts need the s3 extra: pip install 'neuronserve[s3]'"]
+
+
+def test_the_two_neuron_toolchains_are_two_extras_that_cannot_be_confused():
+    """`neuron` is the XLA toolchain (torch-neuronx 2.9.x with torch 2.9, inf2/trn1); `trainium` is
+    TorchNeuron (torch-neuronx 2.14.x with torch 2.14, trn2/trn3), which needs Python 3.12+: its
+    requirements carry that marker, so `pip install -e .[test]` and the extra itself still resolve on
+    the Python CI runs (3.11), where they select nothing."""
+    from packaging.requirements import Requirement
+
+    extras = project()["optional-dependencies"]
+    xla = {r.name: r for r in map(Requirement, extras["neuron"])}
+    native = {r.name: r for r in map(Requirement, extras["trainium"])}
+    assert set(native) == {"torch-neuronx", "torch"}
+    assert xla["torch-neuronx"].specifier.contains("2.9.0.2.15.32035")
+    assert not xla["torch-neuronx"].specifier.contains("2.14.3.0")
+    assert native["torch-neuronx"].specifier.contains("2.14.3.0.1") and not native["torch-neuronx"].specifier.contains("2.9.0.2.15.32035")
+    assert native["torch"].specifier.contains("2.14.0") and not native["torch"].specifier.contains("2.9.0")
+    for req in native.values():
+        assert req.marker is not None
+        assert req.marker.evaluate({"python_version": "3.12"}) and not req.marker.evaluate({"python_version": "3.11"})
+    assert not any("torch-neuronx" in r for r in extras["test"]), "the suite runs on the stand-ins, not the SDK"
+    # The serving dependency range admits both toolchains' torch.
+    (torch_req,) = [Requirement(r) for r in project()["dependencies"] if Requirement(r).name == "torch"]
+    assert torch_req.specifier.contains("2.9.0") and torch_req.specifier.contains("2.14.0")
+
+
+def test_the_toolchain_messages_name_both_extras():
+    from neuronserve.common.neuron_sdk import STACK_NAMES
+
+    assert "neuronserve[neuron]" in STACK_NAMES["xla"] and "neuronserve[trainium]" in STACK_NAMES["torchneuron"]
