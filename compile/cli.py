@@ -22,16 +22,20 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--task", default="embed", choices=["embed", "classify"],
                    help="embed: one vector per text; classify: labels and scores from a sequence-classification head")
     p.add_argument("--target", default="cpu", choices=["cpu", *NEURON_TARGETS],
-                   help="cpu: TorchScript for the CPU backend; inf2/trn1/trn2: neuronx-cc for that NeuronCore generation")
+                   help="cpu: TorchScript for the CPU backend; inf2/trn1: torch_neuronx.trace (the XLA toolchain, "
+                        "extra neuron); trn2/trn3: TorchNeuron, torch.compile(backend='neuron') on the device, which "
+                        "must be present (extra trainium; docs/trainium.md)")
     p.add_argument("--buckets", metavar="BxS,...", help="BATCHxSEQ list, e.g. 1x32,8x32,8x128 (default: a grid sized for the target)")
     p.add_argument("--batch-sizes", metavar="N,...", help="grid form: batch sizes, e.g. 1,8,32 (with --seq-lens)")
     p.add_argument("--seq-lens", metavar="N,...", help="grid form: sequence lengths, e.g. 32,128,256 (with --batch-sizes)")
     p.add_argument("--out", type=Path, metavar="DIR", help="artifact directory (default: the cache, ~/.cache/neuronserve)")
     p.add_argument("--auto-cast", default="none", choices=["none", "bf16"],
-                   help="bf16: Neuron --auto-cast matmult --auto-cast-type bf16; CPU bf16 autocast. Parity is measured.")
-    p.add_argument("--optlevel", type=int, default=2, choices=[1, 2, 3], help="neuronx-cc --optlevel (1 compiles fastest)")
+                   help="bf16: inf2/trn1 --auto-cast matmult --auto-cast-type bf16; trn2/trn3 "
+                        "torch.autocast(device_type='neuron', dtype=bfloat16); CPU bf16 autocast. Parity is measured.")
+    p.add_argument("--optlevel", type=int, default=2, choices=[1, 2, 3],
+                   help="neuronx-cc --optlevel (1 compiles fastest; trn2/trn3: passed in NEURON_CC_FLAGS)")
     p.add_argument("--compiler-arg", action="append", default=[], dest="extra_compiler_args", metavar="FLAG",
-                   help="extra neuronx-cc flag (repeatable)")
+                   help="extra neuronx-cc flag (repeatable; trn2/trn3: passed in NEURON_CC_FLAGS)")
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU embedding artifacts: also trace the packed graph (several short rows per sequence)")
     p.add_argument("--force", action="store_true", help="recompile even when the cache holds this compile")

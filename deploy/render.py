@@ -155,7 +155,7 @@ class RenderError(ValueError):
 @dataclass(frozen=True)
 class Instance:
     name: str
-    target: str  # "cpu", "inf2", "trn1", "trn2"
+    target: str  # "cpu", "inf2", "trn1", "trn2", "trn3"
     neuron_cores: int
     vcpus: int
     memory_gib: int
@@ -183,7 +183,7 @@ def get_instance(name: str) -> Instance:
         raise RenderError(f"unknown instance type {name!r}; known: {', '.join(known_instances())}") from None
     if inst.gpus:
         raise RenderError(
-            f"{inst.name} is a GPU instance; neuronserve deploys to Neuron (inf2/trn1/trn2) or CPU "
+            f"{inst.name} is a GPU instance; neuronserve deploys to Neuron (inf2/trn1/trn2/trn3) or CPU "
             f"instances: {', '.join(known_instances())}"
         )
     return Instance(
@@ -223,6 +223,7 @@ class ArtifactFacts:
     max_batch_rows: int  # largest compiled batch size
     max_bucket_tokens: int  # largest compiled batch_size * seq_len
     model_name: str | None = None
+    lnc: int | None = None  # trn2/trn3: the Logical NeuronCore configuration compiled for (None: the default, 2)
 
     @classmethod
     def from_manifest(cls, manifest) -> "ArtifactFacts":
@@ -234,6 +235,7 @@ class ArtifactFacts:
             max_batch_rows=max(b.batch_size for b in buckets),
             max_bucket_tokens=max(b.padded_tokens for b in buckets),
             model_name=manifest.model.name,
+            lnc=manifest.lnc,
         )
 
 
@@ -352,7 +354,7 @@ def _facts(opts: RenderOptions) -> ArtifactFacts:
         if not opts.target:
             raise RenderError(
                 f"--artifacts {opts.artifacts} is remote, so its manifest cannot be read: pass --manifest "
-                "(a local copy of its manifest.json) or --target (cpu|inf2|trn1|trn2)"
+                "(a local copy of its manifest.json) or --target (cpu|inf2|trn1|trn2|trn3)"
             )
         return assumed_facts(opts.target)
     try:
@@ -566,12 +568,24 @@ def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     return {k: args[k] for k in APP_ARG_KEYS if args[k] is not None}
 
 
+def neuron_env(p: Plan) -> dict[str, str]:
+    """trn2/trn3 replicas get the artifact's Logical NeuronCore configuration in their environment,
+    so the runtime has it before TorchNeuron touches the device (the backend refuses another one).
+    The instance's NeuronCore count (`neuron_cores`) is at the default LNC=2."""
+    from neuronserve.common.neuron_sdk import NATIVE_TARGETS
+    from neuronserve.common.torchneuron import DEFAULT_LNC, LNC_ENV
+
+    if p.instance.target not in NATIVE_TARGETS:
+        return {}
+    return {LNC_ENV: str(p.facts.lnc or DEFAULT_LNC)}
+
+
 def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
     """The Serve config (ServeDeploySchema) KubeRay submits to the cluster: the deployment is
     serve.placement's, with an autoscaling range instead of a fixed replica count."""
     scaled = p.args.model_copy(update={"autoscale": f"{p.min_replicas}:{p.max_replicas}"})
     try:
-        deployment = deployment_config(scaled, neuron=p.neuron, env=replica_env(p.args, {}),
+        deployment = deployment_config(scaled, neuron=p.neuron, env=neuron_env(p) | replica_env(p.args, {}),
                                        max_batch_rows=p.facts.max_batch_rows)
     except ValueError as e:
         raise RenderError(str(e)) from None
@@ -955,20 +969,27 @@ OVERLAYS = {
     "inf2-24xlarge": "inf2.24xlarge",
     "inf2-48xlarge": "inf2.48xlarge",
     "trn1-32xlarge": "trn1.32xlarge",
+    # TorchNeuron (docs/trainium.md): its own image, and no price in the table (set one in an overlay
+    # of your own: price_per_hour_usd in the Serve config's args, or NEURONSERVE_PRICES_JSON).
+    "trn2-48xlarge": "trn2.48xlarge",
     "cpu": "c7i.4xlarge",
 }
 BASE_INSTANCE = "inf2.xlarge"
 # Placeholder image names, tagged with the release (never `:latest`, which pins nothing); set yours
 # with an `images:` entry in an overlay of your own (docs/deploy-eks.md).
 OVERLAY_IMAGE_TAG = "0.1.0"
-OVERLAY_IMAGES = {"neuron": f"neuronserve-neuron:{OVERLAY_IMAGE_TAG}", "cpu": f"neuronserve-cpu:{OVERLAY_IMAGE_TAG}"}
+# One image per toolchain: inf2/trn1 run the XLA one (torch 2.9), trn2/trn3 TorchNeuron (torch 2.14, Python 3.12).
+OVERLAY_IMAGES = {"neuron": f"neuronserve-neuron:{OVERLAY_IMAGE_TAG}", "trainium": f"neuronserve-trainium:{OVERLAY_IMAGE_TAG}",
+                  "cpu": f"neuronserve-cpu:{OVERLAY_IMAGE_TAG}"}
 # k8s/examples/api-key: an overlay of the inf2-xlarge one reading the serving keys from this Secret.
 EXAMPLE_API_KEY_SECRET = "neuronserve-api-keys"
 
 
 def overlay_options(instance_type: str, **kw: Any) -> RenderOptions:
+    from neuronserve.common.neuron_sdk import NATIVE_TARGETS
+
     inst = get_instance(instance_type)
-    kind = "cpu" if inst.target == "cpu" else "neuron"
+    kind = "cpu" if inst.target == "cpu" else "trainium" if inst.target in NATIVE_TARGETS else "neuron"
     return RenderOptions(
         artifacts=IMAGE_ARTIFACTS_DIR,
         instance_type=instance_type,

@@ -8,7 +8,10 @@ Karpenter AWS provider generated on 2026-01-19 (`zz_generated.pricing_aws.go`). 
 region and change over time, so every price can be overridden: per call (`overrides=`), or for a
 whole process with the environment variable `NEURONSERVE_PRICES_JSON`, a JSON object mapping
 instance type to $/hour (see `load_overrides`). trn2.48xlarge has no reliable public on-demand
-figure: its price is `None` and must be configured (`price_per_hour_usd`).
+figure: its price is `None` and must be configured (`price_per_hour_usd`). No Trn3 size is listed:
+the Neuron documentation names Trn3 only as UltraServers (Gen1: four servers of 16 Trainium3 chips;
+Gen2: 36 of 4), with no instance size, vCPU count or price per instance; cost a Trn3 node with
+`NEURONSERVE_PRICES_JSON` and the cores per instance (docs/trainium.md).
 
 >>> price_per_hour("inf2.xlarge")
 0.7582
@@ -53,7 +56,7 @@ class InstanceType:
     """
 
     name: str
-    family: str | None  # accelerator family: "inf2", "trn1", "trn2"; None for CPU and GPU instances
+    family: str | None  # accelerator family: "inf2", "trn1", "trn2" (the compile target); None for CPU and GPU instances
     vcpus: int
     memory_gib: int
     price_per_hour_usd: float | None
@@ -87,7 +90,9 @@ def _table() -> dict[str, InstanceType]:
         ("inf2.48xlarge", "inf2", 192, 768, 12.98127, 24, 0, "x86_64"),
         ("trn1.2xlarge", "trn1", 8, 32, 1.34375, 2, 0, "x86_64"),
         ("trn1.32xlarge", "trn1", 128, 512, 21.50, 32, 0, "x86_64"),
-        # 64 logical NeuronCores at the default LNC=2. No reliable public on-demand price.
+        # 16 Trainium2 chips of 8 physical NeuronCore-v3 (96 GiB HBM each), 64 logical NeuronCores at
+        # the default LNC=2; 192 vCPUs, 2,048 GiB (Neuron docs, "Amazon EC2 Trn2 Architecture" and
+        # "Best practices for training"). No reliable public on-demand price.
         ("trn2.48xlarge", "trn2", 192, 2048, None, 64, 0, "x86_64"),
         # CPU instances users compare against (Graviton3 and Sapphire Rapids).
         ("c7g.xlarge", None, 4, 8, 0.145, 0, 0, "arm64"),

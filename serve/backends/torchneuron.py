@@ -128,7 +128,9 @@ class TorchNeuronBackend:
 
     def _prepare_cache(self, verify_files: bool) -> Path:
         """A writable copy of the artifact's NEFF cache (the artifact may sit in a read-only image),
-        one per artifact, checked against the manifest's hashes once copied."""
+        one per artifact and shared by the replicas of a node: copied whole into a directory of its
+        own and renamed into place, so no replica reads a half-copied cache; checked against the
+        manifest's hashes."""
         rel = self.manifest.neuron_cache_dir or tn.CACHE_DIR_NAME
         source = self.artifact_dir / rel
         if not tn.neff_files(source):
@@ -139,15 +141,35 @@ class TorchNeuronBackend:
             )
         key = self.manifest.cache_key[:16] or hashlib.sha256(str(self.artifact_dir.resolve()).encode()).hexdigest()[:16]
         dest = _cache_root() / "torchneuron-cache" / key
-        shutil.copytree(source, dest, dirs_exist_ok=True)
-        if verify_files:
-            for name, digest in self.manifest.files.items():
-                if name.startswith(rel + "/") and sha256_file(dest / Path(name).relative_to(rel)) != digest:
-                    raise BackendError(
-                        f"NEFF cache file {name} of artifact {self.artifact_dir} does not match the sha256 in the "
-                        f"manifest; the artifact was modified or copied incompletely: copy it again or recompile"
-                    )
+        if not (dest.is_dir() and self._cache_matches(dest, rel, verify_files)):
+            tmp = dest.with_name(f"{key}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            bad = self._mismatched(tmp, rel) if verify_files else None
+            if bad is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise BackendError(
+                    f"NEFF cache file {bad} of artifact {self.artifact_dir} does not match the sha256 in the "
+                    f"manifest; the artifact was modified or copied incompletely: copy it again or recompile"
+                )
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                tmp.rename(dest)
+            except OSError:  # another replica put its copy there first: use that one
+                shutil.rmtree(tmp, ignore_errors=True)
         return dest
+
+    def _mismatched(self, root: Path, rel: str) -> str | None:
+        """The first cache file the manifest lists that `root` lacks or holds changed, else None."""
+        for name, digest in sorted(self.manifest.files.items()):
+            if name.startswith(rel + "/"):
+                path = root / Path(name).relative_to(rel)
+                if not path.is_file() or sha256_file(path) != digest:
+                    return name
+        return None
+
+    def _cache_matches(self, root: Path, rel: str, verify_files: bool) -> bool:
+        return not verify_files or self._mismatched(root, rel) is None
 
     def _load(self, bucket: Bucket, path: Path, sha256: str | None) -> object:
         if not path.is_file():

@@ -180,3 +180,18 @@ def test_detect_instance_type_imds_failure_is_none(monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", fail)
     assert detect_instance_type({}, allow_imds=True) is None
+
+
+def test_no_trn3_size_is_listed_and_the_message_says_how_to_cost_one():
+    """The Neuron docs describe Trn3 only as UltraServers (no instance size, vCPUs or price per
+    instance), so no trn3 row is guessed; an override still prices one."""
+    assert not [n for n, i in INSTANCES.items() if i.family == "trn3" or n.startswith("trn3")]
+    with pytest.raises(UnknownInstanceError, match="price_per_hour_usd"):
+        get_instance("trn3.48xlarge")
+    assert price_per_hour("trn3.48xlarge", {"trn3.48xlarge": 50.0}) == 50.0
+
+
+def test_trn2_cores_are_logical_cores_at_the_default_lnc():
+    inst = get_instance("trn2.48xlarge")
+    chips, physical_per_chip, lnc = 16, 8, 2
+    assert inst.neuron_cores == chips * physical_per_chip // lnc == 64

@@ -430,3 +430,40 @@ def test_header_counts_the_vcpus_a_replica_asks_for(artifact):
     assert f"x {p.cpus_per_replica} vCPU(s)" in header
     (dep,) = yaml.safe_load(serve_config_text(p, o.artifacts, "c7i.xlarge", {}))["applications"][0]["deployments"]
     assert dep["ray_actor_options"]["num_cpus"] == p.cpus_per_replica
+
+
+def _replica_env(rs):
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    (dep,) = app["deployments"]
+    return dep["ray_actor_options"]["runtime_env"]["env_vars"]
+
+
+def test_trn2_replicas_get_the_artifacts_lnc_and_the_xla_targets_none(artifact, tmp_path):
+    """trn2 serves through TorchNeuron: the runtime gets the artifact's Logical NeuronCore
+    configuration (default 2, at which the instance table counts 64 cores) before the device is used."""
+    from neuronserve.models.artifact import load_manifest, save_manifest
+
+    rs, _ = split(render_objects(opts(artifact("trn2"), "trn2.48xlarge")))
+    assert _replica_env(rs)["NEURON_LOGICAL_NC_CONFIG"] == "2"
+    validate_object(rs)
+    lnc1 = make_artifact(tmp_path / "lnc1", "trn2")
+    save_manifest(load_manifest(lnc1).model_copy(update={"lnc": 1}), lnc1)
+    rs, _ = split(render_objects(opts(str(lnc1), "trn2.48xlarge")))
+    assert _replica_env(rs)["NEURON_LOGICAL_NC_CONFIG"] == "1"
+    for instance, target in (("inf2.xlarge", "inf2"), ("trn1.32xlarge", "trn1"), ("c7i.4xlarge", "cpu")):
+        rs, _ = split(render_objects(opts(artifact(target), instance)))
+        assert "NEURON_LOGICAL_NC_CONFIG" not in _replica_env(rs)
+
+
+def test_a_trn2_artifact_does_not_render_for_trn1_nor_an_inf2_one_for_trn2(artifact):
+    with pytest.raises(RenderError, match="built for trn2 but trn1.32xlarge is a trn1 instance"):
+        plan(opts(artifact("trn2"), "trn1.32xlarge"))
+    with pytest.raises(RenderError, match="built for inf2 but trn2.48xlarge is a trn2 instance.*--target trn2"):
+        plan(opts(artifact("inf2"), "trn2.48xlarge"))
+
+
+def test_trn2_overlay_uses_the_torchneuron_image():
+    from neuronserve.deploy.render import OVERLAY_IMAGES, overlay_options
+
+    assert overlay_options("trn2.48xlarge").image == OVERLAY_IMAGES["trainium"] != OVERLAY_IMAGES["neuron"]
+    assert overlay_options("trn1.32xlarge").image == OVERLAY_IMAGES["neuron"]
