@@ -67,6 +67,8 @@ RAY_VERSION = "2.60.0"
 
 IMAGE_ARTIFACTS_DIR = "/opt/neuronserve/artifacts"  # baked into the image (Dockerfile COPY)
 ARTIFACT_CACHE_DIR = "/mnt/neuronserve/cache"  # NEURONSERVE_CACHE_DIR: an emptyDir the pods pull s3:// artifacts into
+# trn2/trn3 worker pods: the TorchNeuron NEFF cache the replicas fill from the artifact (an emptyDir).
+NEFF_CACHE_DIR = "/mnt/neuronserve/neff-cache"
 METRICS_DIR = "/tmp/neuronserve-metrics"  # PROMETHEUS_MULTIPROC_DIR, shared with the sidecar
 
 SERVE_PORT = 8000
@@ -569,15 +571,16 @@ def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
 
 
 def neuron_env(p: Plan) -> dict[str, str]:
-    """trn2/trn3 replicas get the artifact's Logical NeuronCore configuration in their environment,
-    so the runtime has it before TorchNeuron touches the device (the backend refuses another one).
-    The instance's NeuronCore count (`neuron_cores`) is at the default LNC=2."""
+    """trn2/trn3 replicas get the artifact's Logical NeuronCore configuration and the NEFF cache in
+    their environment, so TorchNeuron has both before torch loads it (the backend refuses another
+    LNC, and copies the artifact's NEFFs into that cache). The instance's NeuronCore count
+    (`neuron_cores`) is at the default LNC=2."""
     from neuronserve.common.neuron_sdk import NATIVE_TARGETS
-    from neuronserve.common.torchneuron import DEFAULT_LNC, LNC_ENV
+    from neuronserve.common.torchneuron import DEFAULT_LNC, LNC_ENV, NEFF_CACHE_ENV
 
     if p.instance.target not in NATIVE_TARGETS:
         return {}
-    return {LNC_ENV: str(p.facts.lnc or DEFAULT_LNC)}
+    return {LNC_ENV: str(p.facts.lnc or DEFAULT_LNC), NEFF_CACHE_ENV: NEFF_CACHE_DIR}
 
 
 def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
@@ -723,6 +726,10 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         # credentials come from the pod's service account (IRSA / EKS Pod Identity).
         mounts.append({"name": "artifact-cache", "mountPath": ARTIFACT_CACHE_DIR})
         volumes.append({"name": "artifact-cache", "emptyDir": {}})
+    native_env = {} if head else neuron_env(p)
+    if native_env:
+        mounts.append({"name": "neff-cache", "mountPath": NEFF_CACHE_DIR})
+        volumes.append({"name": "neff-cache", "emptyDir": {}})
 
     env = [
         {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
@@ -734,6 +741,7 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
         # uses locally (docs/decisions.md, "HAProxy instead of Ray Serve's Python proxy").
         {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
         {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+        *({"name": k, "value": v} for k, v in native_env.items()),
     ]
     if p.s3_uri:
         env.append({"name": "NEURONSERVE_CACHE_DIR", "value": ARTIFACT_CACHE_DIR})

@@ -2,10 +2,10 @@
 
 Each bucket is an exported program (`graphs/b<B>_s<S>.pt2`) that this process moves to the `neuron`
 device and wraps in `torch.compile(backend="neuron")`, exactly as `neuronserve compile` did. The
-compile left the NEFFs in the artifact's `neuron-cache/`; this backend copies that cache somewhere
-writable and points `TORCH_NEURONX_NEFF_CACHE_DIR` at it (and `NEURON_CC_FLAGS`,
-`NEURON_LOGICAL_NC_CONFIG` at the compile's values) before the first call, so the warm-up loads
-NEFFs instead of compiling. If the warm-up still added NEFFs (a cache miss: another toolchain or
+compile left the NEFFs in the artifact's `neuron-cache/`; this backend copies them into the cache
+`TORCH_NEURONX_NEFF_CACHE_DIR` names (setting it when unset) and sets `NEURON_CC_FLAGS` and
+`NEURON_LOGICAL_NC_CONFIG` to the compile's values before the first call, so the warm-up loads NEFFs
+instead of compiling. If the warm-up still added NEFFs (a cache miss: another toolchain or
 LNC than the compile's), `health()["compiled_at_load"]` says so and a warning is logged.
 
 Construct it inside the serving process (a Ray replica). The NeuronCores it runs on are the
@@ -16,7 +16,6 @@ environment that sets another one is refused, as the runtime cannot run graphs c
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -106,7 +105,6 @@ class TorchNeuronBackend:
         # The compile's flags too: a NEFF is cached under the flags it was compiled with.
         os.environ[tn.CC_FLAGS_ENV] = " ".join(manifest.compiler_args)
         self.neff_cache = self._prepare_cache(verify_files)
-        os.environ[tn.NEFF_CACHE_ENV] = str(self.neff_cache)
 
         self.visible_cores_env = os.environ.get(VISIBLE_CORES_ENV)
         from neuronserve.serve.backends.neuron import parse_visible_cores
@@ -127,10 +125,12 @@ class TorchNeuronBackend:
             raise BackendError(f"artifact {self.artifact_dir} lists no buckets; recompile it with --buckets")
 
     def _prepare_cache(self, verify_files: bool) -> Path:
-        """A writable copy of the artifact's NEFF cache (the artifact may sit in a read-only image),
-        one per artifact and shared by the replicas of a node: copied whole into a directory of its
-        own and renamed into place, so no replica reads a half-copied cache; checked against the
-        manifest's hashes."""
+        """Put the artifact's NEFFs into the cache TorchNeuron reads: the directory
+        `TORCH_NEURONX_NEFF_CACHE_DIR` already names (a deployment sets it for every process of the
+        pod, before torch loads), else `<cache root>/torchneuron-cache`, which it then names. The
+        artifact may sit in a read-only image, so the files are copied; each is checked against the
+        manifest's hash and lands by an atomic rename, so the replicas of a pod can fill one cache at
+        once, and caches of several artifacts merge (a NEFF's name is its cache key)."""
         rel = self.manifest.neuron_cache_dir or tn.CACHE_DIR_NAME
         source = self.artifact_dir / rel
         if not tn.neff_files(source):
@@ -139,37 +139,29 @@ class TorchNeuronBackend:
                 f"recompile it with `neuronserve compile --target {self.manifest.target}` on a "
                 f"{self.manifest.target} host"
             )
-        key = self.manifest.cache_key[:16] or hashlib.sha256(str(self.artifact_dir.resolve()).encode()).hexdigest()[:16]
-        dest = _cache_root() / "torchneuron-cache" / key
-        if not (dest.is_dir() and self._cache_matches(dest, rel, verify_files)):
-            tmp = dest.with_name(f"{key}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            bad = self._mismatched(tmp, rel) if verify_files else None
-            if bad is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise BackendError(
-                    f"NEFF cache file {bad} of artifact {self.artifact_dir} does not match the sha256 in the "
-                    f"manifest; the artifact was modified or copied incompletely: copy it again or recompile"
-                )
-            shutil.rmtree(dest, ignore_errors=True)
-            try:
-                tmp.rename(dest)
-            except OSError:  # another replica put its copy there first: use that one
-                shutil.rmtree(tmp, ignore_errors=True)
+        configured = os.environ.get(tn.NEFF_CACHE_ENV, "").strip()
+        dest = Path(configured) if configured else _cache_root() / "torchneuron-cache"
+        listed = {name: digest for name, digest in self.manifest.files.items() if name.startswith(rel + "/")}
+        present = {p.relative_to(self.artifact_dir).as_posix(): p for p in source.rglob("*") if p.is_file()}
+        if verify_files:
+            for name in sorted(set(listed) | set(present)):
+                if name not in present or name not in listed or sha256_file(present[name]) != listed[name]:
+                    raise BackendError(
+                        f"NEFF cache file {name} of artifact {self.artifact_dir} does not match the sha256 in the "
+                        f"manifest (or is missing from one of them); the artifact was modified or copied "
+                        f"incompletely: copy it again or recompile"
+                    )
+        for name, path in sorted(present.items()):
+            target = dest / path.relative_to(source)
+            if target.is_file() and target.stat().st_size == path.stat().st_size and (
+                    not verify_files or sha256_file(target) == listed[name]):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+        os.environ[tn.NEFF_CACHE_ENV] = str(dest)
         return dest
-
-    def _mismatched(self, root: Path, rel: str) -> str | None:
-        """The first cache file the manifest lists that `root` lacks or holds changed, else None."""
-        for name, digest in sorted(self.manifest.files.items()):
-            if name.startswith(rel + "/"):
-                path = root / Path(name).relative_to(rel)
-                if not path.is_file() or sha256_file(path) != digest:
-                    return name
-        return None
-
-    def _cache_matches(self, root: Path, rel: str, verify_files: bool) -> bool:
-        return not verify_files or self._mismatched(root, rel) is None
 
     def _load(self, bucket: Bucket, path: Path, sha256: str | None) -> object:
         if not path.is_file():

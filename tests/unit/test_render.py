@@ -446,13 +446,24 @@ def test_trn2_replicas_get_the_artifacts_lnc_and_the_xla_targets_none(artifact, 
     rs, _ = split(render_objects(opts(artifact("trn2"), "trn2.48xlarge")))
     assert _replica_env(rs)["NEURON_LOGICAL_NC_CONFIG"] == "2"
     validate_object(rs)
+    # Every process of a worker pod has the LNC and a writable NEFF cache before torch loads TorchNeuron.
+    (worker,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = worker["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NEURON_LOGICAL_NC_CONFIG"] == "2"
+    cache = env["TORCH_NEURONX_NEFF_CACHE_DIR"]
+    assert _replica_env(rs)["TORCH_NEURONX_NEFF_CACHE_DIR"] == cache
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == cache]
+    assert {"name": mount["name"], "emptyDir": {}} in pod["volumes"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert not any(e["name"] == "TORCH_NEURONX_NEFF_CACHE_DIR" for e in head["containers"][0]["env"])
     lnc1 = make_artifact(tmp_path / "lnc1", "trn2")
     save_manifest(load_manifest(lnc1).model_copy(update={"lnc": 1}), lnc1)
     rs, _ = split(render_objects(opts(str(lnc1), "trn2.48xlarge")))
     assert _replica_env(rs)["NEURON_LOGICAL_NC_CONFIG"] == "1"
     for instance, target in (("inf2.xlarge", "inf2"), ("trn1.32xlarge", "trn1"), ("c7i.4xlarge", "cpu")):
         rs, _ = split(render_objects(opts(artifact(target), instance)))
-        assert "NEURON_LOGICAL_NC_CONFIG" not in _replica_env(rs)
+        assert not {"NEURON_LOGICAL_NC_CONFIG", "TORCH_NEURONX_NEFF_CACHE_DIR"} & set(_replica_env(rs))
 
 
 def test_a_trn2_artifact_does_not_render_for_trn1_nor_an_inf2_one_for_trn2(artifact):

@@ -278,3 +278,21 @@ def test_the_standin_itself_refuses_the_neuron_device_without_one():
     with torchneuron_installed(device=False):
         with pytest.raises(RuntimeError, match="no Neuron device"):
             torch.ones(2).to("neuron")
+
+
+def test_neffs_go_into_the_cache_the_environment_names(native_artifact, tmp_path, clean_env, monkeypatch):
+    """A deployment names the cache for every process of the pod (before torch loads); the backend
+    fills that one, and a second backend of the same artifact copies nothing again."""
+    cache = tmp_path / "pod-neff-cache"
+    monkeypatch.setenv(tn.NEFF_CACHE_ENV, str(cache))
+    with torchneuron_installed(device=True) as tnx:
+        backend = load_backend(native_artifact)
+        assert backend.neff_cache == cache
+        names = sorted(p.relative_to(cache) for p in tn.neff_files(cache))
+        assert names == sorted(p.relative_to(native_artifact / "neuron-cache")
+                               for p in tn.neff_files(native_artifact / "neuron-cache"))
+        stamps = {p: p.stat().st_mtime_ns for p in tn.neff_files(cache)}
+        backend.warmup()
+        assert [c["cache"] for c in tnx.calls("neuron_backend")] == ["hit"] * len(BUCKETS)
+        load_backend(native_artifact)
+        assert {p: p.stat().st_mtime_ns for p in tn.neff_files(cache)} == stamps
