@@ -1,5 +1,5 @@
 """k8s/karpenter/: the NodePools and EC2NodeClass validate against Karpenter's CRDs (k8s/schemas/),
-and every Neuron worker pod `deploy render` makes for inf2 or trn1 fits one of the pools: its
+and every Neuron worker pod `deploy render` makes for inf2, trn1 or trn2 fits one of the pools: its
 instance type is in the pool, it tolerates the pool's taints, and the pool's NeuronCore limit holds
 at least one such node."""
 
@@ -35,7 +35,7 @@ def requirement(pool, key):
 
 def test_every_object_validates_against_karpenters_crds():
     objs = objects()
-    assert sorted(o["kind"] for o in objs) == ["EC2NodeClass", "NodePool", "NodePool"]
+    assert sorted(o["kind"] for o in objs) == ["EC2NodeClass", "NodePool", "NodePool", "NodePool"]
     for obj in objs:
         validate_object(obj)
     (node_class,) = [o for o in objs if o["kind"] == "EC2NodeClass"]
@@ -68,7 +68,7 @@ def test_the_validator_rejects_what_karpenter_would(kind, change, message):
         validate_object(mutated(kind, change))
 
 
-NEURON_INSTANCES = [n for n in known_instances() if get_instance(n).target in ("inf2", "trn1")]
+NEURON_INSTANCES = [n for n in known_instances() if get_instance(n).target in ("inf2", "trn1", "trn2")]
 
 
 @pytest.mark.parametrize("instance_type", NEURON_INSTANCES)
