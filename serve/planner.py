@@ -72,11 +72,45 @@ class BatchRecord:
         return self.padded_tokens / self.real_tokens if self.real_tokens else float("inf")
 
 
+# Below this many padded tokens a batch's time is mostly fixed cost, so the per-token fit uses
+# the larger measured buckets when there are at least two.
+FIT_FROM_TOKENS = 256
+
+
+def fitted_estimate(measured_s: dict[Bucket, float]):
+    """Seconds for a bucket without a timing: a least-squares line, fixed cost plus a cost per padded
+    token, through the measured buckets (those of FIT_FROM_TOKENS padded tokens or more when there
+    are two such; device time grows with padded tokens whatever the shape), or a nominal 5,000
+    tokens/s plus 2 ms with fewer than two sizes measured.
+
+    >>> est = fitted_estimate({Bucket(1, 256): 0.03, Bucket(4, 256): 0.105, Bucket(1, 8): 0.0021})
+    >>> round(est(Bucket(2, 256)), 4), round(est(Bucket(16, 256)), 4)
+    (0.055, 0.405)
+    >>> round(fitted_estimate({})(Bucket(1, 500)), 6)
+    0.102
+    """
+    import numpy as np
+
+    points = [(b.padded_tokens, t) for b, t in measured_s.items()]
+    large = [p for p in points if p[0] >= FIT_FROM_TOKENS]
+    if len({p[0] for p in large}) >= 2:
+        points = large
+    if len({p[0] for p in points}) >= 2:
+        x = np.array([p[0] for p in points], dtype=float)
+        y = np.array([p[1] for p in points], dtype=float)
+        per_token, fixed = np.polyfit(x, y, 1)
+        if per_token > 0:
+            fixed = max(float(fixed), 0.0)
+            return lambda b: fixed + float(per_token) * b.padded_tokens
+    return lambda b: b.padded_tokens / 5000.0 + 0.002
+
+
 class TimingTable:
     """Seconds of device time per compiled bucket, for planning.
 
-    Starts from measured timings (the warm-up's); an unmeasured bucket takes its padded tokens at a
-    nominal rate until `learn` gives it its first timing. Made monotone (see `_rebuild`), and
+    Starts from measured timings (the warm-up's, which on a large CPU grid time a sample); an
+    unmeasured bucket is estimated from them (`fitted_estimate`) until `learn` gives it its first
+    timing. Made monotone (see `_rebuild`), and
     scaled as a whole by what served batches take (see `learn`).
 
     >>> from neuronserve.models.artifact import parse_buckets
@@ -107,7 +141,8 @@ class TimingTable:
     def _rebuild(self) -> None:
         """Timings made monotone: a bucket never takes less time than a smaller one (fewer rows or
         shorter rows). Timings are noisy; without this a lucky 1x24 run would make the planner pad
-        16-token rows to 24. Unmeasured buckets take their padded tokens at a nominal rate."""
+        16-token rows to 24. Unmeasured buckets are estimated (`fitted_estimate`)."""
+        estimate = fitted_estimate(self.measured_s)
         env: dict[Bucket, float] = {}
         sizes = sorted({b.batch_size for b in self.buckets.buckets})
         shorter = dict.fromkeys(sizes, 0.0)  # max time over shorter seq_lens with batch <= size
@@ -116,7 +151,7 @@ class TimingTable:
             for size in self.buckets.batch_sizes(seq_len):  # ascending
                 b = Bucket(size, seq_len)
                 own = self.measured_s.get(b)
-                t = own if own is not None else b.padded_tokens / 5000.0 + 0.002
+                t = own if own is not None else estimate(b)
                 env[b] = below = max(t, below, shorter[size])
             # Times rise with the batch size within a sequence length, so the largest time at
             # batch <= size is that of the largest such bucket: a running value over `sizes`.

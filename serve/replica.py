@@ -216,5 +216,6 @@ def build_replica(args: AppArgs, started: float | None = None) -> Replica:
     phases["ready"] = time.perf_counter() - started
     replica.startup_s, replica.timings = phases, timings
     metrics.startup(phases)
-    log.info("%s (%s, %d buckets)", describe_startup(phases, timings), kind, len(warmup_s))
+    log.info("%s (%s, %d buckets, %d timed)", describe_startup(phases, timings), kind, len(engine.buckets.buckets),
+             len(warmup_s))
     return replica

@@ -26,6 +26,35 @@ def configure_threads(threads: int | None) -> int:
     return threads
 
 
+# A grid of at most this many buckets is timed whole; a larger one by `timing_sample`.
+TIME_EVERY_BUCKET_UP_TO = 32
+SAMPLE_SMALL_TOKENS = 512
+
+
+def timing_sample(buckets: list[Bucket]) -> list[Bucket]:
+    """The buckets the CPU warm-up times: all of a small grid; of a larger one, every bucket of at
+    most SAMPLE_SMALL_TOKENS padded tokens (cheap, and where a batch's fixed cost shows) and, per
+    batch size, its longest and its middle sequence length. On the default 121-bucket grid that is
+    83 buckets but a third of the padded tokens, so a third of the time (docs/decisions.md,
+    "CPU warm-up times a sample").
+
+    >>> from neuronserve.models.artifact import parse_buckets
+    >>> [str(b) for b in timing_sample(parse_buckets("1x8,1x512,2x8,2x64,2x512,4x512,8x512"))]
+    ['1x8', '1x512', '2x8', '2x64', '2x512', '4x512', '8x512']
+    """
+    ordered = sorted(buckets)
+    if len(ordered) <= TIME_EVERY_BUCKET_UP_TO:
+        return ordered
+    by_size: dict[int, list[Bucket]] = {}
+    for b in ordered:
+        by_size.setdefault(b.batch_size, []).append(b)
+    chosen = {b for b in ordered if b.padded_tokens <= SAMPLE_SMALL_TOKENS}
+    for same in by_size.values():
+        same.sort(key=lambda b: b.seq_len)
+        chosen.update((same[-1], same[len(same) // 2]))
+    return sorted(chosen)
+
+
 class CpuBackend:
     kind = "cpu"
 
@@ -111,7 +140,9 @@ class CpuBackend:
         the default artifact's buckets takes 10-20 s on 2 cores, priming under a second).
 
         Each graph is first run three times on its smallest bucket (TorchScript optimises a graph
-        during its first calls, not per shape), then every bucket once, timed; with `forwards` > 1
+        during its first calls, not per shape), then the buckets of `timing_sample` (every bucket of
+        a small grid) once, timed, and only those are returned: the planner estimates the others
+        from them and times each on its first served batch; with `forwards` > 1
         the buckets are spread over that many threads running at once, as the replica runs its
         forwards. Then the cheap buckets (under RETIME_BELOW_S) run once more, in reverse order,
         and keep the lesser timing. The packed graph is primed too, not timed apart: a packed batch
@@ -133,7 +164,7 @@ class CpuBackend:
         self.primed = True
         if not measure:
             return {}
-        first = self._time(sorted(self._graphs), forwards)
+        first = self._time(timing_sample(sorted(self._graphs)), forwards)
         cheap = sorted((b for b, t in first.items() if t < self.RETIME_BELOW_S), reverse=True)
         again = self._time(cheap, forwards)
         self.warmed.update({str(b): min(t, again.get(b, t)) for b, t in first.items()})

@@ -251,3 +251,36 @@ def test_timing_table_learns_a_first_timing_then_only_its_scale():
 def test_batch_record_padding_ratio():
     assert BatchRecord(Bucket(4, 16), 3, 15, 64, 0.01).padding_ratio == pytest.approx(64 / 15)
     assert BatchRecord(Bucket(1, 8), 0, 0, 8, 0.0).padding_ratio == float("inf")
+
+
+def test_a_sampled_table_estimates_the_other_buckets_from_the_measured_ones():
+    """The CPU warm-up of a large grid times a sample; the rest follow the fitted cost per padded
+    token instead of a nominal rate, and a served batch still gives a bucket its own timing."""
+    from neuronserve.compile.compiler import default_buckets
+    from neuronserve.serve.backends.cpu import timing_sample
+
+    grid = default_buckets("cpu", 256)
+    cost = {b: 0.0015 + b.padded_tokens / 9000 for b in grid}  # what this host takes
+    sample = timing_sample(grid)
+    table = TimingTable(BucketSet(grid), {b: cost[b] for b in sample})
+    for b in set(grid) - set(sample):
+        assert abs(table.device_s(b) - cost[b]) <= 0.01 * cost[b], b
+    nominal = TimingTable(BucketSet(grid), {sample[0]: cost[sample[0]]})  # one size measured: the nominal rate
+    unmeasured = max(set(grid) - set(sample), key=lambda b: b.padded_tokens)
+    assert nominal.device_s(unmeasured) == pytest.approx(unmeasured.padded_tokens / 5000 + 0.002)
+    table.learn(unmeasured, 0.9)
+    assert table.measured_s[unmeasured] == 0.9
+
+
+def test_the_cpu_warm_up_of_the_default_grid_times_a_third_of_its_tokens():
+    from neuronserve.compile.compiler import default_buckets
+    from neuronserve.serve.backends.cpu import timing_sample
+
+    grid = default_buckets("cpu", 256)
+    sample = timing_sample(grid)
+    assert set(sample) < set(grid) and len(grid) == 121
+    share = sum(b.padded_tokens for b in sample) / sum(b.padded_tokens for b in grid)
+    assert share < 0.4, share
+    for size in {b.batch_size for b in grid}:  # the longest rows of every batch size are timed
+        assert max((b for b in grid if b.batch_size == size), key=lambda b: b.seq_len) in sample
+    assert timing_sample(grid[:20]) == sorted(grid[:20])  # a small grid is timed whole

@@ -106,8 +106,8 @@ def test_no_cached_timings_times_every_bucket_and_refreshes_the_table(artifact, 
     assert json.loads(table.read_text())["timings_s"] == replica.warmup_s != stale["timings_s"]
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated", "other artifact", "other host shape", "missing bucket",
-                                    "bad time"])
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "other artifact", "other host shape", "foreign bucket",
+                                    "no bucket", "bad time"])
 def test_a_table_that_does_not_match_is_ignored_saying_why(artifact, cache_dir, timed, caplog, damage):
     start(artifact)
     table = only_table(cache_dir)
@@ -122,8 +122,10 @@ def test_a_table_that_does_not_match_is_ignored_saying_why(artifact, cache_dir, 
             data["artifact"] = "0" * 64
         elif damage == "other host shape":
             data["host_shape"]["threads"] = 4
-        elif damage == "missing bucket":
-            data["timings_s"].pop(sorted(data["timings_s"])[0])
+        elif damage == "foreign bucket":  # a sample of this artifact's buckets is a table; another's is not
+            data["timings_s"]["3x999"] = 0.01
+        elif damage == "no bucket":
+            data["timings_s"] = {}
         else:
             data["timings_s"][sorted(data["timings_s"])[0]] = -1.0
         table.write_text(json.dumps(data))
@@ -133,7 +135,8 @@ def test_a_table_that_does_not_match_is_ignored_saying_why(artifact, cache_dir, 
     assert replica.timings == "measured" and timed  # every bucket timed again
     assert f"ignoring cached warm-up timings {table}" in caplog.text
     why = {"corrupt": "unreadable", "truncated": "unreadable", "other artifact": "another artifact",
-           "other host shape": "threads: 4 there, 1 here", "missing bucket": "buckets are not this artifact's",
+           "other host shape": "threads: 4 there, 1 here", "foreign bucket": "buckets are not this artifact's",
+           "no bucket": "buckets are not this artifact's",
            "bad time": "has no valid time"}[damage]
     assert why in caplog.text
     assert json.loads(table.read_text())["timings_s"] == replica.warmup_s  # replaced by a good table
@@ -161,6 +164,13 @@ def test_save_then_load_round_trips(tmp_path):
     assert cache.save({"1x16": 0.002, "4x16": 0.004}, 1.0)
     assert cache.load(parse_buckets("1x16,4x16")) == {"1x16": 0.002, "4x16": 0.004}
     assert list(cache.path.parent.iterdir()) == [cache.path]
+
+
+def test_a_table_of_a_sample_of_the_buckets_is_used(tmp_path):
+    """A large CPU grid's warm-up times a sample (`timing_sample`); its table is reused as it is."""
+    cache = TimingCache.at(tmp_path, "c" * 64, host_shape("cpu", threads=1))
+    assert cache.save({"1x16": 0.002}, 0.5)
+    assert cache.load(parse_buckets("1x16,4x16,16x16")) == {"1x16": 0.002}
 
 
 def test_startup_phases_are_exported():
