@@ -470,14 +470,17 @@ class _DropNoise(logging.Filter):
             return True
 
 
+_DROP = _DropNoise()
+
+
 def quiet_ray_console() -> None:
     """Keep `RAY_NOISE` out of this process's console: Ray's own loggers here (Serve's INFO lines
     about starting and deleting, the token-auth notice) and the lines Ray forwards from its actors.
-    Call before `ray.init`."""
+    Call before `ray.init`, and again once `ray.serve` is imported (its import sets up its logger)."""
     import ray._private.worker as ray_worker
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    drop = _DropNoise()
+    drop = _DROP
     for name in ("ray", "ray.serve", "ray._private.authentication.authentication_token_setup"):
         logger = logging.getLogger(name)
         logger.addFilter(drop)

@@ -109,6 +109,18 @@ class _Compile:
         return self.outcome
 
 
+def _preload() -> None:
+    """Import what the command needs once Ray is up (an import that fails here fails again, with
+    its error, where the name is bound)."""
+    try:
+        import ray.serve  # noqa: F401
+
+        import neuronserve.serve.app  # noqa: F401
+        import neuronserve.serve.placement  # noqa: F401
+    except Exception:
+        pass
+
+
 class _ServeStart:
     """`serve.start` on a thread of its own, so the application deploys while the proxy starts.
 
@@ -315,14 +327,15 @@ def run(args) -> int:
             err("second signal: stopping now, without waiting for in-flight requests")
         stop.set()
 
+    # Serve and the application's modules load on a thread of their own while Ray starts (seconds
+    # of imports on a small machine, which ray.init does not need); their names are bound below,
+    # once Ray is up.
+    threading.Thread(target=_preload, name="preload", daemon=True).start()
     import ray
-    from ray import serve
 
-    from neuronserve.serve.app import build_app
     from neuronserve.common import logs
     from neuronserve.serve.local_ray import (LocalRayProcesses, check_haproxy_template, local_ray_env, quiet_ray_console,
                                              ray_in_own_sessions, stop_haproxy)
-    from neuronserve.serve.placement import serve_logging_config
 
     if logs.default_level() != "debug":
         quiet_ray_console()
@@ -332,6 +345,7 @@ def run(args) -> int:
     died: list[str] = []  # what of the local Ray died, set by the watch
     finished = threading.Event()  # the watch runs until the command is done, through the drain
     code = 0
+    serve = None
     try:
         mark = time.monotonic()
         if metrics_dir:
@@ -356,6 +370,13 @@ def run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         steps["Ray"], mark = time.monotonic() - mark, time.monotonic()
+        from ray import serve
+
+        from neuronserve.serve.app import build_app
+        from neuronserve.serve.placement import serve_logging_config
+
+        if logs.default_level() != "debug":
+            quiet_ray_console()  # again: Serve's import sets its logger up
         starting = _ServeStart(serve, {"host": command.host, "port": command.port}, serve_logging_config())
         problem = starting.wait_for_controller(stop)
         if problem is not None:
@@ -410,7 +431,7 @@ def run(args) -> int:
         # shutdown calls block on a dead GCS, so with the local Ray gone its processes are stopped
         # directly instead.
         for step in (
-            None if ray_gone else (lambda: _bounded(serve.shutdown, 10.0)),
+            None if ray_gone or serve is None else (lambda: _bounded(serve.shutdown, 10.0)),
             None if ray_gone or local is None else (lambda: _bounded(ray.shutdown, 10.0)),
             local.kill if local is not None else None,
             (lambda: stop_haproxy(node_id)) if node_id else None,
