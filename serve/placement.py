@@ -48,6 +48,9 @@ def replica_env(args: AppArgs, environ: Mapping[str, str]) -> dict[str, str]:
 
     >>> replica_env(AppArgs(artifacts="a", metrics_dir="/m"), {})
     {'GOMP_SPINCOUNT': '10000', 'TOKENIZERS_PARALLELISM': 'false', 'HF_HUB_OFFLINE': '1', 'PROMETHEUS_MULTIPROC_DIR': '/m'}
+    >>> replica_env(AppArgs(artifacts="a"), {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_X": ""})["OTEL_TRACES_SAMPLER"]
+    'traceidratio'
+
     """
     env = {**openmp_env(environ), **REPLICA_ENV}
     if args.metrics_dir:
@@ -57,6 +60,9 @@ def replica_env(args: AppArgs, environ: Mapping[str, str]) -> dict[str, str]:
     for name in ("NEURONSERVE_LOG_LEVEL", "NEURONSERVE_LOG_FORMAT"):  # neuronserve.common.logs
         if environ.get(name):
             env[name] = environ[name]
+    # OpenTelemetry's own settings (sampler, service name, resource attributes, exporter headers):
+    # replicas on other nodes of a cluster do not inherit the launching shell's environment.
+    env.update({k: v for k, v in environ.items() if k.startswith("OTEL_") and v})
     return env
 
 
