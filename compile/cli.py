@@ -19,8 +19,9 @@ def add_subcommand(subparsers) -> None:
         ),
     )
     p.add_argument("--model", default="default", metavar="DIR|default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--task", default="embed", choices=["embed", "classify"],
-                   help="embed: one vector per text; classify: labels and scores from a sequence-classification head")
+    p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank"],
+                   help="embed: one vector per text; classify: labels and scores from a sequence-classification head "
+                        "(texts or text pairs); rerank: a cross-encoder's relevance score per (query, document) pair")
     p.add_argument("--target", default="cpu", choices=["cpu", *NEURON_TARGETS],
                    help="cpu: TorchScript for the CPU backend; inf2/trn1: torch_neuronx.trace (the XLA toolchain, "
                         "extra neuron); trn2/trn3: TorchNeuron, torch.compile(backend='neuron') on the device, which "

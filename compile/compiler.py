@@ -44,6 +44,9 @@ AUTO_CASTS = ("none", "bf16")
 MIN_COSINE = {"none": 0.9999, "bf16": 0.999}
 # Classification: largest allowed difference in class probability.
 MAX_PROB_ERR = {"none": 1e-3, "bf16": 2e-2}
+# Rerank: largest allowed difference in a score's logit, relative to the largest logit (at least 1).
+# A single logit has no direction, so cosine says only its sign: the error is the check.
+MAX_LOGIT_ERR = {"none": 1e-3, "bf16": 5e-2}
 
 Log = Callable[[str], None]
 
@@ -240,18 +243,30 @@ SAMPLE_TEXT = (
 
 
 def sample_inputs(tokenizer, spec: ModelSpec, bucket: Bucket, pad_id: int):
-    """A full batch of real rows whose lengths spread from 2 tokens to the whole bucket."""
+    """A full batch of real rows whose lengths spread from 2 tokens to the whole bucket. Tasks that
+    take text pairs get pairs (as the tokenizer encodes them, with token type ids): every row for
+    rerank, every other row for classify (which takes single texts too)."""
     import torch
 
+    from neuronserve.models.artifact import task_info
+
+    info = task_info(spec.task)
     text = SAMPLE_TEXT * (1 + bucket.seq_len // 60)
     ids = torch.full((bucket.batch_size, bucket.seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((bucket.batch_size, bucket.seq_len), dtype=torch.long)
+    types = torch.zeros((bucket.batch_size, bucket.seq_len), dtype=torch.long)
     for i in range(bucket.batch_size):
         length = max(2, round(bucket.seq_len * (i + 1) / bucket.batch_size))
-        row = tokenizer(text, truncation=True, max_length=length)["input_ids"]
+        pair = info.pairs and length >= 8 and (not info.singles or i % 2 == 1)
+        if pair:  # a short query and a long document, cut as the tokenizer cuts pairs (longest first)
+            enc = tokenizer(text[:60], text[60:], truncation="longest_first", max_length=length)
+            row, row_types = enc["input_ids"], enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+            types[i, : len(row)] = torch.tensor(row_types)
+        else:
+            row = tokenizer(text, truncation=True, max_length=length)["input_ids"]
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return graph_inputs(spec.family.inputs, ids, mask)
+    return graph_inputs(spec.family.inputs, ids, mask, types)
 
 
 class References:
@@ -310,6 +325,8 @@ def measure_parity(task: str, got, ref, auto_cast: str) -> Parity:
     if task == "classify":
         prob_err = (got.softmax(-1) - ref.softmax(-1)).abs().max().item()
         passed = passed and prob_err <= MAX_PROB_ERR[auto_cast]
+    elif task == "rerank":
+        passed = max_abs <= MAX_LOGIT_ERR[auto_cast] * max(1.0, ref.abs().max().item())
     return Parity(min_cosine=round(cos, 7), max_abs_err=max_abs, samples=int(ref.shape[0]), passed=bool(passed))
 
 
@@ -399,6 +416,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
             raise CompileError(
                 f"bucket {bucket} failed validation against the eager fp32 reference: min cosine "
                 f"{parity.min_cosine:.6f} (floor {MIN_COSINE[opts.auto_cast]}), max abs error {parity.max_abs_err:.3g}"
+                + (f" (limit {MAX_LOGIT_ERR[opts.auto_cast]} x the largest logit)" if opts.task == "rerank" else "")
                 + ("; try --auto-cast none" if opts.auto_cast != "none" else "")
             )
         entries.append(
@@ -436,6 +454,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         inputs=list(spec.family.inputs),
         pooling=spec.pooling,
         labels=spec.labels,
+        activation=spec.activation,
         tokenizer_files={p.name: sha256_file(p) for p in sorted((out / "tokenizer").iterdir()) if p.is_file()},
         pad_token_id=pad_id,
         target=opts.target,

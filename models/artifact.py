@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-Task = Literal["embed", "classify"]
+Task = Literal["embed", "classify", "rerank"]
 Target = Literal["cpu", "inf2", "trn1", "trn2", "trn3"]
 Precision = Literal["fp32", "bf16"]
 TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2", "trn3")
@@ -110,6 +110,37 @@ def bucket_grid(batch_sizes: list[int], seq_lens: list[int]) -> list[Bucket]:
     return sorted(Bucket(b, s) for b in batch_sizes for s in seq_lens)
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a task is, as data: the head its graph ends in and what a row of input is. The serving
+    layer reads this, never the task's name, so models of several tasks can share a replica."""
+
+    name: str
+    head: Literal["pooled", "logits"]  # encoder + pooling (a vector), or a sequence-classification head
+    pairs: bool  # takes (text, text) pairs, tokenized as the tokenizer encodes pairs (token type ids)
+    singles: bool  # takes single texts
+    scores: bool  # one score per input (a single-logit head with an activation), not a label ranking
+
+
+TASKS: dict[str, TaskInfo] = {
+    "embed": TaskInfo("embed", "pooled", pairs=False, singles=True, scores=False),
+    "classify": TaskInfo("classify", "logits", pairs=True, singles=True, scores=False),
+    "rerank": TaskInfo("rerank", "logits", pairs=True, singles=False, scores=True),
+}
+
+
+def task_info(task: str) -> TaskInfo:
+    """The `TaskInfo` of a task name.
+
+    >>> task_info("rerank").pairs, task_info("embed").head
+    (True, 'pooled')
+    """
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ArtifactError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}") from None
+
+
 class Pooling(BaseModel):
     """How token vectors become one vector, as the model's sentence-transformers config says."""
 
@@ -166,6 +197,9 @@ class Manifest(BaseModel):
     inputs: list[str] = Field(description="graph input names in call order")
     pooling: Pooling | None = None
     labels: dict[int, str] | None = Field(default=None, description="classify: index -> label")
+    activation: str | None = Field(
+        default=None, description="rerank: the function a score goes through (sentence-transformers CrossEncoder's "
+        "activation_fn): sigmoid, identity or tanh")
     tokenizer_dir: str = "tokenizer"
     tokenizer_files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     pad_token_id: int = 0

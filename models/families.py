@@ -53,9 +53,9 @@ def max_positions(family: Family, max_position_embeddings: int) -> int:
     return max_position_embeddings - family.position_offset
 
 
-def graph_inputs(names, input_ids, attention_mask):
-    """The graph's positional inputs, in manifest order, from ids and mask tensors (single-text
-    inputs, so token types are all zero).
+def graph_inputs(names, input_ids, attention_mask, token_type_ids=None):
+    """The graph's positional inputs, in manifest order, from ids and mask tensors. Token types are
+    all zero unless given (text pairs: 1 on the second text's tokens).
 
     >>> import torch
     >>> [t.tolist() for t in graph_inputs(("input_ids", "attention_mask", "token_type_ids"),
@@ -64,5 +64,6 @@ def graph_inputs(names, input_ids, attention_mask):
     """
     import torch
 
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": torch.zeros_like(input_ids)}
+    types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": types}
     return tuple(tensors[name] for name in names)

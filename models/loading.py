@@ -28,6 +28,7 @@ HASHED_FILES = (
     "special_tokens_map.json",
     "modules.json",
     "sentence_bert_config.json",
+    "config_sentence_transformers.json",
     "1_Pooling/config.json",
 )
 
@@ -45,6 +46,7 @@ class ModelSpec:
     task: str
     pooling: Pooling | None
     labels: dict[int, str] | None
+    activation: str | None  # rerank: what a score goes through (`neuronserve.models.tasks.activate`)
     max_position_embeddings: int
     max_positions: int  # longest input the position table allows
     max_seq_length: int  # the model's own truncation length
@@ -129,11 +131,47 @@ def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
     return Pooling(mode=mode, normalize=normalize), max_seq_length
 
 
+def read_activation(path: Path, config: dict, num_labels: int) -> str:
+    """A cross-encoder's activation as sentence-transformers' `CrossEncoder` chooses it: the saved
+    one (config_sentence_transformers.json, config.json's `sentence_transformers`, or the older
+    `sbert_ce_default_activation_function`), else sigmoid for one label and identity for more."""
+    from neuronserve.models.tasks import ACTIVATIONS
+
+    saved = None
+    st_file = path / "config_sentence_transformers.json"
+    if st_file.is_file():
+        try:
+            saved = json.loads(st_file.read_text()).get("activation_fn")
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{st_file} is not valid JSON: {e}") from None
+    if saved is None:
+        saved = (config.get("sentence_transformers") or {}).get("activation_fn")
+    if saved is None:
+        saved = config.get("sbert_ce_default_activation_function")
+    if saved is None:
+        return "sigmoid" if num_labels == 1 else "identity"
+    if saved not in ACTIVATIONS:
+        raise ModelError(f"{path}: activation {saved!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[saved]
+
+
+def tokenizer_max_length(path: Path) -> int | None:
+    """`model_max_length` from tokenizer_config.json, if it says one."""
+    f = path / "tokenizer_config.json"
+    try:
+        value = json.loads(f.read_text()).get("model_max_length") if f.is_file() else None
+    except json.JSONDecodeError:
+        return None
+    return int(value) if isinstance(value, (int, float)) and value < 1e9 else None
+
+
 def inspect_model(model: str, task: str) -> ModelSpec:
     """Read config and sentence-transformers files; no weights are loaded, and nothing imports torch
     (an unchanged compile is a cache hit in well under a second)."""
-    if task not in ("embed", "classify"):
-        raise ModelError(f"unknown task {task!r}: expected embed or classify")
+    from neuronserve.models.artifact import TASKS
+
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     path, name = resolve_model_path(model)
     try:
         config = json.loads((path / "config.json").read_text())
@@ -147,8 +185,8 @@ def inspect_model(model: str, task: str) -> ModelSpec:
     limit = max_positions(family, mpe)
     hidden = int(config.get("hidden_size", config.get("dim", 0)))
     pooling, st_max = read_pooling(path) if task == "embed" else (None, None)
-    labels = None
-    if task == "classify":
+    labels, activation = None, None
+    if task in ("classify", "rerank"):
         id2label = config.get("id2label") or {}
         if not id2label:
             n = int(config.get("num_labels", 2))
@@ -157,6 +195,16 @@ def inspect_model(model: str, task: str) -> ModelSpec:
         output_dim = len(labels)
     else:
         output_dim = hidden
+    if task == "rerank":
+        if output_dim != 1:
+            raise ModelError(
+                f"{name} has {output_dim} labels; --task rerank needs a single-score head (num_labels=1, as "
+                "CrossEncoder.rank does): compile it with --task classify, which also takes text pairs")
+        activation = read_activation(path, config, output_dim)
+        # CrossEncoder truncates at the tokenizer's model_max_length (capped by the position table).
+        sbert = path / "sentence_bert_config.json"
+        st_max = json.loads(sbert.read_text()).get("max_seq_length") if sbert.is_file() else None
+        st_max = st_max or tokenizer_max_length(path)
     max_seq = min(int(st_max), limit) if st_max else limit
     return ModelSpec(
         path=path,
@@ -166,6 +214,7 @@ def inspect_model(model: str, task: str) -> ModelSpec:
         task=task,
         pooling=pooling,
         labels=labels,
+        activation=activation,
         max_position_embeddings=mpe,
         max_positions=limit,
         max_seq_length=max_seq,
@@ -191,13 +240,16 @@ def build_module(spec: ModelSpec):
 
     from neuronserve.models.tasks import ClassifyHead, EmbedHead
 
-    cls = AutoModelForSequenceClassification if spec.task == "classify" else AutoModel
+    from neuronserve.models.artifact import task_info
+
+    logits = task_info(spec.task).head == "logits"
+    cls = AutoModelForSequenceClassification if logits else AutoModel
     try:
         model = cls.from_pretrained(str(spec.path), local_files_only=True, return_dict=False)
     except Exception as e:
         raise ModelError(f"cannot load {spec.task} weights from {spec.path}: {e}") from None
     model = model.float().eval()  # reference and trace are fp32; bf16 is applied per target
-    if spec.task == "classify":
+    if logits:
         head = ClassifyHead(model, spec.family.inputs)
     else:
         head = EmbedHead(model, spec.family.inputs, spec.pooling.mode)

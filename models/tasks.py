@@ -1,4 +1,8 @@
-"""Task heads: what a traced graph returns for `embed` and `classify`, and the post-processing.
+"""Task heads: what a traced graph returns for `embed`, `classify` and `rerank`, and the post-processing.
+
+A task's shape (head, pairs, scores) is data (`neuronserve.models.artifact.TASKS`); `rerank` and
+`classify` share the sequence-classification head (`ClassifyHead`, raw logits) and differ only in
+post-processing: `activate` for rerank scores, `softmax` for labels.
 
 The pooling runs inside the compiled graph (a (batch, hidden) result moves off the device instead of
 (batch, seq, hidden)); normalisation runs after, so `dimensions` can truncate first.
@@ -116,3 +120,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+# sentence-transformers stores a CrossEncoder's activation as a dotted path (config.json's
+# `sentence_transformers.activation_fn`, or the older `sbert_ce_default_activation_function`).
+# Only torch's own functions are loaded without trust_remote_code: those are the ones served.
+ACTIVATIONS = {
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+}
+
+
+def activate(raw: np.ndarray, activation: str | None) -> np.ndarray:
+    """A score per row from single-logit rows ``(n, 1)``, through the model's activation.
+
+    >>> activate(np.array([[0.0], [2.0]]), "sigmoid").round(4).tolist()
+    [0.5, 0.8808]
+    >>> activate(np.array([[-1.5]]), "identity").tolist()
+    [-1.5]
+    """
+    x = raw[:, 0].astype(np.float64)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if activation == "tanh":
+        return np.tanh(x)
+    if activation in (None, "identity"):
+        return x
+    raise ValueError(f"unknown activation {activation!r}: expected one of sigmoid, identity, tanh")

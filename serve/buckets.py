@@ -22,6 +22,9 @@ from neuronserve.serve.errors import InputTooLong
 
 __all__ = [
     "BucketSet",
+    "Row",
+    "pad_types",
+    "truncated_count",
     "count_tokens",
     "pad_rows",
     "truncate",
@@ -130,6 +133,51 @@ def _check_fits(lengths: Sequence[int], bucket: Bucket) -> None:
                 f"row {i} has {n} tokens; bucket {bucket} holds {bucket.seq_len} per row: "
                 f"choose the bucket with BucketSet.seq_len_for or truncate the row"
             )
+
+
+class Row(list):
+    """One input's token ids, with what the tokenizer said of them beyond the ids: the token type
+    ids of a text pair (None for a single text: all zero) and whether the input was cut to fit.
+    Plain lists stand for single texts that were not cut (the common case costs nothing).
+
+    >>> r = Row([101, 7, 102, 8, 102], type_ids=[0, 0, 0, 1, 1], truncated=True)
+    >>> len(r), r.type_ids, r.truncated
+    (5, [0, 0, 0, 1, 1], True)
+    """
+
+    __slots__ = ("type_ids", "truncated")
+
+    def __init__(self, ids, type_ids: list[int] | None = None, truncated: bool = False):
+        super().__init__(ids)
+        self.type_ids = type_ids
+        self.truncated = truncated
+
+
+def truncated_count(rows: Sequence[Sequence[int]]) -> int:
+    """How many of `rows` were cut to fit (`Row.truncated`).
+
+    >>> truncated_count([[1, 2], Row([1, 2], truncated=True), Row([3])])
+    1
+    """
+    return sum(1 for r in rows if isinstance(r, Row) and r.truncated)
+
+
+def pad_types(rows: Sequence[Sequence[int]], bucket: Bucket) -> np.ndarray | None:
+    """Token type ids padded to `bucket` (int64 ``[B, S]``, 0 on padding), or None when no row has
+    any (single texts: the graph's token types are all zero).
+
+    >>> pad_types([Row([101, 7, 102, 8, 102], type_ids=[0, 0, 0, 1, 1]), [101, 102]], Bucket(2, 6)).tolist()
+    [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]]
+    >>> pad_types([[101, 102]], Bucket(1, 4)) is None
+    True
+    """
+    typed = [(i, r.type_ids) for i, r in enumerate(rows) if isinstance(r, Row) and r.type_ids is not None]
+    if not typed:
+        return None
+    types = np.zeros((bucket.batch_size, bucket.seq_len), dtype=np.int64)
+    for i, t in typed:
+        types[i, : len(t)] = np.asarray(t, dtype=np.int64)
+    return types
 
 
 def pad_rows(rows: Sequence[Sequence[int]], bucket: Bucket, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

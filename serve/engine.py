@@ -1,4 +1,5 @@
-"""Engine: texts in, vectors or labels out, through one backend. Synchronous; no Ray, no HTTP.
+"""Engine: texts (or text pairs) in, vectors, labels or scores out, through one backend.
+Synchronous; no Ray, no HTTP.
 
 The serving layer uses the pieces (tokenize, run_bucket, postprocess) so it can batch rows from
 many requests; offline tools use `embed` / `classify`, which plan their batches with the same
@@ -13,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neuronserve.models.artifact import Bucket, Manifest, load_manifest
+from neuronserve.models.artifact import Bucket, Manifest, load_manifest, task_info
 from neuronserve.models.families import graph_inputs
-from neuronserve.models.tasks import normalize_rows, softmax
+from neuronserve.models.tasks import activate, normalize_rows, softmax
 from neuronserve.serve.backends.base import Backend, load_backend
 from neuronserve.models.packing import pad_packed
-from neuronserve.serve.buckets import BucketSet, pad_rows, unpad
+from neuronserve.serve.buckets import BucketSet, Row, pad_rows, pad_types, unpad
 from neuronserve.serve.errors import InputError, InputTooLong
 from neuronserve.serve.planner import Batch, BatchRecord, TimingTable, plan
 
@@ -52,16 +53,27 @@ class Engine:
         self.pad_id = self.manifest.pad_token_id
         self.model_name = self.manifest.model.name
         self.task = self.manifest.task
+        self.task_info = task_info(self.task)
+        self._typed = "token_type_ids" in self.manifest.inputs
         self.output_dim = self.manifest.model.output_dim
 
     # -- inputs ---------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
-        encodings = self._tok.encode_batch(texts)
-        if not truncate:
-            for i, enc in enumerate(encodings):
-                if enc.overflowing:
-                    raise InputTooLong(len(self._tok_full.encode(texts[i]).ids), self.max_len, index=i)
-        return [enc.ids for enc in encodings]
+    def tokenize(self, texts: list, truncate: bool = True) -> list[list[int]]:
+        """Token rows of `texts`: strings, or (text, text) pairs encoded as the tokenizer encodes
+        pairs (token type ids, longest-first truncation). Rows that were cut, and pairs, are `Row`s
+        saying so (`serve.buckets.truncated_count`); `truncate=False` raises `InputTooLong` instead."""
+        encodings = self._tok.encode_batch([t if isinstance(t, str) else tuple(t) for t in texts])
+        rows: list[list[int]] = []
+        for i, enc in enumerate(encodings):
+            cut = bool(enc.overflowing)
+            if cut and not truncate:
+                full = self._tok_full.encode(*((texts[i],) if isinstance(texts[i], str) else tuple(texts[i])))
+                raise InputTooLong(len(full.ids), self.max_len, index=i)
+            if isinstance(texts[i], str):
+                rows.append(Row(enc.ids, truncated=True) if cut else enc.ids)
+            else:
+                rows.append(Row(enc.ids, enc.type_ids if self._typed else None, cut))
+        return rows
 
     def rows_from_token_ids(self, ids_list: list[list[int]], truncate: bool = True) -> list[list[int]]:
         """Token ids as the OpenAI API sends them (no special tokens): wrap them as the tokenizer would."""
@@ -83,7 +95,9 @@ class Engine:
         """Pad `rows` (which fit `bucket`) to the bucket, run it, return (len(rows), output_dim).
         `threads` (CPU backend only): torch threads for this batch instead of the backend's."""
         ids, mask = pad_rows(rows, bucket, self.pad_id)
-        inputs = graph_inputs(self.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask))
+        types = pad_types(rows, bucket) if self._typed else None
+        inputs = graph_inputs(self.manifest.inputs, torch.from_numpy(ids), torch.from_numpy(mask),
+                              None if types is None else torch.from_numpy(types))
         out = self.backend.forward(bucket, inputs, threads) if threads else self.backend.forward(bucket, inputs)
         return unpad(out.numpy(), len(rows))
 
@@ -150,9 +164,18 @@ class Engine:
             result.append([(labels.get(int(j), f"LABEL_{int(j)}"), float(row[j])) for j in order])
         return result
 
+    def postprocess_scores(self, raw: np.ndarray, raw_scores: bool = False) -> np.ndarray:
+        """A score per row of a single-logit head: through the model's activation (as
+        sentence-transformers' `CrossEncoder.predict` computes it), or the raw logit."""
+        return activate(raw, None if raw_scores else self.manifest.activation)
+
     # -- convenience ----------------------------------------------------------------------------
     def embed(self, texts: list[str], truncate: bool = True, dimensions: int | None = None) -> np.ndarray:
         return self.postprocess_embeddings(self.run_rows(self.tokenize(texts, truncate)), dimensions)
 
     def classify(self, texts: list[str], truncate: bool = True) -> list[tuple[str, float]]:
         return [ranked[0] for ranked in self.postprocess_labels(self.run_rows(self.tokenize(texts, truncate)))]
+
+    def rerank(self, pairs: list[tuple[str, str]], truncate: bool = True, raw_scores: bool = False) -> np.ndarray:
+        """A relevance score per (query, document) pair, in order."""
+        return self.postprocess_scores(self.run_rows(self.tokenize(pairs, truncate)), raw_scores)
