@@ -1,8 +1,10 @@
 """The Ray Serve application: one deployment, `NeuronServe`, whose replicas each hold an engine on
 their NeuronCore(s) (or CPU threads) and answer HTTP themselves (FastAPI ingress, no second hop).
 
-Routes: OpenAI `/v1/embeddings` and `/v1/models`; TEI-style `/predict` for classifiers; KServe Open
-Inference Protocol v2 under `/v2`. Start it with `neuronserve serve`, or from a Serve config with
+Routes: OpenAI `/v1/embeddings` and `/v1/models`; rerank as Cohere and Jina shape it, `/v1/rerank`;
+TEI's `/predict` (texts and text pairs), `/rerank`, `/tokenize`, `/decode`, `/info` and `/health`;
+KServe Open Inference Protocol v2 under `/v2`. Every answer that ran the model says in
+`x-truncated-inputs` how many of its inputs were cut to the longest the model serves. Start it with `neuronserve serve`, or from a Serve config with
 `import_path: neuronserve.serve.app:build_app` and `args:` any `serve.settings.AppArgs` field.
 
 Every request passes `serve.edge.Edge` first (request ids, API keys: docs/security.md).
@@ -30,9 +32,10 @@ from neuronserve.serve.auth import ApiKeys, digest, parse_keys
 from neuronserve.serve.edge import Edge
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
-from neuronserve.serve.protocols import kserve, openai, tei
-from neuronserve.serve.protocols.common import (check_headers, check_model, component_schemas, decode, read_capped,
-                                                request_body)
+from neuronserve.serve.protocols import cohere, kserve, openai, tei
+from neuronserve.serve.buckets import truncated_count
+from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, check_headers, check_model, component_schemas, decode,
+                                                read_capped, request_body)
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ class API(FastAPI):
 api = API(title="neuronserve", docs_url="/docs", redoc_url=None)
 
 # Declared for /openapi.json only: the routes read their bodies themselves (`serve.protocols`).
-REQUEST_TYPES = (openai.EmbeddingsRequest, tei.PredictRequest, kserve.InferRequest)
+REQUEST_TYPES = (openai.EmbeddingsRequest, tei.PredictRequest, kserve.InferRequest, cohere.RerankRequest,
+                 tei.TEIRerankRequest, tei.TokenizeRequest, tei.DecodeRequest)
 
 
 def openapi() -> dict:
@@ -264,8 +268,9 @@ class NeuronServe:
                 return self.engine.tokenize(texts, truncate)
             return await self.tokenizing.submit(texts, truncate)
 
-    async def _infer(self, rows: list[list[int]]) -> tuple[list, dict]:
-        """Run rows through the batcher; returns (raw outputs, timing headers)."""
+    async def _infer(self, rows: list[list[int]], route: str) -> tuple[list, dict]:
+        """Run rows through the batcher; returns (raw outputs, timing headers). Inputs that were cut
+        to the model's length are counted in `x-truncated-inputs` and the metrics."""
         t0 = time.perf_counter()
         timing: dict = {}
         try:
@@ -276,9 +281,12 @@ class NeuronServe:
         tokens = sum(len(r) for r in rows)
         if self.tracing is not None:
             self.tracing.inferred(t0, timing, len(rows), tokens)
+        truncated = truncated_count(rows)
+        if truncated:
+            self.metrics.truncated(route, truncated)
         return outs, {"x-total-time": f"{total_ms:.2f}", "x-queue-time": f"{timing['queue_s'] * 1000:.2f}",
                       "x-inference-time": f"{timing['inference_s'] * 1000:.2f}", "x-tokens": str(tokens),
-                      "x-inputs": str(len(rows))}
+                      "x-inputs": str(len(rows)), "x-truncated-inputs": str(truncated)}
 
     def _observe(self, route: str, status: int, started: float) -> None:
         if self.metrics is not None:
@@ -286,8 +294,10 @@ class NeuronServe:
         if self.tracing is not None:
             self.tracing.end(status, getattr(self, "model_name", None))
 
-    async def _guard(self, route: str, error_body, handler, request: Request | None = None) -> Response:
-        """The one error handler: every error answers with its status in the route's protocol."""
+    async def _guard(self, route: str, error_body, handler, request: Request | None = None,
+                     input_error=None) -> Response:
+        """The one error handler: every error answers with its status in the route's protocol.
+        `input_error` maps an input the engine refused to the protocol's error (default: 400)."""
         started = time.perf_counter()
         if self.tracing is not None:  # ended in _observe, which every way out calls once
             self.tracing.begin(route, request, getattr(self, "model_name", None))
@@ -300,8 +310,9 @@ class NeuronServe:
                 e = type(e)(f"{e.message} (request id {request_ids.current()})", headers=e.headers)
             return error_response(e, error_body)
         except InputError as e:  # from the engine: the input cannot be served as given
-            self._observe(route, e.status, started)
-            return error_response(BadRequest(str(e), param=e.param), error_body)
+            err = input_error(e) if input_error is not None else BadRequest(str(e), param=e.param)
+            self._observe(route, err.status, started)
+            return error_response(err, error_body)
         except asyncio.CancelledError:
             self._observe(route, 499, started)  # client went away; its rows were dropped
             raise
@@ -327,7 +338,7 @@ class NeuronServe:
         else:
             with tracing.span("tokenize"):
                 rows = engine.rows_from_token_ids(req.token_ids, req.truncate)
-        outs, headers = await self._infer(rows)
+        outs, headers = await self._infer(rows, "/v1/embeddings")
         import numpy as np
 
         with tracing.span("serialize"):
@@ -345,12 +356,12 @@ class NeuronServe:
     # -- TEI-style classification --------------------------------------------------------------
     @api.post("/predict", **declared(tei.PredictRequest, tei.PredictResponse, tei.TEIError))
     async def predict(self, request: Request) -> Response:
-        return await self._guard("/predict", tei.error_body, lambda: self._predict(request), request)
+        return await self._guard("/predict", tei.error_body, lambda: self._predict(request), request, tei.input_error)
 
     async def _predict(self, request: Request) -> Response:
         req = tei.parse(await self._body(request), self.limits)
         rows = await self._tokenize(req.texts, req.truncate)
-        outs, headers = await self._infer(rows)
+        outs, headers = await self._infer(rows, "/predict")
         import numpy as np
 
         with tracing.span("serialize"):
@@ -361,6 +372,71 @@ class NeuronServe:
             else:
                 ranked = self.engine.postprocess_labels(raw)
             return Response(dumps(tei.format(ranked, req.single)), media_type="application/json", headers=headers)
+
+    # -- rerank: Cohere / Jina, and TEI -----------------------------------------------------------
+    @api.post("/v1/rerank", **declared(cohere.RerankRequest, cohere.RerankResponse, cohere.CohereError))
+    async def rerank(self, request: Request) -> Response:
+        return await self._guard("/v1/rerank", cohere.error_body, lambda: self._rerank(request), request)
+
+    async def _rerank(self, request: Request) -> Response:
+        req = cohere.parse(await self._body(request), self.limits)
+        scores, headers = await self._scores(req.query, req.texts, req.truncate, False, "/v1/rerank")
+        with tracing.span("serialize"):
+            payload = cohere.format(req, scores, self.model_name, int(headers["x-tokens"]),
+                                    int(headers["x-truncated-inputs"]), self.engine.max_len, request_ids.current() or "")
+            return Response(dumps(payload), media_type="application/json", headers=headers)
+
+    @api.post("/rerank", **declared(tei.TEIRerankRequest, tei.RerankResponse, tei.TEIError))
+    async def tei_rerank(self, request: Request) -> Response:
+        return await self._guard("/rerank", tei.error_body, lambda: self._tei_rerank(request), request, tei.input_error)
+
+    async def _tei_rerank(self, request: Request) -> Response:
+        req = tei.parse_rerank(await self._body(request), self.limits)
+        scores, headers = await self._scores(req.query, req.texts, req.truncate, req.raw_scores, "/rerank")
+        with tracing.span("serialize"):
+            return Response(dumps(tei.format_rerank(req, scores)), media_type="application/json", headers=headers)
+
+    async def _scores(self, query: str, texts: list[str], truncate: bool, raw_scores: bool, route: str):
+        """A score per (query, text) pair, in the texts' order, and the timing headers."""
+        import numpy as np
+
+        rows = await self._tokenize([(query, t) for t in texts], truncate)
+        outs, headers = await self._infer(rows, route)
+        return self.engine.postprocess_scores(np.stack(outs), raw_scores).tolist(), headers
+
+    # -- TEI: tokenizer, model info, health -----------------------------------------------------
+    @api.post("/tokenize", **declared(tei.TokenizeRequest, tei.TokenizeResponse, tei.TEIError))
+    async def tokenize_route(self, request: Request) -> Response:
+        async def run() -> Response:
+            req = tei.parse_tokenize(await self._body(request), self.limits)
+            return Response(dumps(self.engine.tokens(req.texts, req.add_special_tokens)), media_type="application/json")
+
+        return await self._guard("/tokenize", tei.error_body, run, request)
+
+    @api.post("/decode", **declared(tei.DecodeRequest, tei.DecodeResponse, tei.TEIError))
+    async def decode_route(self, request: Request) -> Response:
+        async def run() -> Response:
+            req = tei.parse_decode(await self._body(request), self.limits, self.engine.vocab_size)
+            return Response(dumps(self.engine.decode(req.ids, req.skip_special_tokens)), media_type="application/json")
+
+        return await self._guard("/decode", tei.error_body, run, request)
+
+    @api.get("/info", **declared(None, tei.Info, tei.TEIError))
+    async def info(self, request: Request) -> Response:
+        async def run() -> Response:
+            return JSONResponse(tei.info(self.engine.manifest, self.model_name, self.engine.max_len, self.limits,
+                                         self.args.max_batch_tokens, server_version()))
+
+        return await self._guard("/info", tei.error_body, run, request)
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """TEI's health: 200 once the model answers, 503 (TEI's error shape) before or when it cannot."""
+        problem = self.health_problem() or (None if self.is_ready else
+                                            ("failed to load: see the server log" if self.warmup_error else "warming up"))
+        if problem:
+            return JSONResponse({"error": problem, "error_type": "unhealthy"}, status_code=503)
+        return Response(status_code=200)
 
     # -- KServe Open Inference Protocol v2 ------------------------------------------------------
     @api.get("/v2/health/live")
@@ -380,13 +456,7 @@ class NeuronServe:
 
     @api.get("/v2")
     async def server_metadata(self) -> Response:
-        from importlib import metadata
-
-        try:
-            version = metadata.version("neuronserve")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        return JSONResponse({"name": "neuronserve", "version": version, "extensions": []})
+        return JSONResponse({"name": "neuronserve", "version": server_version(), "extensions": []})
 
     @api.get("/v2/models/{name}", **declared(None, kserve.ModelMetadata, kserve.V2Error))
     async def model_metadata(self, name: str) -> Response:
@@ -416,8 +486,11 @@ class NeuronServe:
         import numpy as np
 
         req = kserve.parse(await self._body(request), self.limits, name)
+        if not self.engine.task_info.singles:
+            raise NotFound(f"this server runs a {self.engine.task} model, which scores text pairs; use "
+                           f"{ROUTE_FOR_TASK[self.engine.task]}")
         rows = await self._tokenize(req.texts, req.truncate)
-        outs, headers = await self._infer(rows)
+        outs, headers = await self._infer(rows, "/v2/infer")
         with tracing.span("serialize"):
             raw = np.stack(outs)
             if self.engine.task == "embed":
@@ -425,7 +498,17 @@ class NeuronServe:
             else:
                 best = [ranked[0] for ranked in self.engine.postprocess_labels(raw)]
                 payload = kserve.format_labels(self.model_name, req.id, best)
+            payload["parameters"] = {"truncated_inputs": int(headers["x-truncated-inputs"])}
             return Response(dumps(payload), media_type="application/json", headers=headers)
+
+
+def server_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("neuronserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_app(args: AppArgs):

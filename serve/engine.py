@@ -75,6 +75,24 @@ class Engine:
                 rows.append(Row(enc.ids, enc.type_ids if self._typed else None, cut))
         return rows
 
+    def tokens(self, texts: list[str], add_special_tokens: bool = True) -> list[list[dict]]:
+        """TEI's /tokenize: per text, its tokens (id, text, special, character start and stop),
+        without truncation."""
+        result = []
+        for text, enc in zip(texts, self._tok_full.encode_batch(texts, add_special_tokens=add_special_tokens)):
+            tokens = []
+            for tid, tok, special, (start, stop) in zip(enc.ids, enc.tokens, enc.special_tokens_mask, enc.offsets):
+                if special:
+                    tokens.append({"id": tid, "text": tok, "special": True, "start": None, "stop": None})
+                else:
+                    tokens.append({"id": tid, "text": text[start:stop], "special": False, "start": start, "stop": stop})
+            result.append(tokens)
+        return result
+
+    def decode(self, ids: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """TEI's /decode: token ids back to text."""
+        return self._tok_full.decode_batch(ids, skip_special_tokens=skip_special_tokens)
+
     def rows_from_token_ids(self, ids_list: list[list[int]], truncate: bool = True) -> list[list[int]]:
         """Token ids as the OpenAI API sends them (no special tokens): wrap them as the tokenizer would."""
         room = self.max_len - len(self._prefix) - len(self._suffix)

@@ -130,6 +130,10 @@ class Metrics:
         self.rows = Counter(f"{p}_rows_total", "Rows (inputs) processed.", ["model"], registry=r)
         self.batches = Counter(f"{p}_batches_total", "Batches run.", ["model", "bucket"],
                                registry=r)
+        self.truncated_inputs = Counter(
+            f"{p}_truncated_inputs_total",
+            "Inputs cut to the longest the model serves (the largest compiled bucket or the model's max_seq_length).",
+            ["model", "route"], registry=r)
         self.batches_failed = Counter(
             f"{p}_batches_failed_total", "Batches whose forward raised (their requests answered 500).",
             ["model", "bucket"], registry=r)
@@ -365,6 +369,10 @@ class ServeMetrics:
         if hist is None:
             hist = self._per_route[route] = self._m.request_duration.labels(self.model, route)
         hist.observe(max(0.0, seconds))
+
+    def truncated(self, route: str, inputs: int) -> None:
+        """Inputs of one request on `route` that were cut to the model's length."""
+        self._m.truncated_inputs.labels(self.model, route).inc(inputs)
 
     def batch(self, bucket: str, rows: int, real_tokens: int, padded_tokens: int,
               inference_seconds: float, queue_waits: Sequence[float], packed: bool = False) -> None:

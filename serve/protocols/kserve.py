@@ -62,6 +62,7 @@ class InferResponse(BaseModel):
     model_name: str
     id: Any
     outputs: list[OutputTensor]
+    parameters: dict | None = Field(None, description="truncated_inputs: inputs cut to the model's length")
 
 
 class TensorMetadata(BaseModel):
