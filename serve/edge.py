@@ -8,12 +8,13 @@ no route can skip it. For each HTTP request it:
   contextvar `request_ids.current()` for the whole handling, and returns it on the response;
 * with API keys configured (`serve.auth`), answers 401 before the application sees the request
   unless it carries `Authorization: Bearer <key>`; the body is the route's own error shape
-  (OpenAI under /v1, TEI for /predict, KServe v2 under /v2) and `WWW-Authenticate: Bearer` is set;
+  (OpenAI under /v1, Cohere's for /v1/rerank, TEI for /predict, /rerank, /tokenize, /decode and
+  /info, KServe v2 under /v2) and `WWW-Authenticate: Bearer` is set;
 * answers an exception that escaped the application (the routes answer their own errors; this is
   the net under them) with a 500 in the route's shape naming the request id, logged with it,
   instead of Starlette's plain-text 500 without the id.
 
-Open without a key: the health routes, which probes and load balancers call without
+Open without a key: the health routes (/v2/health/*, TEI's /health), which probes and load balancers call without
 credentials, and the API's description (`/openapi.json`, `/docs`: the same static text for every
 deployment, no model name, no data; a browser loading /docs cannot send a bearer header).
 """
@@ -29,9 +30,12 @@ import orjson
 from neuronserve.serve import request_ids
 from neuronserve.serve.auth import ApiKeys
 from neuronserve.serve.errors import ServeError, Unauthorized
-from neuronserve.serve.protocols import kserve, openai, tei
+from neuronserve.serve.protocols import cohere, kserve, openai, tei
 
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health", "/openapi.json", "/docs",
+                        "/docs/oauth2-redirect"})
+TEI_PATHS = frozenset({"/predict", "/rerank", "/tokenize", "/decode", "/info"})
+ROUTE_LABELS = frozenset({"/v1/embeddings", "/v1/models", "/v1/rerank", "/v2", *TEI_PATHS})
 _HEADER = request_ids.HEADER.encode()
 
 log = logging.getLogger(__name__)
@@ -50,9 +54,13 @@ def error_body_for(path: str) -> Callable[[ServeError], object]:
 
     >>> error_body_for("/predict") is tei.error_body, error_body_for("/v2/models/m/infer") is kserve.error_body
     (True, True)
+    >>> error_body_for("/v1/rerank") is cohere.error_body, error_body_for("/rerank") is tei.error_body
+    (True, True)
     """
-    if path == "/predict" or path.startswith("/predict/"):
+    if path in TEI_PATHS or path.startswith("/predict/"):
         return tei.error_body
+    if path == "/v1/rerank":
+        return cohere.error_body
     if path == "/v2" or path.startswith("/v2/"):
         return kserve.error_body
     return openai.error_body
@@ -64,7 +72,7 @@ def route_label(path: str) -> str:
     >>> route_label("/v2/models/anything/infer"), route_label("/v1/embeddings"), route_label("/x/y")
     ('/v2/infer', '/v1/embeddings', 'other')
     """
-    if path in ("/v1/embeddings", "/v1/models", "/predict", "/v2"):
+    if path in ROUTE_LABELS:
         return path
     if path.startswith("/v2/models/"):
         return "/v2/infer" if path.endswith("/infer") else "/v2/models"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neuronserve.serve.errors import ServeError
-from neuronserve.serve.protocols import kserve, openai, tei
+from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.protocols.common import Limits
 from tests.fixtures.inprocess_app import Running, tiny_artifact
 
@@ -37,11 +37,33 @@ openai_bodies = st.fixed_dictionaries({}, optional={
     "truncate": some(st.booleans()),
     "user": json_values,
 }) | json_values
+pair_inputs = st.lists(texts | st.lists(texts, min_size=2, max_size=2), max_size=6)
 tei_bodies = st.fixed_dictionaries({}, optional={
-    "inputs": some(texts, st.lists(texts, max_size=6)),
+    "inputs": some(texts, st.lists(texts, max_size=6), pair_inputs),
     "truncate": some(st.booleans()),
     "raw_scores": some(st.booleans()),
 }) | json_values
+documents = st.lists(texts | st.fixed_dictionaries({"text": some(texts)}), max_size=6)
+cohere_bodies = st.fixed_dictionaries({}, optional={
+    "query": some(texts),
+    "documents": some(documents),
+    "model": some(st.sampled_from(["tiny-bert-rerank", "other"])),
+    "top_n": some(st.integers(-2, 10)),
+    "return_documents": some(st.booleans()),
+    "truncate": some(st.booleans()),
+}) | json_values
+tei_rerank_bodies = st.fixed_dictionaries({"query": some(texts), "texts": some(st.lists(texts, max_size=6))}, optional={
+    "raw_scores": some(st.booleans()),
+    "return_text": some(st.booleans()),
+    "truncate": some(st.booleans()),
+    "truncation_direction": some(st.sampled_from(["Right", "Left"])),
+}) | json_values
+in_vocab = st.integers(0, 999) | token_ids
+tokenize_bodies = st.fixed_dictionaries({"inputs": some(texts, st.lists(texts, max_size=6))}, optional={
+    "add_special_tokens": some(st.booleans()),
+}) | json_values
+decode_bodies = st.fixed_dictionaries({"ids": some(st.lists(in_vocab, max_size=20), st.lists(st.lists(in_vocab, max_size=10), max_size=3))},
+                                      optional={"skip_special_tokens": some(st.booleans())}) | json_values
 tensors = st.fixed_dictionaries({}, optional={
     "name": some(st.just("text")),
     "datatype": some(st.sampled_from(["BYTES", "FP32"])),
@@ -83,12 +105,28 @@ def test_kserve_parse_raises_only_its_4xx(body, name):
     only_protocol_errors(lambda b: kserve.parse(b, Limits("tiny", "embed", max_inputs=4), name), body)
 
 
+@settings(max_examples=300, deadline=None)
+@given(cohere_bodies, tei_rerank_bodies, st.sampled_from(["rerank", "embed"]))
+def test_rerank_parses_raise_only_their_4xx(cohere_body, tei_body, task):
+    limits = Limits("tiny-bert-rerank", task, max_inputs=4)
+    only_protocol_errors(lambda b: cohere.parse(b, limits), cohere_body)
+    only_protocol_errors(lambda b: tei.parse_rerank(b, limits), tei_body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokenize_bodies, decode_bodies)
+def test_tokenize_and_decode_parses_raise_only_their_4xx(tokenize_body, decode_body):
+    limits = Limits("tiny", "embed", max_inputs=4)
+    only_protocol_errors(lambda b: tei.parse_tokenize(b, limits), tokenize_body)
+    only_protocol_errors(lambda b: tei.parse_decode(b, limits, 1000), decode_body)
+
+
 # -- through the application -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz")
     running = {task: Running(tiny_artifact(out, task), max_inputs_per_request=4, max_body_bytes=64 * 1024)
-               for task in ("embed", "classify")}
+               for task in ("embed", "classify", "rerank")}
     yield running
     for r in running.values():
         r.close()
@@ -112,7 +150,7 @@ FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 @FUZZ
 @given(body=openai_bodies)
 def test_embeddings_never_5xx(servers, body):
-    for running in servers.values():  # an embedding model, and a classifier (404 for this route)
+    for running in servers.values():  # an embedding model, a classifier and a reranker (404 for this route)
         answer(running, "/v1/embeddings", json=body)
 
 
@@ -131,8 +169,24 @@ def test_v2_infer_never_5xx(servers, body, model):
 
 
 @FUZZ
+@given(body=cohere_bodies, tei_body=tei_rerank_bodies)
+def test_rerank_routes_never_5xx(servers, body, tei_body):
+    for running in servers.values():
+        answer(running, "/v1/rerank", json=body)
+        answer(running, "/rerank", json=tei_body)
+
+
+@FUZZ
+@given(tokenize_body=tokenize_bodies, decode_body=decode_bodies)
+def test_tokenize_and_decode_never_5xx(servers, tokenize_body, decode_body):
+    answer(servers["rerank"], "/tokenize", json=tokenize_body)
+    answer(servers["rerank"], "/decode", json=decode_body)
+
+
+@FUZZ
 @given(raw=st.binary(max_size=300) | json_values.map(lambda v: repr(v).encode()),
-       path=st.sampled_from(["/v1/embeddings", "/predict", "/v2/models/tiny-bert-embed/infer"]),
+       path=st.sampled_from(["/v1/embeddings", "/predict", "/v2/models/tiny-bert-embed/infer", "/v1/rerank", "/rerank",
+                             "/tokenize", "/decode"]),
        content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", ""]))
 def test_raw_bytes_never_5xx(servers, raw, path, content_type):
     answer(servers["embed"], path, content=raw, headers={"content-type": content_type})
@@ -144,3 +198,5 @@ def test_the_fuzzing_reached_the_engine_on_every_route():
         pytest.skip("the fuzzing runs above did not run in this session")
     assert {200, 400}.issubset(STATUSES["v1"]) and {200, 400, 404}.issubset(STATUSES["predict"])
     assert {200, 400, 404}.issubset(STATUSES["v2"]), STATUSES
+    assert {200, 400, 404}.issubset(STATUSES["v1"]) and {200, 400, 404}.issubset(STATUSES["rerank"]), STATUSES
+    assert {200, 400}.issubset(STATUSES["tokenize"]) and {200, 400}.issubset(STATUSES["decode"]), {k: STATUSES.get(k) for k in ("tokenize", "decode")}

@@ -11,12 +11,13 @@ import pytest
 from pydantic import ValidationError
 
 from neuronserve.serve.errors import BadRequest, NotFound, Overloaded, PayloadTooLarge, ServeError, UnsupportedMediaType
-from neuronserve.serve.protocols import kserve, openai, tei
+from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.protocols.common import Limits, check_headers, component_schemas, decode, request_body
 
 MODEL = "all-MiniLM-L6-v2"
 EMBED = Limits(MODEL, "embed", max_inputs=16, truncate=True)
 CLASSIFY = Limits("sst2", "classify", max_inputs=16, truncate=False)
+RERANK = Limits("ce", "rerank", max_inputs=16, truncate=True)
 
 
 def error_of(fn, *args) -> ServeError:
@@ -205,6 +206,42 @@ PREDICT_BODIES = [
     {"inputs": "hi"}, {"inputs": ["a", "b"]}, {"inputs": "x", "raw_scores": True}, {"inputs": "x", "truncate": True},
     {"inputs": "x", "extra": 1}, {"inputs": []}, {"inputs": None}, {"inputs": 1}, {"inputs": ["a", 1]},
     {"inputs": "x", "raw_scores": None}, {"inputs": "x", "truncate": "no"}, {"input": "x"}, {}, ["x"], "x",
+    {"inputs": [["q", "d"]]}, {"inputs": [["q", "d"], "x"]}, {"inputs": [["q"]]}, {"inputs": [["q", "d", "e"]]},
+    {"inputs": [["q", 1]]}, {"inputs": [[]]}, {"inputs": ["a", ["b", "c"]]},
+]
+RERANK_BODIES = [
+    {"query": "q", "documents": ["a"]}, {"query": "q", "documents": ["a", {"text": "b"}]},
+    {"query": "q", "documents": [{"text": "b", "id": 7}]}, {"query": "", "documents": [""]},
+    {"query": "q", "documents": ["a"], "top_n": 3}, {"query": "q", "documents": ["a"], "top_n": None},
+    {"query": "q", "documents": ["a"], "model": "ce"}, {"query": "q", "documents": ["a"], "model": None},
+    {"query": "q", "documents": ["a"], "return_documents": True}, {"query": "q", "documents": ["a"], "truncate": False},
+    {"query": "q", "documents": ["a"], "rank_fields": ["text"]},
+    {"query": "q", "documents": []}, {"query": "q"}, {"documents": ["a"]}, {"query": 1, "documents": ["a"]},
+    {"query": None, "documents": ["a"]}, {"query": "q", "documents": "a"}, {"query": "q", "documents": [1]},
+    {"query": "q", "documents": [{"txt": "a"}]}, {"query": "q", "documents": [{"text": 1}]},
+    {"query": "q", "documents": ["a"], "top_n": 0}, {"query": "q", "documents": ["a"], "top_n": 1.5},
+    {"query": "q", "documents": ["a"], "top_n": True}, {"query": "q", "documents": ["a"], "top_n": "2"},
+    {"query": "q", "documents": ["a"], "return_documents": None}, {"query": "q", "documents": ["a"], "truncate": 0},
+    [], "x", None,
+]
+TEI_RERANK_BODIES = [
+    {"query": "q", "texts": ["a"]}, {"query": "q", "texts": ["a", "b"], "raw_scores": True, "return_text": True},
+    {"query": "q", "texts": ["a"], "truncate": False}, {"query": "q", "texts": ["a"], "truncation_direction": "Right"},
+    {"query": "q", "texts": ["a"], "extra": 1},
+    {"query": "q", "texts": []}, {"query": "q"}, {"texts": ["a"]}, {"query": 1, "texts": ["a"]},
+    {"query": "q", "texts": "a"}, {"query": "q", "texts": [{"text": "a"}]}, {"query": "q", "texts": ["a", 1]},
+    {"query": "q", "texts": ["a"], "raw_scores": None}, {"query": "q", "texts": ["a"], "return_text": 1},
+    {"query": "q", "texts": ["a"], "truncate": None}, {"query": "q", "texts": ["a"], "truncation_direction": "Left"},
+    [], "x",
+]
+TOKENIZE_BODIES = [
+    {"inputs": "a"}, {"inputs": ["a", "b"]}, {"inputs": "a", "add_special_tokens": False},
+    {"inputs": []}, {"inputs": 1}, {"inputs": ["a", 1]}, {"inputs": "a", "add_special_tokens": None}, {}, ["a"],
+]
+DECODE_BODIES = [
+    {"ids": [1, 2]}, {"ids": [[1], [2, 3]]}, {"ids": [1], "skip_special_tokens": False},
+    {"ids": []}, {"ids": [[]]}, {"ids": [[1], []]}, {"ids": [1, [2]]}, {"ids": [1.5]}, {"ids": [True]},
+    {"ids": "1"}, {"ids": [1], "skip_special_tokens": "no"}, {}, [1],
 ]
 INFER_BODIES = [
     {"inputs": [tensor()]}, {"inputs": [tensor(shape=[2, 1])]}, {"id": "a", "inputs": [tensor()]},
@@ -245,7 +282,11 @@ def valid(model, body) -> bool:
     ("openai", openai.EmbeddingsRequest, openai.parse, EMBED, OPENAI_BODIES),
     ("tei", tei.PredictRequest, tei.parse, CLASSIFY, PREDICT_BODIES),
     ("kserve", kserve.InferRequest, lambda b, lim: kserve.parse(b, lim, MODEL), EMBED, INFER_BODIES),
-], ids=["openai", "tei", "kserve"])
+    ("cohere", cohere.RerankRequest, cohere.parse, RERANK, RERANK_BODIES),
+    ("tei-rerank", tei.TEIRerankRequest, tei.parse_rerank, RERANK, TEI_RERANK_BODIES),
+    ("tei-tokenize", tei.TokenizeRequest, tei.parse_tokenize, EMBED, TOKENIZE_BODIES),
+    ("tei-decode", tei.DecodeRequest, lambda b, lim: tei.parse_decode(b, lim, 10**9), EMBED, DECODE_BODIES),
+], ids=["openai", "tei", "kserve", "cohere", "tei-rerank", "tei-tokenize", "tei-decode"])
 def test_parse_accepts_exactly_what_the_declared_type_accepts(protocol, model, parse, limits, bodies):
     outcomes = [(accepts(parse, body, limits), valid(model, body)) for body in bodies]
     assert any(a for a, _ in outcomes) and not all(a for a, _ in outcomes)  # the corpus has both kinds
