@@ -35,7 +35,7 @@ from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.buckets import truncated_count
 from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, check_headers, check_model, component_schemas, decode,
-                                                read_capped, request_body)
+                                                read_capped, request_body, server_version)
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger(__name__)
@@ -500,15 +500,6 @@ class NeuronServe:
                 payload = kserve.format_labels(self.model_name, req.id, best)
             payload["parameters"] = {"truncated_inputs": int(headers["x-truncated-inputs"])}
             return Response(dumps(payload), media_type="application/json", headers=headers)
-
-
-def server_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("neuronserve")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def build_app(args: AppArgs):

@@ -93,6 +93,16 @@ async def read_capped(chunks: AsyncIterator[bytes], max_body_bytes: int) -> byte
     return b"".join(parts)
 
 
+def server_version() -> str:
+    """neuronserve's installed version (GET /v2, TEI's /info), or "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("neuronserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def is_int(value: Any) -> bool:
     """A JSON integer (bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -56,13 +56,19 @@ def test_the_openai_client_with_the_right_key_works_and_a_wrong_one_is_an_authen
     ("GET", "/v2", None, "v2"),
     ("GET", f"/v2/models/{MODEL}", None, "v2"),
     ("POST", f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}, "v2"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a"]}, "cohere"),
+    ("POST", "/rerank", {"query": "q", "texts": ["a"]}, "tei"),
+    ("POST", "/tokenize", {"inputs": "hi"}, "tei"),
+    ("POST", "/decode", {"ids": [101]}, "tei"),
+    ("GET", "/info", None, "tei"),
 ])
 def test_a_missing_key_is_401_in_the_routes_shape_through_the_ingress(keyed, method, path, body, shape):
     r = httpx.request(method, keyed + path, json=body, headers={"x-request-id": "ingress-id-1"}, timeout=30)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert r.headers.get_list("x-request-id") == ["ingress-id-1"]  # one id, the client's, through HAProxy
     answer = r.json()
-    message = answer["error"]["message"] if shape == "openai" else answer["error"]
+    message = {"openai": lambda: answer["error"]["message"], "cohere": lambda: answer["message"]}.get(
+        shape, lambda: answer["error"])()
     assert "missing API key" in message and (shape != "tei" or answer["error_type"] == "invalid_request_error")
     ok = httpx.request(method, keyed + path, json=body, timeout=30,
                        headers={"authorization": "Bearer integration-key-1"})
@@ -70,7 +76,7 @@ def test_a_missing_key_is_401_in_the_routes_shape_through_the_ingress(keyed, met
 
 
 def test_health_is_open_and_every_answer_has_one_request_id(keyed):
-    for path in ("/v2/health/live", "/v2/health/ready"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/health"):
         r = httpx.get(keyed + path, timeout=30)
         assert r.status_code == 200 and len(r.headers.get_list("x-request-id")) == 1
     r = httpx.post(keyed + "/v1/embeddings", json={"input": "hi"}, timeout=30,

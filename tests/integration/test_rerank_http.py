@@ -1,0 +1,118 @@
+"""A tiny cross-encoder on a real Ray Serve, over real HTTP through its HAProxy ingress: the rerank
+routes in the shapes Cohere's, Jina's and TEI's clients send, scores as sentence-transformers'
+CrossEncoder gives them, truncation made visible, the TEI tool routes, and bad input answered in
+each route's shape with the server still serving."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from neuronserve.serve.settings import AppArgs
+from tests.fixtures.inprocess_app import tiny_artifact
+from tests.integration.conftest import deploy
+
+pytestmark = pytest.mark.integration
+MODEL = "tiny-bert-rerank"
+QUERY = "what does padding cost on a static shape device"
+DOCS = ["padding is lost throughput", "a lazy dog sat on the mat", "every batch is padded to a compiled bucket",
+        "hello world", "the price per request falls when the device is busy"]
+LONG = "padding is lost throughput on a static shape device " * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rerank-http")
+    return out, tiny_artifact(out, "rerank")
+
+
+@pytest.fixture(scope="module")
+def server(serve_instance, model_dir):
+    deploy(serve_instance, AppArgs(artifacts=str(model_dir[1]), num_replicas=1, threads_per_replica=1,
+                                   max_inputs_per_request=8))
+    return serve_instance
+
+
+@pytest.fixture(scope="module")
+def cross_encoder(model_dir):
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(model_dir[0] / "models" / MODEL), local_files_only=True, device="cpu")
+
+
+def post(url, path, body):
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def test_cohere_and_jina_shaped_requests(server, cross_encoder):
+    want = cross_encoder.predict([(QUERY, d) for d in DOCS])
+    order = list(np.argsort(-want, kind="stable"))
+    # Cohere's client: documents as strings, top_n, return_documents.
+    cohere = post(server, "/v1/rerank", {"model": MODEL, "query": QUERY, "documents": DOCS, "top_n": 3,
+                                         "return_documents": True})
+    assert cohere.status_code == 200, cohere.text
+    body = cohere.json()
+    assert [r["index"] for r in body["results"]] == order[:3]
+    assert [r["document"]["text"] for r in body["results"]] == [DOCS[i] for i in order[:3]]
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], want[order[:3]], atol=2e-6)
+    assert body["meta"]["billed_units"] == {"search_units": 1} and body["id"] == cohere.headers["x-request-id"]
+    # Jina's: documents as objects, usage.total_tokens.
+    jina = post(server, "/v1/rerank", {"model": MODEL, "query": QUERY, "documents": [{"text": d} for d in DOCS]}).json()
+    assert [r["index"] for r in jina["results"]] == order and jina["usage"]["total_tokens"] > 5 * 8
+    # TEI's: texts, raw_scores, return_text.
+    tei = post(server, "/rerank", {"query": QUERY, "texts": DOCS, "return_text": True})
+    assert [r["index"] for r in tei.json()] == order and tei.json()[0]["text"] == DOCS[order[0]]
+    raw = post(server, "/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True}).json()
+    logits = cross_encoder.predict([(QUERY, d) for d in DOCS], activation_fn=lambda x: x)
+    np.testing.assert_allclose([r["score"] for r in sorted(raw, key=lambda r: r["index"])], logits, atol=2e-5)
+
+
+def test_truncation_is_visible_and_truncate_false_refuses(server):
+    r = post(server, "/v1/rerank", {"query": QUERY, "documents": [LONG, "short"]})
+    assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1"
+    assert r.json()["meta"]["truncated_inputs"] == 1 and "32 tokens" in r.json()["meta"]["warnings"][0]
+    tei = post(server, "/rerank", {"query": QUERY, "texts": [LONG], "truncate": False})
+    assert tei.status_code == 413 and tei.json()["error_type"] == "validation" and "32 tokens" in tei.json()["error"]
+    assert post(server, "/rerank", {"query": QUERY, "texts": ["short"]}).headers["x-truncated-inputs"] == "0"
+
+
+def test_tei_tool_routes(server):
+    assert httpx.get(server + "/health", timeout=30).status_code == 200
+    info = httpx.get(server + "/info", timeout=30).json()
+    assert info["model_id"] == MODEL and "reranker" in info["model_type"] and info["max_input_length"] == 32
+    tokens = post(server, "/tokenize", {"inputs": ["hello world"]}).json()
+    ids = [t["id"] for t in tokens[0]]
+    assert post(server, "/decode", {"ids": ids}).json() == ["hello world"]
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/v1/rerank", {"query": "q", "documents": []}, 400, "message"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"] * 9}, 400, "message"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"], "model": "nope"}, 404, "message"),
+    ("/v1/rerank", {"query": "q", "documents": [LONG], "truncate": False}, 400, "message"),
+    ("/rerank", {"query": "q", "texts": ["a"] * 9}, 400, "error"),
+    ("/rerank", {"query": "q", "texts": [3]}, 400, "error"),
+    ("/predict", {"inputs": "x"}, 404, "error"),
+    ("/v1/embeddings", {"input": "x"}, 404, "error"),
+    ("/decode", {"ids": [10**6]}, 400, "error"),
+])
+def test_bad_input_is_4xx_in_the_routes_shape_and_the_server_stays_healthy(server, path, body, status, field):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    answer = r.json()
+    assert field in answer
+    if field == "message":
+        assert set(answer) == {"message"}
+    if "documents" in body and len(body["documents"]) == 9:
+        assert "the limit is 8" in answer["message"]
+    assert httpx.get(server + "/v2/health/ready", timeout=30).status_code == 200
+    assert post(server, "/v1/rerank", {"query": "q", "documents": ["still fine"]}).status_code == 200
+
+
+def test_openapi_declares_the_rerank_routes(server):
+    schema = httpx.get(server + "/openapi.json", timeout=30).json()
+    assert schema["paths"]["/v1/rerank"]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RerankRequest"}
+    assert {"/rerank", "/tokenize", "/decode", "/info", "/health"} <= set(schema["paths"])
+    assert schema["components"]["schemas"]["RerankRequest"]["required"] == ["query", "documents"]
