@@ -19,9 +19,10 @@ def add_subcommand(subparsers) -> None:
         ),
     )
     p.add_argument("--model", default="default", metavar="DIR|default", help="local model directory, or 'default' (all-MiniLM-L6-v2)")
-    p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank"],
+    p.add_argument("--task", default="embed", choices=["embed", "classify", "rerank", "sparse"],
                    help="embed: one vector per text; classify: labels and scores from a sequence-classification head "
-                        "(texts or text pairs); rerank: a cross-encoder's relevance score per (query, document) pair")
+                        "(texts or text pairs); rerank: a cross-encoder's relevance score per (query, document) pair; sparse: SPLADE weights per vocabulary "
+                        "token from a masked-LM head (a sentence-transformers SparseEncoder)")
     p.add_argument("--target", default="cpu", choices=["cpu", *NEURON_TARGETS],
                    help="cpu: TorchScript for the CPU backend; inf2/trn1: torch_neuronx.trace (the XLA toolchain, "
                         "extra neuron); trn2/trn3: TorchNeuron, torch.compile(backend='neuron') on the device, which "

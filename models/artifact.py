@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-Task = Literal["embed", "classify", "rerank"]
+Task = Literal["embed", "classify", "rerank", "sparse"]
 Target = Literal["cpu", "inf2", "trn1", "trn2", "trn3"]
 Precision = Literal["fp32", "bf16"]
 TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2", "trn3")
@@ -116,7 +116,8 @@ class TaskInfo:
     layer reads this, never the task's name, so models of several tasks can share a replica."""
 
     name: str
-    head: Literal["pooled", "logits"]  # encoder + pooling (a vector), or a sequence-classification head
+    # encoder + pooling (a vector), a sequence-classification head, or a masked-LM head pooled SPLADE's way
+    head: Literal["pooled", "logits", "splade"]
     pairs: bool  # takes (text, text) pairs, tokenized as the tokenizer encodes pairs (token type ids)
     singles: bool  # takes single texts
     scores: bool  # one score per input (a single-logit head with an activation), not a label ranking
@@ -126,6 +127,7 @@ TASKS: dict[str, TaskInfo] = {
     "embed": TaskInfo("embed", "pooled", pairs=False, singles=True, scores=False),
     "classify": TaskInfo("classify", "logits", pairs=True, singles=True, scores=False),
     "rerank": TaskInfo("rerank", "logits", pairs=True, singles=False, scores=True),
+    "sparse": TaskInfo("sparse", "splade", pairs=False, singles=True, scores=False),
 }
 
 
@@ -146,6 +148,14 @@ class Pooling(BaseModel):
 
     mode: Literal["mean", "cls", "max", "mean_sqrt_len", "lasttoken"] = "mean"
     normalize: bool = True
+
+
+class Splade(BaseModel):
+    """A sparse encoder's pooling, as its sentence-transformers `SpladePooling` config says:
+    log(1 + relu(MLM logits)) (twice for log1p_relu), masked, then max or sum over the tokens."""
+
+    pooling_strategy: Literal["max", "sum"] = "max"
+    activation_function: Literal["relu", "log1p_relu"] = "relu"
 
 
 class ModelInfo(BaseModel):
@@ -197,6 +207,11 @@ class Manifest(BaseModel):
     inputs: list[str] = Field(description="graph input names in call order")
     pooling: Pooling | None = None
     labels: dict[int, str] | None = Field(default=None, description="classify: index -> label")
+    splade: Splade | None = Field(default=None, description="sparse: the SPLADE pooling")
+    prompts: dict[str, str] = Field(default_factory=dict, description="embed, sparse: name -> text put before an "
+                                    "input (config_sentence_transformers.json)")
+    default_prompt_name: str | None = Field(default=None, description="the prompt every input gets unless a request "
+                                            "names another")
     activation: str | None = Field(
         default=None, description="rerank: the function a score goes through (sentence-transformers CrossEncoder's "
         "activation_fn): sigmoid, identity or tanh")

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuronserve.models.artifact import Pooling
+from neuronserve.models.artifact import Pooling, Splade
 from neuronserve.models.families import Family, get_family, max_positions
 
 DEFAULT_MODEL = "default"
@@ -47,6 +47,9 @@ class ModelSpec:
     pooling: Pooling | None
     labels: dict[int, str] | None
     activation: str | None  # rerank: what a score goes through (`neuronserve.models.tasks.activate`)
+    splade: Splade | None  # sparse: the SPLADE pooling
+    prompts: dict[str, str]  # embed, sparse: sentence-transformers' prompts
+    default_prompt_name: str | None
     max_position_embeddings: int
     max_positions: int  # longest input the position table allows
     max_seq_length: int  # the model's own truncation length
@@ -119,6 +122,9 @@ def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
         if kind.endswith("Pooling"):
             cfg_path = model_dir / module.get("path", "") / "config.json"
             cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            if cfg.get("include_prompt") is False:
+                # Pooling that leaves the prompt's tokens out (Instructor-style) is not built.
+                raise ModelError(f"{cfg_path}: include_prompt false (prompt tokens left out of the pooling) is not supported")
             if isinstance(cfg.get("pooling_mode"), str):
                 mode = cfg["pooling_mode"]
             else:
@@ -129,6 +135,45 @@ def read_pooling(model_dir: Path) -> tuple[Pooling, int | None]:
         elif kind.endswith("Normalize"):
             normalize = True
     return Pooling(mode=mode, normalize=normalize), max_seq_length
+
+
+def read_prompts(path: Path) -> tuple[dict[str, str], str | None]:
+    """`prompts` and `default_prompt_name` from config_sentence_transformers.json (none without it)."""
+    f = path / "config_sentence_transformers.json"
+    if not f.is_file():
+        return {}, None
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{f} is not valid JSON: {e}") from None
+    prompts = cfg.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ModelError(f"{f}: `prompts` must map names to strings")
+    default = cfg.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise ModelError(f"{f}: default_prompt_name {default!r} is not one of the prompts ({', '.join(prompts) or 'none'})")
+    return prompts, default
+
+
+def read_splade(path: Path) -> Splade:
+    """The SPLADE pooling of a sentence-transformers sparse encoder folder: modules.json must be an
+    MLMTransformer followed by SpladePooling (other layouts, e.g. inference-free routers, are refused)."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        raise ModelError(f"{path} has no modules.json: --task sparse needs a sentence-transformers SparseEncoder "
+                         "folder (MLMTransformer + SpladePooling)")
+    modules = json.loads(modules_file.read_text())
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if len(kinds) != 2 or kinds[0] not in ("MLMTransformer", "Transformer") or kinds[1] != "SpladePooling":
+        raise ModelError(f"{path}: modules {kinds} are not supported for --task sparse; supported: "
+                         "MLMTransformer followed by SpladePooling")
+    cfg_file = path / modules[1].get("path", "") / "config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    try:
+        return Splade(pooling_strategy=cfg.get("pooling_strategy", "max"),
+                      activation_function=cfg.get("activation_function", "relu"))
+    except ValueError as e:
+        raise ModelError(f"{cfg_file}: {e}") from None
 
 
 def read_activation(path: Path, config: dict, num_labels: int) -> str:
@@ -185,6 +230,12 @@ def inspect_model(model: str, task: str) -> ModelSpec:
     limit = max_positions(family, mpe)
     hidden = int(config.get("hidden_size", config.get("dim", 0)))
     pooling, st_max = read_pooling(path) if task == "embed" else (None, None)
+    splade = read_splade(path) if task == "sparse" else None
+    prompts, default_prompt = read_prompts(path) if task in ("embed", "sparse") else ({}, None)
+    if task == "sparse":
+        sbert = path / "sentence_bert_config.json"
+        st_max = json.loads(sbert.read_text()).get("max_seq_length") if sbert.is_file() else None
+        st_max = st_max or tokenizer_max_length(path)
     labels, activation = None, None
     if task in ("classify", "rerank"):
         id2label = config.get("id2label") or {}
@@ -193,6 +244,8 @@ def inspect_model(model: str, task: str) -> ModelSpec:
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         labels = {int(k): v for k, v in id2label.items()}
         output_dim = len(labels)
+    elif task == "sparse":
+        output_dim = int(config.get("vocab_size", 0))  # one weight per vocabulary token
     else:
         output_dim = hidden
     if task == "rerank":
@@ -215,6 +268,9 @@ def inspect_model(model: str, task: str) -> ModelSpec:
         pooling=pooling,
         labels=labels,
         activation=activation,
+        splade=splade,
+        prompts=prompts,
+        default_prompt_name=default_prompt,
         max_position_embeddings=mpe,
         max_positions=limit,
         max_seq_length=max_seq,
@@ -236,14 +292,14 @@ def load_tokenizer(spec: ModelSpec):
 
 def build_module(spec: ModelSpec):
     """The eager fp32 module whose trace becomes each bucket's graph: encoder + head."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    from neuronserve.models.tasks import ClassifyHead, EmbedHead
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
     from neuronserve.models.artifact import task_info
+    from neuronserve.models.tasks import ClassifyHead, EmbedHead, SpladeHead
 
-    logits = task_info(spec.task).head == "logits"
-    cls = AutoModelForSequenceClassification if logits else AutoModel
+    head_kind = task_info(spec.task).head
+    logits = head_kind == "logits"
+    cls = {"logits": AutoModelForSequenceClassification, "splade": AutoModelForMaskedLM}.get(head_kind, AutoModel)
     try:
         model = cls.from_pretrained(str(spec.path), local_files_only=True, return_dict=False)
     except Exception as e:
@@ -251,6 +307,8 @@ def build_module(spec: ModelSpec):
     model = model.float().eval()  # reference and trace are fp32; bf16 is applied per target
     if logits:
         head = ClassifyHead(model, spec.family.inputs)
+    elif head_kind == "splade":
+        head = SpladeHead(model, spec.family.inputs, spec.splade.pooling_strategy, spec.splade.activation_function)
     else:
         head = EmbedHead(model, spec.family.inputs, spec.pooling.mode)
     return head.eval()

@@ -1,4 +1,5 @@
-"""Task heads: what a traced graph returns for `embed`, `classify` and `rerank`, and the post-processing.
+"""Task heads: what a traced graph returns for `embed`, `classify`, `rerank` and `sparse`, and the
+post-processing.
 
 A task's shape (head, pairs, scores) is data (`neuronserve.models.artifact.TASKS`); `rerank` and
 `classify` share the sequence-classification head (`ClassifyHead`, raw logits) and differ only in
@@ -96,6 +97,27 @@ def pool_packed(hidden: torch.Tensor, segment_ids: torch.Tensor, n_rows: int, mo
     return summed / count
 
 
+class SpladeHead(torch.nn.Module):
+    """Masked-LM logits pooled as sentence-transformers' `SpladePooling` pools them: masked, then
+    log(1 + relu(x)) (log1p once more for log1p_relu), then max or sum over the tokens; one weight
+    per vocabulary token, mostly zero."""
+
+    def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...], strategy: str, activation: str):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.strategy = strategy
+        self.twice = activation == "log1p_relu"
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs))
+        logits = self.model(**kwargs)[0].float()
+        x = torch.log1p(torch.relu(logits * kwargs["attention_mask"].unsqueeze(-1).to(logits.dtype)))
+        if self.twice:
+            x = torch.log1p(x)
+        return x.max(dim=1).values if self.strategy == "max" else x.sum(dim=1)
+
+
 class ClassifyHead(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, input_names: tuple[str, ...]):
         super().__init__()
@@ -148,3 +170,16 @@ def activate(raw: np.ndarray, activation: str | None) -> np.ndarray:
     if activation in (None, "identity"):
         return x
     raise ValueError(f"unknown activation {activation!r}: expected one of sigmoid, identity, tanh")
+
+
+def sparse_rows(raw: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's non-zero (token index, weight) pairs, by index.
+
+    >>> [(i.tolist(), v.tolist()) for i, v in sparse_rows(np.array([[0.0, 1.5, 0.0, 0.25]]))]
+    [([1, 3], [1.5, 0.25])]
+    """
+    out = []
+    for row in raw:
+        idx = np.flatnonzero(row)
+        out.append((idx, row[idx]))
+    return out

@@ -2,7 +2,7 @@
 their NeuronCore(s) (or CPU threads) and answer HTTP themselves (FastAPI ingress, no second hop).
 
 Routes: OpenAI `/v1/embeddings` and `/v1/models`; rerank as Cohere and Jina shape it, `/v1/rerank`;
-TEI's `/predict` (texts and text pairs), `/rerank`, `/tokenize`, `/decode`, `/info` and `/health`;
+TEI's `/embed`, `/embed_sparse`, `/predict` (texts and text pairs), `/rerank`, `/tokenize`, `/decode`, `/info` and `/health`;
 KServe Open Inference Protocol v2 under `/v2`. Every answer that ran the model says in
 `x-truncated-inputs` how many of its inputs were cut to the longest the model serves. Start it with `neuronserve serve`, or from a Serve config with
 `import_path: neuronserve.serve.app:build_app` and `args:` any `serve.settings.AppArgs` field.
@@ -54,7 +54,7 @@ api = API(title="neuronserve", docs_url="/docs", redoc_url=None)
 
 # Declared for /openapi.json only: the routes read their bodies themselves (`serve.protocols`).
 REQUEST_TYPES = (openai.EmbeddingsRequest, tei.PredictRequest, kserve.InferRequest, cohere.RerankRequest,
-                 tei.TEIRerankRequest, tei.TokenizeRequest, tei.DecodeRequest)
+                 tei.TEIRerankRequest, tei.TokenizeRequest, tei.DecodeRequest, tei.EmbedRequest, tei.SparseEmbedRequest)
 
 
 def openapi() -> dict:
@@ -334,7 +334,7 @@ class NeuronServe:
         req = openai.parse(await self._body(request), self.limits)
         engine = self.engine
         if req.texts is not None:
-            rows = await self._tokenize(req.texts, req.truncate)
+            rows = await self._tokenize(engine.with_prompt(req.texts), req.truncate)
         else:
             with tracing.span("tokenize"):
                 rows = engine.rows_from_token_ids(req.token_ids, req.truncate)
@@ -372,6 +372,32 @@ class NeuronServe:
             else:
                 ranked = self.engine.postprocess_labels(raw)
             return Response(dumps(tei.format(ranked, req.single)), media_type="application/json", headers=headers)
+
+    # -- TEI embeddings, dense and sparse ----------------------------------------------------------
+    @api.post("/embed", **declared(tei.EmbedRequest, tei.EmbedResponse, tei.TEIError))
+    async def tei_embed(self, request: Request) -> Response:
+        return await self._guard("/embed", tei.error_body, lambda: self._tei_embed(request, False), request,
+                                 tei.input_error)
+
+    @api.post("/embed_sparse", **declared(tei.SparseEmbedRequest, tei.SparseEmbedResponse, tei.TEIError))
+    async def tei_embed_sparse(self, request: Request) -> Response:
+        return await self._guard("/embed_sparse", tei.error_body, lambda: self._tei_embed(request, True), request,
+                                 tei.input_error)
+
+    async def _tei_embed(self, request: Request, sparse: bool) -> Response:
+        import numpy as np
+
+        route = "/embed_sparse" if sparse else "/embed"
+        req = tei.parse_embed(await self._body(request), self.limits, sparse)
+        rows = await self._tokenize(self.engine.with_prompt(req.texts, req.prompt_name), req.truncate)
+        outs, headers = await self._infer(rows, route)
+        with tracing.span("serialize"):
+            raw = np.stack(outs)
+            if sparse:
+                payload = tei.format_sparse(self.engine.postprocess_sparse(raw))
+            else:
+                payload = self.engine.postprocess_embeddings(raw, req.dimensions, req.normalize)
+            return Response(dumps(payload), media_type="application/json", headers=headers)
 
     # -- rerank: Cohere / Jina, and TEI -----------------------------------------------------------
     @api.post("/v1/rerank", **declared(cohere.RerankRequest, cohere.RerankResponse, cohere.CohereError))
@@ -486,10 +512,11 @@ class NeuronServe:
         import numpy as np
 
         req = kserve.parse(await self._body(request), self.limits, name)
-        if not self.engine.task_info.singles:
-            raise NotFound(f"this server runs a {self.engine.task} model, which scores text pairs; use "
+        if self.engine.task_info.head not in ("pooled", "logits") or not self.engine.task_info.singles:
+            raise NotFound(f"this server runs a {self.engine.task} model, which v2 does not serve here; use "
                            f"{ROUTE_FOR_TASK[self.engine.task]}")
-        rows = await self._tokenize(req.texts, req.truncate)
+        texts = self.engine.with_prompt(req.texts) if self.engine.task == "embed" else req.texts
+        rows = await self._tokenize(texts, req.truncate)
         outs, headers = await self._infer(rows, "/v2/infer")
         with tracing.span("serialize"):
             raw = np.stack(outs)

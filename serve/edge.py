@@ -34,7 +34,7 @@ from neuronserve.serve.protocols import cohere, kserve, openai, tei
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health", "/openapi.json", "/docs",
                         "/docs/oauth2-redirect"})
-TEI_PATHS = frozenset({"/predict", "/rerank", "/tokenize", "/decode", "/info"})
+TEI_PATHS = frozenset({"/embed", "/embed_sparse", "/predict", "/rerank", "/tokenize", "/decode", "/info"})
 ROUTE_LABELS = frozenset({"/v1/embeddings", "/v1/models", "/v1/rerank", "/v2", *TEI_PATHS})
 _HEADER = request_ids.HEADER.encode()
 

@@ -16,7 +16,7 @@ import torch
 
 from neuronserve.models.artifact import Bucket, Manifest, load_manifest, task_info
 from neuronserve.models.families import graph_inputs
-from neuronserve.models.tasks import activate, normalize_rows, softmax
+from neuronserve.models.tasks import activate, normalize_rows, softmax, sparse_rows
 from neuronserve.serve.backends.base import Backend, load_backend
 from neuronserve.models.packing import pad_packed
 from neuronserve.serve.buckets import BucketSet, Row, pad_rows, pad_types, unpad
@@ -162,13 +162,18 @@ class Engine:
         return out
 
     # -- outputs --------------------------------------------------------------------------------
-    def postprocess_embeddings(self, raw: np.ndarray, dimensions: int | None = None) -> np.ndarray:
+    def postprocess_embeddings(self, raw: np.ndarray, dimensions: int | None = None,
+                               normalize: bool | None = None) -> np.ndarray:
+        """Cut to `dimensions`, then L2-normalise if `normalize` says (default: as the model's
+        sentence-transformers modules do)."""
         if dimensions is not None:
             if not 1 <= dimensions <= raw.shape[1]:
                 raise InputError(f"dimensions must be between 1 and {raw.shape[1]}, got {dimensions}", "dimensions")
             raw = raw[:, :dimensions]
         pooling = self.manifest.pooling
-        vectors = normalize_rows(raw) if pooling is None or pooling.normalize else raw
+        if normalize is None:
+            normalize = pooling is None or pooling.normalize
+        vectors = normalize_rows(raw) if normalize else raw
         # C-contiguous float32 rows: what response JSON writes as shortest float32 text.
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -182,14 +187,40 @@ class Engine:
             result.append([(labels.get(int(j), f"LABEL_{int(j)}"), float(row[j])) for j in order])
         return result
 
+    def postprocess_sparse(self, raw: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each row's non-zero (vocabulary index, weight) pairs (`sparse`)."""
+        return sparse_rows(raw)
+
+    def prompt(self, prompt_name: str | None) -> str | None:
+        """The text put before every input: the named prompt, else the model's default prompt (as
+        sentence-transformers' `encode` chooses it), else none."""
+        prompts = self.manifest.prompts
+        if prompt_name is None:
+            return prompts.get(self.manifest.default_prompt_name) if self.manifest.default_prompt_name else None
+        if prompt_name not in prompts:
+            raise InputError(f"prompt_name {prompt_name!r} is not one of this model's prompts "
+                             f"({', '.join(map(repr, prompts)) or 'it has none'})", "prompt_name")
+        return prompts[prompt_name]
+
+    def with_prompt(self, texts: list[str], prompt_name: str | None = None) -> list[str]:
+        """`texts` with the prompt `prompt(prompt_name)` put before each, as sentence-transformers does."""
+        prompt = self.prompt(prompt_name)
+        return [prompt + t for t in texts] if prompt else texts
+
     def postprocess_scores(self, raw: np.ndarray, raw_scores: bool = False) -> np.ndarray:
         """A score per row of a single-logit head: through the model's activation (as
         sentence-transformers' `CrossEncoder.predict` computes it), or the raw logit."""
         return activate(raw, None if raw_scores else self.manifest.activation)
 
     # -- convenience ----------------------------------------------------------------------------
-    def embed(self, texts: list[str], truncate: bool = True, dimensions: int | None = None) -> np.ndarray:
-        return self.postprocess_embeddings(self.run_rows(self.tokenize(texts, truncate)), dimensions)
+    def embed(self, texts: list[str], truncate: bool = True, dimensions: int | None = None,
+              prompt_name: str | None = None) -> np.ndarray:
+        rows = self.tokenize(self.with_prompt(texts, prompt_name), truncate)
+        return self.postprocess_embeddings(self.run_rows(rows), dimensions)
+
+    def sparse(self, texts: list[str], truncate: bool = True, prompt_name: str | None = None):
+        """Per text, its non-zero (vocabulary index, weight) pairs."""
+        return self.postprocess_sparse(self.run_rows(self.tokenize(self.with_prompt(texts, prompt_name), truncate)))
 
     def classify(self, texts: list[str], truncate: bool = True) -> list[tuple[str, float]]:
         return [ranked[0] for ranked in self.postprocess_labels(self.run_rows(self.tokenize(texts, truncate)))]

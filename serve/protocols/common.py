@@ -11,7 +11,8 @@ from pydantic import BaseModel
 
 from neuronserve.serve.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 
-ROUTE_FOR_TASK = {"embed": "/v1/embeddings", "classify": "/predict", "rerank": "/v1/rerank (or TEI's /rerank)"}
+ROUTE_FOR_TASK = {"embed": "/v1/embeddings (or TEI's /embed)", "classify": "/predict",
+                  "rerank": "/v1/rerank (or TEI's /rerank)", "sparse": "/embed_sparse"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +27,7 @@ class Limits:
     """
 
     model_name: str
-    task: str  # "embed", "classify" or "rerank" (`neuronserve.models.artifact.TASKS`)
+    task: str  # "embed", "classify", "rerank" or "sparse" (`neuronserve.models.artifact.TASKS`)
     max_inputs: int = 256
     truncate: bool = True  # for requests that do not say
 

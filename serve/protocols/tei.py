@@ -1,5 +1,5 @@
-"""Text Embeddings Inference's routes: POST /predict (texts or text pairs), /rerank, /tokenize and
-/decode (GET /info and /health are built in `serve.app` from the manifest).
+"""Text Embeddings Inference's routes: POST /embed, /embed_sparse, /predict (texts or text pairs),
+/rerank, /tokenize and /decode (GET /info and /health are built in `serve.app` from the manifest).
 
 Two deliberate differences from TEI: `inputs: ["a", "b"]` is two texts here (TEI reads a list of
 two strings as one pair); a pair is always a list of two strings inside the list,
@@ -96,6 +96,99 @@ def format(ranked: list[list[tuple[str, float]]], single: bool) -> list:
     """
     result = [[{"label": label, "score": score} for label, score in pairs] for pairs in ranked]
     return result[0] if single else result
+
+
+# -- POST /embed, POST /embed_sparse --------------------------------------------------------------
+class EmbedRequest(BaseModel):
+    """POST /embed. Unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True)
+
+    inputs: str | Annotated[list[str], Field(min_length=1)]
+    normalize: bool = Field(True, description="L2-normalise each vector")
+    truncate: bool = Field(None, description="cut inputs longer than the model takes (default: the server's "
+                                             "`truncate` setting); false answers 413 instead", json_schema_extra=server_default)
+    prompt_name: str | None = Field(None, description="a prompt of the model's (config_sentence_transformers.json) "
+                                                      "put before each input; default: the model's default prompt")
+    dimensions: int | None = Field(None, description="keep the first N dimensions (before normalising)")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="only Right is served")
+
+
+class EmbedResponse(RootModel[list[list[float]]]):
+    """A vector per input (a list even for one string)."""
+
+
+class SparseEmbedRequest(BaseModel):
+    """POST /embed_sparse. Unknown fields are ignored."""
+
+    model_config = ConfigDict(strict=True)
+
+    inputs: str | Annotated[list[str], Field(min_length=1)]
+    truncate: bool = Field(None, description="as for /embed", json_schema_extra=server_default)
+    prompt_name: str | None = Field(None, description="as for /embed")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="only Right is served")
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="vocabulary token id")
+    value: float
+
+
+class SparseEmbedResponse(RootModel[list[list[SparseValue]]]):
+    """Per input, its non-zero weights by token id."""
+
+
+@dataclass(slots=True)
+class Embed:
+    texts: list[str]
+    truncate: bool
+    prompt_name: str | None
+    normalize: bool = True
+    dimensions: int | None = None
+
+
+def parse_embed(body: Any, limits: Limits, sparse: bool = False) -> Embed:
+    """Check a decoded /embed (or, `sparse`, /embed_sparse) body; raises the protocol's 400 / 404.
+
+    >>> parse_embed({"inputs": "hi", "normalize": False, "dimensions": 8}, Limits("m", "embed"))
+    Embed(texts=['hi'], truncate=True, prompt_name=None, normalize=False, dimensions=8)
+    """
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise BadRequest("body must be a JSON object with `inputs`: a string or a list of strings")
+    check_task("sparse" if sparse else "embed", limits)
+    inputs = body["inputs"]
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise BadRequest("`inputs` must be a string or a list of strings")
+    check_count(len(texts), limits)
+    truncate = body.get("truncate", limits.truncate)
+    if not isinstance(truncate, bool):
+        raise BadRequest("`truncate` must be true or false")
+    prompt_name = body.get("prompt_name")
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise BadRequest("`prompt_name` must be a string")
+    direction = body.get("truncation_direction", "Right")
+    if direction not in ("Right", "right"):
+        raise BadRequest(f"truncation_direction {direction!r} is not served: only Right (the end of the text is cut)")
+    if sparse:
+        return Embed(texts, truncate, prompt_name)
+    normalize = body.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise BadRequest("`normalize` must be true or false")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not is_int(dimensions):
+        raise BadRequest("`dimensions` must be an integer")
+    return Embed(texts, truncate, prompt_name, normalize, dimensions)
+
+
+def format_sparse(rows) -> list:
+    """The /embed_sparse body: per input, `{"index", "value"}` for each non-zero weight.
+
+    >>> import numpy as np
+    >>> format_sparse([(np.array([3, 9]), np.array([0.5, 1.25], np.float32))])
+    [[{'index': 3, 'value': 0.5}, {'index': 9, 'value': 1.25}]]
+    """
+    return [[{"index": int(i), "value": float(v)} for i, v in zip(idx, values)] for idx, values in rows]
 
 
 # -- POST /rerank ---------------------------------------------------------------------------------
@@ -281,6 +374,8 @@ def info(manifest, model_name: str, max_input_length: int, limits: Limits, max_b
     """The /info body (an `Info`) from the artifact's manifest."""
     if manifest.task == "embed":
         model_type = {"embedding": {"pooling": manifest.pooling.mode if manifest.pooling else "mean"}}
+    elif manifest.task == "sparse":
+        model_type = {"embedding": {"pooling": "splade"}}
     else:
         id2label = {str(k): v for k, v in (manifest.labels or {}).items()}
         kind = "reranker" if manifest.task == "rerank" else "classifier"

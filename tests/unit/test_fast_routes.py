@@ -100,6 +100,9 @@ class StandInEngine:
     def rows_from_token_ids(self, ids_list, truncate=True):
         return [[101, *ids, 102] for ids in ids_list]
 
+    def with_prompt(self, texts, prompt_name=None):  # a model without prompts
+        return texts
+
     def postprocess_embeddings(self, raw, dimensions=None):
         from neuronserve.serve.errors import InputError
 
