@@ -116,3 +116,27 @@ def test_openapi_declares_the_rerank_routes(server):
         "$ref": "#/components/schemas/RerankRequest"}
     assert {"/rerank", "/tokenize", "/decode", "/info", "/health"} <= set(schema["paths"])
     assert schema["components"]["schemas"]["RerankRequest"]["required"] == ["query", "documents"]
+
+
+def test_sparse_over_http_matches_sparse_encoder(serve_instance, model_dir, server):
+    """Last in this module: it deploys a sparse encoder in place of the reranker."""
+    from sentence_transformers import SparseEncoder
+
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
+    from neuronserve.models.artifact import parse_buckets
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    model = make_tiny_model(model_dir[0] / "models", family="bert", task="sparse")
+    art = compile_artifact(CompileOptions(model=str(model), task="sparse", buckets=parse_buckets("1x16,4x16,2x32"),
+                                          out=model_dir[0] / "art-sparse")).out_dir
+    deploy(serve_instance, AppArgs(artifacts=str(art), num_replicas=1, threads_per_replica=1))
+    texts = ["hello world", "a lazy dog sat on the mat"]
+    r = post(serve_instance, "/embed_sparse", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    dense = SparseEncoder(str(model), local_files_only=True, device="cpu").encode(
+        texts, convert_to_tensor=True).to_dense().numpy()
+    for got, row in zip(r.json(), dense):
+        assert [v["index"] for v in got] == np.flatnonzero(row).tolist()
+        np.testing.assert_allclose([v["value"] for v in got], row[row != 0], rtol=1e-5, atol=1e-6)
+    assert post(serve_instance, "/embed_sparse", {"inputs": 5}).json()["error_type"] == "invalid_request_error"
+    assert httpx.get(serve_instance + "/health", timeout=30).status_code == 200

@@ -59,6 +59,13 @@ tei_rerank_bodies = st.fixed_dictionaries({"query": some(texts), "texts": some(s
     "truncation_direction": some(st.sampled_from(["Right", "Left"])),
 }) | json_values
 in_vocab = st.integers(0, 999) | token_ids
+embed_bodies = st.fixed_dictionaries({"inputs": some(texts, st.lists(texts, max_size=6))}, optional={
+    "normalize": some(st.booleans()),
+    "dimensions": some(st.integers(-3, 40)),
+    "truncate": some(st.booleans()),
+    "prompt_name": some(st.sampled_from(["query", "nope"])),
+    "truncation_direction": some(st.sampled_from(["Right", "Left"])),
+}) | json_values
 tokenize_bodies = st.fixed_dictionaries({"inputs": some(texts, st.lists(texts, max_size=6))}, optional={
     "add_special_tokens": some(st.booleans()),
 }) | json_values
@@ -111,6 +118,14 @@ def test_rerank_parses_raise_only_their_4xx(cohere_body, tei_body, task):
     limits = Limits("tiny-bert-rerank", task, max_inputs=4)
     only_protocol_errors(lambda b: cohere.parse(b, limits), cohere_body)
     only_protocol_errors(lambda b: tei.parse_rerank(b, limits), tei_body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(embed_bodies, st.sampled_from(["embed", "sparse", "rerank"]))
+def test_embed_parses_raise_only_their_4xx(body, task):
+    limits = Limits("tiny", task, max_inputs=4)
+    only_protocol_errors(lambda b: tei.parse_embed(b, limits), body)
+    only_protocol_errors(lambda b: tei.parse_embed(b, limits, sparse=True), body)
 
 
 @settings(max_examples=300, deadline=None)
@@ -177,6 +192,14 @@ def test_rerank_routes_never_5xx(servers, body, tei_body):
 
 
 @FUZZ
+@given(body=embed_bodies)
+def test_tei_embed_routes_never_5xx(servers, body):
+    for running in servers.values():  # /embed_sparse answers 404 on each: no sparse model here
+        answer(running, "/embed", json=body)
+        answer(running, "/embed_sparse", json=body)
+
+
+@FUZZ
 @given(tokenize_body=tokenize_bodies, decode_body=decode_bodies)
 def test_tokenize_and_decode_never_5xx(servers, tokenize_body, decode_body):
     answer(servers["rerank"], "/tokenize", json=tokenize_body)
@@ -186,7 +209,7 @@ def test_tokenize_and_decode_never_5xx(servers, tokenize_body, decode_body):
 @FUZZ
 @given(raw=st.binary(max_size=300) | json_values.map(lambda v: repr(v).encode()),
        path=st.sampled_from(["/v1/embeddings", "/predict", "/v2/models/tiny-bert-embed/infer", "/v1/rerank", "/rerank",
-                             "/tokenize", "/decode"]),
+                             "/tokenize", "/decode", "/embed", "/embed_sparse"]),
        content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", ""]))
 def test_raw_bytes_never_5xx(servers, raw, path, content_type):
     answer(servers["embed"], path, content=raw, headers={"content-type": content_type})
@@ -199,4 +222,5 @@ def test_the_fuzzing_reached_the_engine_on_every_route():
     assert {200, 400}.issubset(STATUSES["v1"]) and {200, 400, 404}.issubset(STATUSES["predict"])
     assert {200, 400, 404}.issubset(STATUSES["v2"]), STATUSES
     assert {200, 400, 404}.issubset(STATUSES["v1"]) and {200, 400, 404}.issubset(STATUSES["rerank"]), STATUSES
+    assert {200, 400, 404}.issubset(STATUSES["embed"]), STATUSES["embed"]
     assert {200, 400}.issubset(STATUSES["tokenize"]) and {200, 400}.issubset(STATUSES["decode"]), {k: STATUSES.get(k) for k in ("tokenize", "decode")}

@@ -238,6 +238,18 @@ TOKENIZE_BODIES = [
     {"inputs": "a"}, {"inputs": ["a", "b"]}, {"inputs": "a", "add_special_tokens": False},
     {"inputs": []}, {"inputs": 1}, {"inputs": ["a", 1]}, {"inputs": "a", "add_special_tokens": None}, {}, ["a"],
 ]
+EMBED_BODIES = [
+    {"inputs": "a"}, {"inputs": ["a", "b"]}, {"inputs": "a", "normalize": False, "dimensions": 8, "prompt_name": "query"},
+    {"inputs": "a", "prompt_name": None}, {"inputs": "a", "dimensions": None}, {"inputs": "a", "truncate": False},
+    {"inputs": "a", "truncation_direction": "right"}, {"inputs": "a", "extra": 1},
+    {"inputs": []}, {"inputs": 1}, {"inputs": ["a", 1]}, {"inputs": "a", "normalize": None}, {"inputs": "a", "dimensions": 1.5},
+    {"inputs": "a", "dimensions": True}, {"inputs": "a", "prompt_name": 3}, {"inputs": "a", "truncate": "no"},
+    {"inputs": "a", "truncation_direction": "Left"}, {}, ["a"],
+]
+SPARSE_BODIES = [
+    {"inputs": "a"}, {"inputs": ["a", "b"], "prompt_name": "q"}, {"inputs": "a", "truncate": True},
+    {"inputs": []}, {"inputs": [1]}, {"inputs": "a", "prompt_name": ["q"]}, {"inputs": "a", "truncate": None}, {},
+]
 DECODE_BODIES = [
     {"ids": [1, 2]}, {"ids": [[1], [2, 3]]}, {"ids": [1], "skip_special_tokens": False},
     {"ids": []}, {"ids": [[]]}, {"ids": [[1], []]}, {"ids": [1, [2]]}, {"ids": [1.5]}, {"ids": [True]},
@@ -286,7 +298,11 @@ def valid(model, body) -> bool:
     ("tei-rerank", tei.TEIRerankRequest, tei.parse_rerank, RERANK, TEI_RERANK_BODIES),
     ("tei-tokenize", tei.TokenizeRequest, tei.parse_tokenize, EMBED, TOKENIZE_BODIES),
     ("tei-decode", tei.DecodeRequest, lambda b, lim: tei.parse_decode(b, lim, 10**9), EMBED, DECODE_BODIES),
-], ids=["openai", "tei", "kserve", "cohere", "tei-rerank", "tei-tokenize", "tei-decode"])
+    ("tei-embed", tei.EmbedRequest, tei.parse_embed, EMBED, EMBED_BODIES),
+    ("tei-embed-sparse", tei.SparseEmbedRequest, lambda b, lim: tei.parse_embed(b, lim, sparse=True),
+     Limits("splade", "sparse"), SPARSE_BODIES),
+], ids=["openai", "tei", "kserve", "cohere", "tei-rerank", "tei-tokenize", "tei-decode", "tei-embed",
+        "tei-embed-sparse"])
 def test_parse_accepts_exactly_what_the_declared_type_accepts(protocol, model, parse, limits, bodies):
     outcomes = [(accepts(parse, body, limits), valid(model, body)) for body in bodies]
     assert any(a for a, _ in outcomes) and not all(a for a, _ in outcomes)  # the corpus has both kinds
