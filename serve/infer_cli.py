@@ -6,14 +6,18 @@ import json
 from pathlib import Path
 
 from neuronserve.common.console import err, fail
+from neuronserve.serve.errors import InputError
 
 
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "infer",
         help="run an artifact over a JSONL file of texts, offline",
-        description="Each input line is a JSON string or {\"text\": ...}; each output line is {\"embedding\": [...]} "
-        "or {\"label\": ..., \"score\": ...}, in input order.",
+        description="Each input line is a JSON string or an object with \"text\"; for rerank (and classify of "
+        "pairs) an object with \"query\" and \"document\", or \"text\" as a [text, text] pair. Each output line, "
+        "in input order, keeps the input object's other fields (e.g. \"id\") and adds the result: \"embedding\" "
+        "(embed), \"label\" and \"score\" (classify), \"score\" (rerank), \"sparse\": [{\"index\", \"value\"}] "
+        "(sparse).",
     )
     p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="artifact directory from `neuronserve compile`")
     p.add_argument("--input", type=Path, required=True, metavar="FILE", help="JSONL input file")
@@ -22,6 +26,8 @@ def add_subcommand(subparsers) -> None:
     p.add_argument("--no-truncate", action="store_true", help="make inputs longer than the largest bucket an error")
     p.add_argument("--chunk-size", type=int, default=256, metavar="N", help="texts planned together (bigger: less padding)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU backend: torch threads (default: all cores)")
+    p.add_argument("--prompt-name", metavar="NAME", help="embed, sparse: the model's prompt to put before each text "
+                   "(default: the model's default prompt, if it has one)")
     p.set_defaults(func=run_infer)
 
     b = subparsers.add_parser(
@@ -50,6 +56,61 @@ def read_texts(path: Path) -> list[str]:
     return read_jsonl(path, allow_empty=True)
 
 
+INPUT_KEYS = ("text", "query", "document")
+
+
+def read_items(path: Path, pairs: bool) -> list[tuple[object, dict]]:
+    """(input, other fields) per non-blank line: the input is a text, or a (text, text) pair when
+    the task takes pairs (`pairs`); the other fields are the line's object without its input keys.
+    Raises ValueError naming the file and line."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"cannot read {str(path)!r}: the file does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
+    expected = ('a JSON string, {"text": ...}, {"query": ..., "document": ...} or {"text": [text, text]}' if pairs
+                else 'a JSON string or {"text": ...}')
+    items = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {expected}") from None
+        extra = {}
+        if isinstance(item, dict):
+            extra = {k: v for k, v in item.items() if k not in INPUT_KEYS}
+            if pairs and "query" in item and "document" in item:
+                item = [item["query"], item["document"]]
+            else:
+                item = item.get("text")
+        if pairs and isinstance(item, list) and len(item) == 2 and all(isinstance(t, str) for t in item):
+            item = tuple(item)
+        elif not isinstance(item, str):
+            raise ValueError(f"{path}:{lineno}: expected {expected}")
+        items.append((item, extra))
+    return items
+
+
+def results(engine, chunk: list, truncate: bool, prompt_name: str | None) -> list[dict]:
+    """The output fields of each input of `chunk`, by the artifact's task."""
+    task = engine.task
+    if task in ("embed", "sparse"):
+        if any(not isinstance(t, str) for t in chunk):
+            raise InputError(f"a {task} model takes single texts, not pairs", "input")
+        if task == "embed":
+            return [{"embedding": [round(float(x), 7) for x in v]} for v in engine.embed(chunk, truncate, prompt_name=prompt_name)]
+        return [{"sparse": [{"index": int(i), "value": round(float(v), 7)} for i, v in zip(idx, values)]}
+                for idx, values in engine.sparse(chunk, truncate, prompt_name)]
+    if task == "rerank":
+        if any(isinstance(t, str) for t in chunk):
+            raise InputError("a rerank model scores pairs: give each line a query and a document", "input")
+        return [{"score": float(s)} for s in engine.rerank(chunk, truncate)]
+    return [{"label": label, "score": score} for label, score in engine.classify(chunk, truncate)]
+
+
 def _engine(args):
     from neuronserve.serve.engine import Engine
 
@@ -62,18 +123,18 @@ def run_infer(args) -> int:
 
     from neuronserve.models.artifact import ArtifactError
     from neuronserve.serve.backends.base import BackendError
-    from neuronserve.serve.engine import InputError
 
-    try:
-        texts = read_texts(args.input)
-    except ValueError as e:
-        return fail(str(e), code=2)
     if args.chunk_size < 1:
         return fail("--chunk-size must be >= 1", code=2)
     try:
         engine = _engine(args)
     except (ArtifactError, BackendError) as e:
         return fail(str(e))
+    try:
+        items = read_items(args.input, engine.task_info.pairs)
+    except ValueError as e:
+        return fail(str(e), code=2)
+    texts = [text for text, _ in items]
     tmp = args.output.with_name(args.output.name + ".partial")
     try:
         out = open(tmp, "w", encoding="utf-8")
@@ -83,10 +144,9 @@ def run_infer(args) -> int:
         for start in range(0, len(texts), args.chunk_size):
             chunk = texts[start : start + args.chunk_size]
             try:
-                if engine.task == "embed":
-                    lines = [{"embedding": [round(float(x), 7) for x in v]} for v in engine.embed(chunk, not args.no_truncate)]
-                else:
-                    lines = [{"label": label, "score": score} for label, score in engine.classify(chunk, not args.no_truncate)]
+                lines = [{**extra, **result} for (_, extra), result in zip(
+                    items[start : start + args.chunk_size],
+                    results(engine, chunk, not args.no_truncate, getattr(args, "prompt_name", None)))]
             except InputError as e:
                 out.close()
                 tmp.unlink(missing_ok=True)
