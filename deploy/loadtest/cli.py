@@ -32,7 +32,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name; default: the first id from GET {url}/v1/models")
     p.add_argument("--route", default="embeddings", choices=ROUTES,
                    help="embeddings: POST /v1/embeddings (OpenAI); classify: POST /predict (TEI); "
-                        "v2: POST /v2/models/{model}/infer (KServe v2). Default: embeddings")
+                        "v2: POST /v2/models/{model}/infer (KServe v2); rerank: POST /v1/rerank (Cohere/Jina, the "
+                        "texts as documents); sparse: POST /embed_sparse (TEI). Default: embeddings")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", metavar="N[,N...]",
                       help="closed loop: N workers sending back to back, one step per value (default 1,8,32)")
@@ -244,7 +245,7 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
             try:
                 model = await discover_model(client, config.url, config.timeout_s)
             except LoadtestError as exc:
-                if config.route != "classify":  # /predict does not name a model
+                if config.route not in ("classify", "sparse"):  # /predict and /embed_sparse name no model
                     raise
                 if "is the server running" in str(exc):
                     raise

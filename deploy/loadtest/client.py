@@ -46,6 +46,10 @@ class Target:
             return "/v1/embeddings"
         if self.route == "classify":
             return "/predict"
+        if self.route == "rerank":
+            return "/v1/rerank"
+        if self.route == "sparse":
+            return "/embed_sparse"
         return f"/v2/models/{self.model}/infer"
 
     @property
@@ -57,8 +61,12 @@ class Target:
         texts = text if isinstance(text, list) else [text]
         if self.route == "embeddings":
             payload: object = {"input": text, "model": self.model}
-        elif self.route == "classify":
+        elif self.route in ("classify", "sparse"):
             payload = {"inputs": text}
+        elif self.route == "rerank":
+            # The texts are the documents; the query is the first text's opening words, so queries vary
+            # as the workload's texts do.
+            payload = {"model": self.model, "query": " ".join(texts[0].split()[:8]), "documents": texts}
         else:
             payload = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
         return json.dumps(payload).encode()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROUTES = ("embeddings", "classify", "v2")
+ROUTES = ("embeddings", "classify", "v2", "rerank", "sparse")
 ARRIVALS = ("poisson", "constant")
 BUILTIN_WORKLOADS = ("short", "mixed", "long")
 

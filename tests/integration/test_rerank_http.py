@@ -118,6 +118,21 @@ def test_openapi_declares_the_rerank_routes(server):
     assert schema["components"]["schemas"]["RerankRequest"]["required"] == ["query", "documents"]
 
 
+def test_loadtest_route_rerank(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "neuronserve", "loadtest", "--url", server, "--route", "rerank", "--concurrency", "2",
+           "--duration", "1s", "--warmup", "0", "--no-progress", "--inputs-per-request", "3", "--out", str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    step = sweep["steps"][0]
+    assert step["succeeded"] > 0 and step["succeeded"] == step["sent"] and step["tokens_source"] == "server", step
+    assert sweep["metadata"]["endpoint"].endswith("/v1/rerank") and sweep["metadata"]["model"] == MODEL
+
+
 def test_sparse_over_http_matches_sparse_encoder(serve_instance, model_dir, server):
     """Last in this module: it deploys a sparse encoder in place of the reranker."""
     from sentence_transformers import SparseEncoder

@@ -15,6 +15,13 @@ def test_request_bodies_per_route():
     assert Target("http://h", "embeddings", "m").endpoint == "http://h/v1/embeddings"
     assert json.loads(Target("http://h", "classify", None).body("hi")) == {"inputs": "hi"}
     assert Target("http://h", "classify", None).endpoint == "http://h/predict"
+    rerank = Target("http://h", "rerank", "ce")
+    assert rerank.endpoint == "http://h/v1/rerank"
+    assert json.loads(rerank.body(["one two three four five six seven eight nine", "b"])) == {
+        "model": "ce", "query": "one two three four five six seven eight", "documents": [
+            "one two three four five six seven eight nine", "b"]}
+    assert json.loads(Target("http://h", "sparse", None).body("hi")) == {"inputs": "hi"}
+    assert Target("http://h", "sparse", None).endpoint == "http://h/embed_sparse"
     v2 = Target("http://h", "v2", "m")
     assert v2.endpoint == "http://h/v2/models/m/infer"
     assert json.loads(v2.body("hi")) == {
@@ -64,7 +71,8 @@ def test_several_inputs_per_request_go_as_one_list_in_each_protocol():
 
     texts = ["a b", "c", "d e f"]
     for route, read in (("embeddings", lambda p: p["input"]), ("classify", lambda p: p["inputs"]),
-                        ("v2", lambda p: p["inputs"][0]["data"])):
+                        ("v2", lambda p: p["inputs"][0]["data"]), ("rerank", lambda p: p["documents"]),
+                        ("sparse", lambda p: p["inputs"])):
         target = Target(url="http://x", route=route, model="m")
         runner = StepRunner(None, target, Workload(name="t", texts=texts, word_counts=[2, 1, 3]), timeout_s=1,
                             max_requests=10, inputs_per_request=2)
