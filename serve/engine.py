@@ -104,7 +104,8 @@ class Engine:
             if len(ids) > room:
                 if not truncate:
                     raise InputTooLong(len(ids) + len(self._prefix) + len(self._suffix), self.max_len, index=i)
-                ids = ids[:room]
+                rows.append(Row(self._prefix + list(ids[:room]) + self._suffix, truncated=True))
+                continue
             rows.append(self._prefix + list(ids) + self._suffix)
         return rows
 

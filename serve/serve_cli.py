@@ -605,6 +605,8 @@ def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
     auth = " -H \"Authorization: Bearer $NEURONSERVE_API_KEY\"" if (app_args.api_key or app_args.api_key_file) else ""
     if manifest.task == "embed":
         print(f"""  curl -s {url}/v1/embeddings{auth} -H 'Content-Type: application/json' -d '{{"model": "{name}", "input": ["hello world"]}}'""")
+    elif manifest.task == "sparse":
+        print(f"""  curl -s {url}/embed_sparse{auth} -H 'Content-Type: application/json' -d '{{"inputs": ["hello world"]}}'""")
     elif manifest.task == "rerank":
         print(f"""  curl -s {url}/v1/rerank{auth} -H 'Content-Type: application/json' -d '{{"model": "{name}", "query": "what is a bucket", "documents": ["a compiled shape", "a pail"]}}'""")
     else:

@@ -105,6 +105,8 @@ def test_truncation_is_counted_in_header_body_and_metrics(servers, cross_encoder
     # Every route says it: embeddings (header only), predict (header), v2 (its parameters).
     e = post(servers["embed"], "/v1/embeddings", {"input": [LONG, "x"]})
     assert e.status_code == 200 and e.headers["x-truncated-inputs"] == "1"
+    ids = post(servers["embed"], "/v1/embeddings", {"input": [[7] * 100, [7, 8]]})  # token ids are cut too
+    assert ids.status_code == 200 and ids.headers["x-truncated-inputs"] == "1"
     p = post(servers["classify"], "/predict", {"inputs": [LONG, ["a", LONG]]})
     assert p.status_code == 200 and p.headers["x-truncated-inputs"] == "2"
     v2 = post(servers["embed"], "/v2/models/tiny-bert-embed/infer",
