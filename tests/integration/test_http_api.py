@@ -146,6 +146,23 @@ def test_bad_input_gets_4xx_in_the_route_convention_and_server_stays_healthy(ser
     v1_error(post(server, "/v1/embeddings", {"input": "x", "model": "gpt-4"}), 404, "gpt-4", MODEL)
     wrong_task = post(server, "/predict", {"inputs": "x"})  # TEI's error shape on /predict
     assert wrong_task.status_code == 404 and "/v1/embeddings" in wrong_task.json()["error"]
+    # TEI's embedding and tool routes: TEI's shape, a too-long input is TEI's 413 naming the limit
+    def tei_error(r, status, *needles):
+        assert r.status_code == status, r.text
+        assert set(r.json()) == {"error", "error_type"}
+        for n in needles:
+            assert n in r.json()["error"], r.json()["error"]
+    tei_error(post(server, "/embed", {"inputs": LONG, "truncate": False}), 413, "tokens", "256", "truncate")
+    tei_error(post(server, "/embed", {"inputs": ["x"] * 17}), 400, "17 inputs", "16")
+    tei_error(post(server, "/embed", {"inputs": "x", "dimensions": 1000}), 400, "dimensions", "384")
+    tei_error(post(server, "/embed", {"inputs": "x", "prompt_name": "query"}), 400, "query", "none")
+    tei_error(post(server, "/embed", {"inputs": "x", "truncation_direction": "Left"}), 400, "Right")
+    tei_error(post(server, "/embed_sparse", {"inputs": "x"}), 404, "/v1/embeddings")
+    tei_error(post(server, "/rerank", {"query": "q", "texts": ["a"]}), 404, "/v1/embeddings")
+    tei_error(post(server, "/tokenize", {"inputs": 5}), 400, "inputs")
+    tei_error(post(server, "/decode", {"ids": [999999]}), 400, "999999", "vocabulary")
+    r = post(server, "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert r.status_code == 404 and set(r.json()) == {"message"} and "/v1/embeddings" in r.json()["message"]
     # KServe v2 conventions
     infer = f"/v2/models/{MODEL}/infer"
     v2_error(post(server, "/v2/models/nope/infer", V2_GOOD), 404, "nope")
@@ -159,12 +176,25 @@ def test_bad_input_gets_4xx_in_the_route_convention_and_server_stays_healthy(ser
     # never a 5xx, and still serving
     assert httpx.get(server + "/v2/health/ready").status_code == 200
     assert post(server, "/v1/embeddings", {"input": "still fine"}).status_code == 200
+    assert post(server, "/embed", {"inputs": "still fine"}).status_code == 200
+
+
+def test_tei_embed_and_truncation_header(server, engine):
+    r = post(server, "/embed", {"inputs": ["hello world", LONG]})
+    assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1"
+    want = engine.embed(["hello world", LONG])
+    assert min(cosine(g, w) for g, w in zip(r.json(), want)) > 0.99999
+    v1 = post(server, "/v1/embeddings", {"input": LONG})
+    assert v1.headers["x-truncated-inputs"] == "1" and post(server, "/v1/embeddings", {"input": "x"}).headers[
+        "x-truncated-inputs"] == "0"
 
 
 def test_openapi_declares_the_request_bodies_and_docs_are_served(server):
     schema = httpx.get(server + "/openapi.json").json()
     for path, request in (("/v1/embeddings", "EmbeddingsRequest"), ("/predict", "PredictRequest"),
-                          ("/v2/models/{name}/infer", "InferRequest")):
+                          ("/v2/models/{name}/infer", "InferRequest"), ("/embed", "EmbedRequest"),
+                          ("/embed_sparse", "SparseEmbedRequest"), ("/v1/rerank", "RerankRequest"),
+                          ("/rerank", "TEIRerankRequest"), ("/tokenize", "TokenizeRequest"), ("/decode", "DecodeRequest")):
         body = schema["paths"][path]["post"]["requestBody"]
         assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{request}"}
         assert request in schema["components"]["schemas"]
