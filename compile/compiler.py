@@ -429,7 +429,12 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                 parity=parity,
             )
         )
-        check = "parity not measured (no NeuronCore here)" if parity is None else f"min cosine {parity.min_cosine:.6f}"
+        if parity is None:
+            check = "parity not measured (no NeuronCore here)"
+        elif opts.task == "rerank":  # one logit per row: its error is the check (`MAX_LOGIT_ERR`)
+            check = f"max logit error {parity.max_abs_err:.3g}"
+        else:
+            check = f"min cosine {parity.min_cosine:.6f}"
         log(f"[{i}/{len(buckets)}] {bucket}: {traced_s:.2f}s, {check}")
     hashes = {f: sha256_file(out / f) for f in {e.file for e in entries}}
     for e in entries:
