@@ -68,6 +68,25 @@ def test_cohere_and_jina_shaped_requests(server, cross_encoder):
     np.testing.assert_allclose([r["score"] for r in sorted(raw, key=lambda r: r["index"])], logits, atol=2e-5)
 
 
+def test_the_official_cohere_client(server, cross_encoder):
+    import cohere  # the test extra's
+
+    client = cohere.Client(base_url=server, api_key="unused", timeout=60)
+    result = client.rerank(model=MODEL, query=QUERY, documents=DOCS, top_n=2, return_documents=True)
+    want = cross_encoder.predict([(QUERY, d) for d in DOCS])
+    order = list(np.argsort(-want, kind="stable"))
+    assert [r.index for r in result.results] == order[:2]
+    assert [r.document.text for r in result.results] == [DOCS[i] for i in order[:2]]
+    np.testing.assert_allclose([r.relevance_score for r in result.results], want[order[:2]], atol=2e-6)
+    assert result.meta.billed_units.search_units == 1
+    with pytest.raises(cohere.errors.NotFoundError) as e:
+        client.rerank(model="other", query=QUERY, documents=DOCS)
+    assert MODEL in e.value.body["message"]
+    with pytest.raises(cohere.errors.BadRequestError) as e:
+        client.rerank(model=MODEL, query=QUERY, documents=["a"] * 9)
+    assert "the limit is 8" in e.value.body["message"]
+
+
 def test_truncation_is_visible_and_truncate_false_refuses(server):
     r = post(server, "/v1/rerank", {"query": QUERY, "documents": [LONG, "short"]})
     assert r.status_code == 200 and r.headers["x-truncated-inputs"] == "1"
