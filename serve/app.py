@@ -31,6 +31,7 @@ from neuronserve.serve import request_ids
 from neuronserve.serve.auth import ApiKeys, digest, parse_keys
 from neuronserve.serve.edge import Edge
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
+from neuronserve.serve.metrics import use_multiproc_dir
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.buckets import truncated_count
@@ -125,6 +126,7 @@ class NeuronServe:
         # The replica's environment may add keys (NEURONSERVE_API_KEY, NEURONSERVE_API_KEY_FILE:
         # validating the settings reads them); `key_digests` are those the builder was given.
         self.args = AppArgs.model_validate(args)
+        use_multiproc_dir(self.args.metrics_dir)  # before any metric of this process exists
         self.keys = ApiKeys.from_keys(self.args.api_keys(), key_digests)
         if self.keys:
             log.info("API keys required: %d accepted", len(self.keys))

@@ -88,6 +88,21 @@ def ensure_multiproc_dir(path: str | os.PathLike, clean: bool) -> Path:
     return p
 
 
+def use_multiproc_dir(path: str | os.PathLike | None) -> None:
+    """Write this process's metrics into `path` (the exporter's directory), before any metric
+    exists here: how a replica that inherited its environment (a local server's, which cannot hold
+    the directory: Ray's own processes would write theirs into it too) gets it."""
+    if not path or os.environ.get(MULTIPROC_ENV) == str(path):
+        return
+    with _lock:
+        if _metrics is not None:
+            log.warning("metrics already kept in this process; %s=%s not applied", MULTIPROC_ENV, path)
+            return
+        os.environ[MULTIPROC_ENV] = str(path)
+        if not getattr(values.ValueClass, "_multiprocess", False):
+            values.ValueClass = values.MultiProcessValue()
+
+
 def _ensure_value_class() -> None:
     # prometheus_client picks its value storage when first imported. If the variable was set
     # later (e.g. by code that imported prometheus_client early), switch now, before any metric

@@ -66,6 +66,28 @@ def replica_env(args: AppArgs, environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+# Set by `neuronserve serve` in the environment of the local Ray it starts, whose processes all
+# inherit `replica_env` from it (but the metrics directory, which the replica sets itself:
+# `metrics.use_multiproc_dir`). Replicas then need no runtime environment, so they start in the
+# worker processes Ray has started ahead of time instead of waiting for new ones.
+REPLICA_ENV_INHERITED = "NEURONSERVE_REPLICA_ENV_INHERITED"
+
+
+def replica_env_inherited(environ: Mapping[str, str]) -> bool:
+    return environ.get(REPLICA_ENV_INHERITED) == "1"
+
+
+def inherited_replica_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """What a local server puts in its environment before starting Ray: `replica_env` without the
+    metrics directory, values already set kept, and the marker.
+
+    >>> sorted(inherited_replica_env({"GOMP_SPINCOUNT": "1"}))
+    ['HF_HUB_OFFLINE', 'NEURONSERVE_REPLICA_ENV_INHERITED', 'TOKENIZERS_PARALLELISM']
+    """
+    env = replica_env(AppArgs(artifacts="."), environ)
+    return {**{k: v for k, v in env.items() if k not in environ}, REPLICA_ENV_INHERITED: "1"}
+
+
 def uses_neuron(args: AppArgs, target: str) -> bool:
     """Whether replicas run on NeuronCores: `--backend`, or with "auto" the artifact's target.
 
@@ -104,7 +126,7 @@ def place(args: AppArgs, *, neuron: bool, cpus: int, neuron_cores: int | None = 
                                    "max_concurrent_batches": forwards})
 
 
-def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dict:
+def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str] | None) -> dict:
     """Ray actor options of one replica of placed `args` (see `place`). A Neuron replica is placed by
     its NeuronCores and shares the host's CPUs; a CPU replica reserves the CPUs its forwards use
     (an actor with num_cpus=0 would get 1 thread whatever it runs).
@@ -118,7 +140,8 @@ def actor_options(args: AppArgs, *, neuron: bool, env: Mapping[str, str]) -> dic
         actor = {"num_cpus": 0}
     else:
         actor = {"num_cpus": args.threads_per_replica * args.max_concurrent_batches}
-    actor["runtime_env"] = {"env_vars": dict(env)}
+    if env is not None:  # None: the replicas inherit it (`replica_env_inherited`)
+        actor["runtime_env"] = {"env_vars": dict(env)}
     return actor
 
 
@@ -247,7 +270,8 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     manifest = read_manifest(args.artifacts)  # an s3:// artifact's manifest alone
     neuron = uses_neuron(args, manifest.target)
     args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
-    options = deployment_config(args, neuron=neuron, env=replica_env(args, os.environ),
+    env = None if replica_env_inherited(os.environ) else replica_env(args, os.environ)
+    options = deployment_config(args, neuron=neuron, env=env,
                                 max_batch_rows=max(b.batch_size for b in manifest.bucket_list()))
     del options["name"]  # the deployment's own (DEPLOYMENT_NAME)
     return options, args

@@ -358,7 +358,10 @@ def run(args) -> int:
             if problem:
                 code = fail(problem)
                 return code
+            from neuronserve.serve.placement import inherited_replica_env
+
             os.environ.update(local_ray_env(access_log=probe.access_log))  # read by the Ray processes started next
+            os.environ.update(inherited_replica_env(os.environ))  # the replicas' too, so they need no runtime_env
             # "local" always starts a fresh Ray for this server instead of joining a stray one. No
             # runtime_env: Serve's actors then start in the worker processes Ray has started already.
             with ray_in_own_sessions():
