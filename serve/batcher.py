@@ -44,6 +44,7 @@ from neuronserve.serve.buckets import BucketSet
 from neuronserve.serve import request_ids
 from neuronserve.serve.errors import BackendFailure, Overloaded
 from neuronserve.serve.planner import PADDING_WEIGHT, Batch, BatchRecord, TimingTable, next_batch
+from neuronserve.serve.scheduler import DeviceScheduler
 
 __all__ = ["Batcher", "BatchRecord", "Row"]
 
@@ -86,6 +87,8 @@ class Batcher:
         run_inline: Callable[[Bucket, list[list[int]]], np.ndarray] | None = None,
         pack: bool = False,
         clock: Callable[[], float] = time.perf_counter,
+        device: DeviceScheduler | None = None,
+        name: str = "",
     ):
         self.buckets = buckets
         # Device seconds per bucket (the warm-up's timings), scaled to what served batches take.
@@ -95,6 +98,11 @@ class Batcher:
         self.padding_weight = float(padding_weight)
         self.clock = clock
         self.run_bucket = run_bucket
+        # Several models in one replica: the device's slots are shared through `device`
+        # (serve.scheduler), this batcher asking for one as `name`. None: the device is this
+        # batcher's alone and its own slot count is the device's (no extra work per batch).
+        self.device = device
+        self.name = name
         # For the batches run on the event loop (see _loop): nothing else runs beside them, so they
         # may use all of the replica's compute (on CPU every core's thread instead of one
         # forward's share). Their timings do not scale the timing table.
@@ -114,6 +122,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._tokens_per_s = 0.0  # smoothed real throughput, for Retry-After
         # Forward threads take their next batch themselves (`_work`): the queues, the counters and
         # the timing table are shared with the event loop under this lock.
@@ -197,7 +206,17 @@ class Batcher:
     def _ensure_started(self) -> None:
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._event_loop = asyncio.get_running_loop()
+            self._task = self._event_loop.create_task(self._loop())
+
+    def _wake_from_any_thread(self) -> None:
+        """The scheduler's call when it hands this batcher a slot (from any thread, never blocking)."""
+        loop = self._event_loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop is closed: the replica is gone
+                pass
 
     async def _loop(self) -> None:
         """Starts batches when a forward slot is free and nothing is running to take the next batch
@@ -213,9 +232,13 @@ class Batcher:
                         break
                     seq_len = self._oldest_group()
                     if seq_len is None:
+                        if self.device is not None:  # a slot handed over meanwhile goes back
+                            self.device.decline(self.name)
                         break
                     wait_s = self._wait_for_fuller_s(seq_len) if self.batch_wait_s > 0 else 0.0
                     if wait_s <= 0:
+                        if self.device is not None and not self.device.acquire(self.name, self._wake_from_any_thread):
+                            break  # another model's turn on the device: woken when it is ours
                         taken = self._take()
                         self._begin(taken)
                         # A short batch on an idle device runs right here, saving two thread
@@ -225,6 +248,7 @@ class Batcher:
                         # compute (`run_inline`). Only when nothing else is running: a wide batch
                         # beside a running one would oversubscribe the cores.
                         inline = (self.inline_max_s > 0 and self.inflight_batches == 1
+                                  and (self.device is None or self.device.busy == 1)
                                   and self.timings.device_s(taken[0].bucket) <= self.inline_max_s)
                 if wait_s > 0:
                     # batch_wait_ms: wait (up to that long since the oldest row arrived) for a
@@ -239,6 +263,8 @@ class Batcher:
                     outcome = self._execute(self.run_inline, taken)
                     with self._lock:
                         self.inflight_batches -= 1
+                        if self.device is not None:
+                            self.device.release(self.name, outcome[1] - outcome[0], False, self._wake_from_any_thread)
                     self._complete(taken, *outcome, inline=True)
                 else:
                     self._executor.submit(self._work, taken, loop)
@@ -309,13 +335,21 @@ class Batcher:
             with self._lock:
                 self.inflight_batches -= 1
                 done, taken = taken, None
+                kept = False
                 try:
-                    if (self.batch_wait_s == 0 and self.inflight_batches < self.max_concurrent_batches
-                            and self._oldest_group() is not None):
+                    more = (self.batch_wait_s == 0 and self.inflight_batches < self.max_concurrent_batches
+                            and self._oldest_group() is not None)
+                    if self.device is not None:
+                        # The device's next batch may be another model's (serve.scheduler).
+                        more = kept = self.device.release(self.name, outcome[1] - outcome[0], more,
+                                                          self._wake_from_any_thread)
+                    if more:
                         taken = self._take()
                         self._begin(taken)
                 except Exception:  # a bug: leave the rows to the event loop, answer this batch
                     log.exception("taking the next batch on the forward thread failed")
+                    if kept and taken is None:
+                        self.device.release(self.name, 0.0, False, self._wake_from_any_thread)
                     taken = None
             try:
                 loop.call_soon_threadsafe(self._complete, done, *outcome)
