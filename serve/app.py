@@ -16,6 +16,7 @@ and metrics come from the composition root, `serve.replica`; placement is `serve
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import os
 import time
@@ -40,6 +41,15 @@ from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, check_headers, c
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
 log = logging.getLogger(__name__)
+
+
+class Routed:
+    """The model a request was routed to when the replica serves several (`NeuronServe._model`),
+    for its metrics and span; unset (None) with one model served, whose request path sets nothing.
+    A module-level class, so Serve's by-value copy of the deployment reaches it by reference (a
+    context variable itself cannot be pickled)."""
+
+    model: contextvars.ContextVar = contextvars.ContextVar("neuronserve_routed_model", default=None)
 
 class API(FastAPI):
     """FastAPI with `serve.edge.Edge` and `FastRoutes` outside its own middleware (error pages,
@@ -135,7 +145,8 @@ class NeuronServe:
         self.loaded: concurrent.futures.Future = concurrent.futures.Future()
         self.warmup_error: str | None = None
         # Set once loaded, from the composition root (`serve.replica.build_replica`).
-        self.replica = None
+        self.replica = None  # the first model's (`serve.replica.Replica`); `models` holds them all
+        self.served = None
         self.engine = None
         self.batcher = None
         self.metrics = None
@@ -191,21 +202,24 @@ class NeuronServe:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self.replica.tick()
+                self.served.tick()
             except Exception:
                 log.exception("metrics tick failed")
 
     def _load(self) -> None:
-        from neuronserve.serve.replica import build_replica
-
-        replica = self.replica = build_replica(self.args, started=self.started)
-        self.engine, self.metrics = replica.engine, replica.metrics
-        self.model_name, self.limits = replica.model_name, replica.limits
-        if self.tracing is not None:
-            self.tracing.attach(replica.batcher)
+        from neuronserve.serve.replica import build_models
         from neuronserve.serve.tokenizing import Tokenizing
 
-        self.tokenizing = Tokenizing(replica.engine.tokenize)
+        models = build_models(self.args, started=self.started)
+        for one in models.replicas:
+            if self.tracing is not None:
+                self.tracing.attach(one.batcher)
+            one.tokenizing = Tokenizing(one.engine.tokenize)
+        replica = self.replica = models.default
+        self.engine, self.metrics = replica.engine, replica.metrics
+        self.model_name, self.limits = replica.model_name, replica.limits
+        self.tokenizing = replica.tokenizing
+        self.served = models
         self.batcher = replica.batcher  # last: a set batcher means loaded (`reconfigure`)
 
     def reconfigure(self, user_config: dict) -> None:
@@ -215,12 +229,12 @@ class NeuronServe:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; allowed: {', '.join(BATCHING_KNOBS)}")
         self.args = AppArgs.model_validate({**self.args.model_dump(), **user_config})
         if self.batcher is not None:  # loaded
-            self.replica.configure(self.args)
+            self.served.configure(self.args)
             self.limits = self.replica.limits
 
     def health_problem(self) -> str | None:
         """Why this replica cannot serve, once loaded (`Replica.health_problem`), or None."""
-        return self.replica.health_problem() if self.replica is not None and self.batcher is not None else None
+        return self.served.health_problem() if self.served is not None and self.batcher is not None else None
 
     def check_health(self) -> None:
         if self.warmup_error:
@@ -232,11 +246,12 @@ class NeuronServe:
     async def __del__(self):
         # Serve stops routing to a replica before this; let queued and running rows finish. A
         # constructor that failed early left no batcher (and maybe no settings) behind.
-        batcher = getattr(self, "batcher", None)
-        if batcher is not None:
-            await batcher.drain(self.args.request_timeout_s)
-        if self.tokenizing is not None:
-            self.tokenizing.close()
+        models = getattr(self, "served", None)
+        if models is not None and getattr(self, "batcher", None) is not None:
+            await asyncio.gather(*(r.batcher.drain(self.args.request_timeout_s) for r in models.replicas))
+            for r in models.replicas:
+                if r.tokenizing is not None:
+                    r.tokenizing.close()
         if self.tracing is not None:  # export the spans still buffered
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
@@ -262,21 +277,43 @@ class NeuronServe:
             return decode(await read_capped(request.stream(), limit), limit)
         return decode(await request.body(), limit)
 
-    async def _tokenize(self, texts: list[str], truncate: bool) -> list[list[int]]:
+    def _model(self, body: Any, task: str):
+        """The model a request body names in `model` (serve.replica.Models.pick). With one model
+        served, that model: its protocol's parse checks the name as before, at no extra cost."""
+        models = self.served
+        if models.single:
+            return self.replica
+        replica = models.pick(body.get("model") if isinstance(body, dict) else None, task)
+        Routed.model.set(replica)
+        return replica
+
+    def _model_named(self, name: str):
+        """The model a path names (KServe v2), or the 404 listing those served."""
+        models = self.served
+        if models.single:
+            return self.replica
+        replica = models.pick(name)
+        Routed.model.set(replica)
+        return replica
+
+    async def _tokenize(self, texts: list[str], truncate: bool, replica=None) -> list[list[int]]:
         """Token rows of `texts`: one text on the event loop (about 0.1 ms, what a hand-off would
         cost), several on the tokenizing thread with other requests' texts (serve.tokenizing)."""
+        replica = replica or self.replica
         with tracing.span("tokenize"):
-            if len(texts) == 1 or self.tokenizing is None:
-                return self.engine.tokenize(texts, truncate)
-            return await self.tokenizing.submit(texts, truncate)
+            if len(texts) == 1 or replica.tokenizing is None:
+                return replica.engine.tokenize(texts, truncate)
+            return await replica.tokenizing.submit(texts, truncate)
 
-    async def _infer(self, rows: list[list[int]], route: str) -> tuple[list, dict]:
-        """Run rows through the batcher; returns (raw outputs, timing headers). Inputs that were cut
-        to the model's length are counted in `x-truncated-inputs` and the metrics."""
+    async def _infer(self, rows: list[list[int]], route: str, replica=None) -> tuple[list, dict]:
+        """Run rows through the model's batcher; returns (raw outputs, timing headers). Inputs that
+        were cut to the model's length are counted in `x-truncated-inputs` and the metrics."""
+        replica = replica or self.replica
+        batcher = replica.batcher
         t0 = time.perf_counter()
         timing: dict = {}
         try:
-            outs = await asyncio.wait_for(self.batcher.submit(rows, timing), timeout=self.args.request_timeout_s)
+            outs = await asyncio.wait_for(batcher.submit(rows, timing), timeout=self.args.request_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"request took longer than {self.args.request_timeout_s:g} s (request_timeout_s)") from None
         total_ms = (time.perf_counter() - t0) * 1000
@@ -291,10 +328,16 @@ class NeuronServe:
                       "x-inputs": str(len(rows)), "x-truncated-inputs": str(truncated)}
 
     def _observe(self, route: str, status: int, started: float) -> None:
-        if self.metrics is not None:
-            self.metrics.request(route, status, time.perf_counter() - started)
+        replica = Routed.model.get()  # the model a request of several served was routed to; else the first
+        if replica is None:
+            if self.metrics is not None:
+                self.metrics.request(route, status, time.perf_counter() - started)
+            if self.tracing is not None:
+                self.tracing.end(status, getattr(self, "model_name", None))
+            return
+        replica.metrics.request(route, status, time.perf_counter() - started)
         if self.tracing is not None:
-            self.tracing.end(status, getattr(self, "model_name", None))
+            self.tracing.end(status, replica.model_name)
 
     async def _guard(self, route: str, error_body, handler, request: Request | None = None,
                      input_error=None) -> Response:
@@ -333,25 +376,27 @@ class NeuronServe:
         return await self._guard("/v1/embeddings", openai.error_body, lambda: self._embeddings(request), request)
 
     async def _embeddings(self, request: Request) -> Response:
-        req = openai.parse(await self._body(request), self.limits)
-        engine = self.engine
+        body = await self._body(request)
+        model = self._model(body, "embed")
+        req = openai.parse(body, model.limits)
+        engine = model.engine
         if req.texts is not None:
-            rows = await self._tokenize(engine.with_prompt(req.texts), req.truncate)
+            rows = await self._tokenize(engine.with_prompt(req.texts), req.truncate, model)
         else:
             with tracing.span("tokenize"):
                 rows = engine.rows_from_token_ids(req.token_ids, req.truncate)
-        outs, headers = await self._infer(rows, "/v1/embeddings")
+        outs, headers = await self._infer(rows, "/v1/embeddings", model)
         import numpy as np
 
         with tracing.span("serialize"):
             vectors = engine.postprocess_embeddings(np.stack(outs), req.dimensions)
-            payload = openai.format(vectors, req.encoding_format, self.model_name, int(headers["x-tokens"]))
+            payload = openai.format(vectors, req.encoding_format, model.model_name, int(headers["x-tokens"]))
             return Response(dumps(payload), media_type="application/json", headers=headers)
 
     @api.get("/v1/models", **declared(None, openai.ModelList, openai.OpenAIError))
     async def models(self, request: Request) -> Response:
         async def listing() -> Response:
-            return JSONResponse(openai.models(self.model_name, int(self.replica_started)))
+            return JSONResponse(openai.models(self.served.names, int(self.replica_started)))
 
         return await self._guard("/v1/models", openai.error_body, listing, request)
 
@@ -361,18 +406,20 @@ class NeuronServe:
         return await self._guard("/predict", tei.error_body, lambda: self._predict(request), request, tei.input_error)
 
     async def _predict(self, request: Request) -> Response:
-        req = tei.parse(await self._body(request), self.limits)
-        rows = await self._tokenize(req.texts, req.truncate)
-        outs, headers = await self._infer(rows, "/predict")
+        body = await self._body(request)
+        model = self._model(body, "classify")  # TEI has no `model`; we accept one to choose between several
+        req = tei.parse(body, model.limits)
+        rows = await self._tokenize(req.texts, req.truncate, model)
+        outs, headers = await self._infer(rows, "/predict", model)
         import numpy as np
 
         with tracing.span("serialize"):
             raw = np.stack(outs)
             if req.raw_scores:
-                labels = self.engine.manifest.labels or {}
+                labels = model.engine.manifest.labels or {}
                 ranked = [[(labels.get(j, f"LABEL_{j}"), float(row[j])) for j in range(row.shape[0])] for row in raw]
             else:
-                ranked = self.engine.postprocess_labels(raw)
+                ranked = model.engine.postprocess_labels(raw)
             return Response(dumps(tei.format(ranked, req.single)), media_type="application/json", headers=headers)
 
     # -- TEI embeddings, dense and sparse ----------------------------------------------------------
@@ -390,15 +437,18 @@ class NeuronServe:
         import numpy as np
 
         route = "/embed_sparse" if sparse else "/embed"
-        req = tei.parse_embed(await self._body(request), self.limits, sparse)
-        rows = await self._tokenize(self.engine.with_prompt(req.texts, req.prompt_name), req.truncate)
-        outs, headers = await self._infer(rows, route)
+        body = await self._body(request)
+        model = self._model(body, "sparse" if sparse else "embed")  # TEI has no `model`: as /predict
+        engine = model.engine
+        req = tei.parse_embed(body, model.limits, sparse)
+        rows = await self._tokenize(engine.with_prompt(req.texts, req.prompt_name), req.truncate, model)
+        outs, headers = await self._infer(rows, route, model)
         with tracing.span("serialize"):
             raw = np.stack(outs)
             if sparse:
-                payload = tei.format_sparse(self.engine.postprocess_sparse(raw))
+                payload = tei.format_sparse(engine.postprocess_sparse(raw))
             else:
-                payload = self.engine.postprocess_embeddings(raw, req.dimensions, req.normalize)
+                payload = engine.postprocess_embeddings(raw, req.dimensions, req.normalize)
             return Response(dumps(payload), media_type="application/json", headers=headers)
 
     # -- rerank: Cohere / Jina, and TEI -----------------------------------------------------------
@@ -407,11 +457,13 @@ class NeuronServe:
         return await self._guard("/v1/rerank", cohere.error_body, lambda: self._rerank(request), request)
 
     async def _rerank(self, request: Request) -> Response:
-        req = cohere.parse(await self._body(request), self.limits)
-        scores, headers = await self._scores(req.query, req.texts, req.truncate, False, "/v1/rerank")
+        body = await self._body(request)
+        model = self._model(body, "rerank")
+        req = cohere.parse(body, model.limits)
+        scores, headers = await self._scores(req.query, req.texts, req.truncate, False, "/v1/rerank", model)
         with tracing.span("serialize"):
-            payload = cohere.format(req, scores, self.model_name, int(headers["x-tokens"]),
-                                    int(headers["x-truncated-inputs"]), self.engine.max_len, request_ids.current() or "")
+            payload = cohere.format(req, scores, model.model_name, int(headers["x-tokens"]),
+                                    int(headers["x-truncated-inputs"]), model.engine.max_len, request_ids.current() or "")
             return Response(dumps(payload), media_type="application/json", headers=headers)
 
     @api.post("/rerank", **declared(tei.TEIRerankRequest, tei.RerankResponse, tei.TEIError))
@@ -419,33 +471,39 @@ class NeuronServe:
         return await self._guard("/rerank", tei.error_body, lambda: self._tei_rerank(request), request, tei.input_error)
 
     async def _tei_rerank(self, request: Request) -> Response:
-        req = tei.parse_rerank(await self._body(request), self.limits)
-        scores, headers = await self._scores(req.query, req.texts, req.truncate, req.raw_scores, "/rerank")
+        body = await self._body(request)
+        model = self._model(body, "rerank")  # TEI has no `model`: as /predict
+        req = tei.parse_rerank(body, model.limits)
+        scores, headers = await self._scores(req.query, req.texts, req.truncate, req.raw_scores, "/rerank", model)
         with tracing.span("serialize"):
             return Response(dumps(tei.format_rerank(req, scores)), media_type="application/json", headers=headers)
 
-    async def _scores(self, query: str, texts: list[str], truncate: bool, raw_scores: bool, route: str):
+    async def _scores(self, query: str, texts: list[str], truncate: bool, raw_scores: bool, route: str, model):
         """A score per (query, text) pair, in the texts' order, and the timing headers."""
         import numpy as np
 
-        rows = await self._tokenize([(query, t) for t in texts], truncate)
-        outs, headers = await self._infer(rows, route)
-        return self.engine.postprocess_scores(np.stack(outs), raw_scores).tolist(), headers
+        rows = await self._tokenize([(query, t) for t in texts], truncate, model)
+        outs, headers = await self._infer(rows, route, model)
+        return model.engine.postprocess_scores(np.stack(outs), raw_scores).tolist(), headers
 
     # -- TEI: tokenizer, model info, health -----------------------------------------------------
     @api.post("/tokenize", **declared(tei.TokenizeRequest, tei.TokenizeResponse, tei.TEIError))
     async def tokenize_route(self, request: Request) -> Response:
         async def run() -> Response:
-            req = tei.parse_tokenize(await self._body(request), self.limits)
-            return Response(dumps(self.engine.tokens(req.texts, req.add_special_tokens)), media_type="application/json")
+            body = await self._body(request)
+            model = self._model(body, None)  # `model` chooses the tokenizer when several are served
+            req = tei.parse_tokenize(body, model.limits)
+            return Response(dumps(model.engine.tokens(req.texts, req.add_special_tokens)), media_type="application/json")
 
         return await self._guard("/tokenize", tei.error_body, run, request)
 
     @api.post("/decode", **declared(tei.DecodeRequest, tei.DecodeResponse, tei.TEIError))
     async def decode_route(self, request: Request) -> Response:
         async def run() -> Response:
-            req = tei.parse_decode(await self._body(request), self.limits, self.engine.vocab_size)
-            return Response(dumps(self.engine.decode(req.ids, req.skip_special_tokens)), media_type="application/json")
+            body = await self._body(request)
+            model = self._model(body, None)
+            req = tei.parse_decode(body, model.limits, model.engine.vocab_size)
+            return Response(dumps(model.engine.decode(req.ids, req.skip_special_tokens)), media_type="application/json")
 
         return await self._guard("/decode", tei.error_body, run, request)
 
@@ -478,7 +536,8 @@ class NeuronServe:
             return JSONResponse({"ready": False, "replica": self.replica_id, "error": problem}, status_code=503)
         if self.is_ready:
             return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health(),
-                                 "startup_s": self.replica.startup_s, "timings": self.replica.timings})
+                                 "startup_s": self.replica.startup_s, "timings": self.replica.timings,
+                                 "models": self.served.names})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
 
@@ -490,18 +549,33 @@ class NeuronServe:
     async def model_metadata(self, name: str) -> Response:
         try:
             await self._wait_ready()
-            check_model(name, self.limits)
+            model = self._model_named(name)
+            check_model(name, model.limits)
         except ServeError as e:
             return error_response(e, kserve.error_body)
-        m = self.engine.manifest
-        return JSONResponse(kserve.model_metadata(self.model_name, m.cache_key[:12], f"neuronserve-{self.engine.backend.kind}",
-                                                  m.task, m.model.output_dim))
+        return JSONResponse(self._metadata(model))
+
+    def _metadata(self, model) -> dict:
+        m = model.engine.manifest
+        return kserve.model_metadata(model.model_name, m.cache_key[:12], f"neuronserve-{model.engine.backend.kind}",
+                                     m.task, m.model.output_dim)
+
+    @api.get("/v2/models", **declared(None, kserve.ModelIndex, kserve.V2Error))
+    async def model_index(self) -> Response:
+        """Every model served, with its metadata (what `/v2/models/{name}` says of each)."""
+        try:
+            await self._wait_ready()
+        except ServeError as e:
+            return error_response(e, kserve.error_body)
+        return JSONResponse({"models": [self._metadata(r) for r in self.served.replicas]})
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str) -> Response:
-        if self.engine is not None and name != self.model_name:
-            return error_response(NotFound(f"model {name!r} is not served here; this server serves {self.model_name!r}"),
-                                  kserve.error_body)
+        if self.served is not None and name not in self.served.by_name:
+            served = ", ".join(map(repr, self.served.names))
+            message = (f"model {name!r} is not served here; this server serves {served}" if self.served.single
+                       else f"model {name!r} is not served here; served models: {', '.join(self.served.names)}")
+            return error_response(NotFound(message), kserve.error_body)
         if self.is_ready:
             return JSONResponse({"name": name, "ready": True})
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -513,20 +587,22 @@ class NeuronServe:
     async def _v2_infer(self, name: str, request: Request) -> Response:
         import numpy as np
 
-        req = kserve.parse(await self._body(request), self.limits, name)
-        if self.engine.task_info.head not in ("pooled", "logits") or not self.engine.task_info.singles:
-            raise NotFound(f"this server runs a {self.engine.task} model, which v2 does not serve here; use "
-                           f"{ROUTE_FOR_TASK[self.engine.task]}")
-        texts = self.engine.with_prompt(req.texts) if self.engine.task == "embed" else req.texts
-        rows = await self._tokenize(texts, req.truncate)
-        outs, headers = await self._infer(rows, "/v2/infer")
+        model = self._model_named(name)
+        engine = model.engine
+        req = kserve.parse(await self._body(request), model.limits, name)
+        if engine.task_info.head not in ("pooled", "logits") or not engine.task_info.singles:
+            raise NotFound(f"this server runs a {engine.task} model, which v2 does not serve here; use "
+                           f"{ROUTE_FOR_TASK[engine.task]}")
+        texts = engine.with_prompt(req.texts) if engine.task == "embed" else req.texts
+        rows = await self._tokenize(texts, req.truncate, model)
+        outs, headers = await self._infer(rows, "/v2/infer", model)
         with tracing.span("serialize"):
             raw = np.stack(outs)
-            if self.engine.task == "embed":
-                payload = kserve.format_embeddings(self.model_name, req.id, self.engine.postprocess_embeddings(raw))
+            if engine.task == "embed":
+                payload = kserve.format_embeddings(model.model_name, req.id, engine.postprocess_embeddings(raw))
             else:
-                best = [ranked[0] for ranked in self.engine.postprocess_labels(raw)]
-                payload = kserve.format_labels(self.model_name, req.id, best)
+                best = [ranked[0] for ranked in engine.postprocess_labels(raw)]
+                payload = kserve.format_labels(model.model_name, req.id, best)
             payload["parameters"] = {"truncated_inputs": int(headers["x-truncated-inputs"])}
             return Response(dumps(payload), media_type="application/json", headers=headers)
 

@@ -199,6 +199,14 @@ class Metrics:
             f"{p}_device_busy_seconds_total",
             "Sum of batch inference times (can exceed wall time when batches overlap).",
             ["model"], registry=r)
+        self.model_loads = Counter(
+            f"{p}_model_loads_total",
+            "Models loaded into a replica (at its start, or on demand when a catalog of models is larger "
+            "than the replicas hold).", ["model"], registry=r)
+        self.model_evictions = Counter(
+            f"{p}_model_evictions_total",
+            "Models unloaded from a replica to make room for another (least recently used first).",
+            ["model"], registry=r)
         # Live replicas of this process, so the livesum gauges are set (idempotent) rather than
         # incremented: a process that reuses a dead one's pid reopens its files and would
         # otherwise add to the stale value.
@@ -320,7 +328,7 @@ class ServeMetrics:
     def __init__(self, model: str, backend: str, cores: int, instance_type: str,
                  price_per_hour_usd: float | None, cores_per_instance: int | None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, counts_cores: bool = True) -> None:
         if cores < 0:
             raise ValueError(f"cores must be >= 0, got {cores}")
         self.model = model
@@ -332,6 +340,11 @@ class ServeMetrics:
         self._lock = threading.Lock()
         self._closed = False
         self._warned_padding = False
+        # Several models in one replica: its cores count once (the first model's), and its
+        # allocated cost is split between them by device time (`CostSplit`, which sets this).
+        self._held_cores = cores if counts_cores else 0
+        self.cost_split: "CostSplit | None" = None
+        self.busy_s = 0.0  # device seconds of this model's batches, for the split
 
         self.price_per_hour_usd, self.cores_per_instance = _resolve_price(
             self.instance_type, price_per_hour_usd, cores_per_instance)
@@ -356,10 +369,11 @@ class ServeMetrics:
         self._info_key = (model, backend, self.instance_type, str(cores))
         with _lock:
             m.replica_counts[self._info_key] = m.replica_counts.get(self._info_key, 0) + 1
-            m.core_counts[backend] = m.core_counts.get(backend, 0) + cores
+            m.core_counts[backend] = m.core_counts.get(backend, 0) + self._held_cores
             m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
             m.cores_in_use.labels(backend).set(m.core_counts[backend])
         m.replica_starts.labels(model, backend).inc()
+        m.model_loads.labels(model).inc()
         _start_heartbeat()
         self._last_tick = self._clock()
 
@@ -418,6 +432,7 @@ class ServeMetrics:
         for w in queue_waits:
             self._queue_wait.observe(max(0.0, w))
         self._device_busy.inc(seconds)
+        self.busy_s += seconds
         if self._cost_busy is not None and seconds > 0:
             self._cost_busy.inc(seconds * self.price_per_core_second * self.cores)
         self.tick()
@@ -432,6 +447,9 @@ class ServeMetrics:
 
     def tick(self) -> None:
         """Accrue allocated cost for the time since the last tick."""
+        if self.cost_split is not None:
+            self.cost_split.tick()
+            return
         with self._lock:
             now = self._clock()
             elapsed = now - self._last_tick
@@ -440,6 +458,15 @@ class ServeMetrics:
             self._last_tick = now
         if self._cost_alloc is not None:
             self._cost_alloc.inc(elapsed * self.price_per_core_second * self.cores)
+
+    def allocated(self, usd: float) -> None:
+        """This model's share of its replica's allocated cost (from `CostSplit`)."""
+        if self._cost_alloc is not None and usd > 0 and not self._closed:
+            self._cost_alloc.inc(usd)
+
+    def evicted(self) -> None:
+        """This model was unloaded to make room for another."""
+        self._m.model_evictions.labels(self.model).inc()
 
     def close(self) -> None:
         """The replica is shutting down: final tick, and it no longer counts as live."""
@@ -451,11 +478,65 @@ class ServeMetrics:
         m = self._m
         with _lock:
             m.replica_counts[self._info_key] -= 1
-            m.core_counts[self.backend] -= self.cores
+            m.core_counts[self.backend] -= self._held_cores
             m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
             m.cores_in_use.labels(self.backend).set(m.core_counts[self.backend])
         self._queued.set(0)
         self._inflight.set(0)
+
+
+def split_cost(usd: float, busy_s: Sequence[float], total_busy_s: Sequence[float]) -> list[float]:
+    """Shares of `usd` (a replica's allocated cost over an interval) for the models it serves: in
+    proportion to each model's device-busy seconds in the interval (`busy_s`); an interval in which
+    no model was busy, in proportion to their device seconds so far (`total_busy_s`), and equally
+    before any. The shares always sum to `usd`.
+
+    >>> split_cost(3.0, [0.5, 0.25], [9.0, 1.0])
+    [2.0, 1.0]
+    >>> split_cost(1.0, [0.0, 0.0], [3.0, 1.0])
+    [0.75, 0.25]
+    >>> split_cost(1.0, [0.0, 0.0], [0.0, 0.0])
+    [0.5, 0.5]
+    """
+    for weights in (busy_s, total_busy_s):
+        total = sum(max(0.0, w) for w in weights)
+        if total > 0:
+            return [usd * max(0.0, w) / total for w in weights]
+    return [usd / len(busy_s)] * len(busy_s)
+
+
+class CostSplit:
+    """The allocated cost of one replica that serves several models, split between them by device
+    time (`split_cost`): the models' `neuronserve_cost_allocated_usd_total` sum to what the replica
+    costs, however the load is mixed. The first model's `ServeMetrics` gives the price and cores."""
+
+    def __init__(self, members: Sequence[ServeMetrics]) -> None:
+        self.members = list(members)
+        lead = self.members[0]
+        self._clock = lead._clock
+        self._lock = threading.Lock()
+        self._last = self._clock()
+        self._seen = [m.busy_s for m in self.members]
+        for m in self.members:
+            m.cost_split = self
+
+    def tick(self) -> None:
+        """Accrue the replica's allocated cost since the last tick, split by device time."""
+        lead = self.members[0]
+        with self._lock:
+            now = self._clock()
+            elapsed = now - self._last
+            if elapsed <= 0:
+                return
+            self._last = now
+            busy = [m.busy_s for m in self.members]
+            delta = [b - s for b, s in zip(busy, self._seen)]
+            self._seen = busy
+        if lead.price_per_core_second is None:
+            return
+        usd = elapsed * lead.price_per_core_second * lead.cores
+        for m, share in zip(self.members, split_cost(usd, delta, busy)):
+            m.allocated(share)
 
 
 def _resolve_price(instance_type: str, price: float | None,

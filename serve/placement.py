@@ -267,14 +267,41 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     if args.autoscale is not None and args.num_replicas != "auto":
         raise ValueError(f"--replicas {args.num_replicas} and --autoscale {args.autoscale} both set the replica count: "
                          "give one of them")
-    manifest = read_manifest(args.artifacts)  # an s3:// artifact's manifest alone
+    specs = args.artifact_list()
+    served = [(name or m.model.name, m) for name, m in ((n, read_manifest(w)) for n, w in specs)]  # s3://: manifest alone
+    if len(served) > 1:
+        check_models(served, args)
+    manifest = served[0][1]
     neuron = uses_neuron(args, manifest.target)
     args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
     env = None if replica_env_inherited(os.environ) else replica_env(args, os.environ)
     options = deployment_config(args, neuron=neuron, env=env,
-                                max_batch_rows=max(b.batch_size for b in manifest.bucket_list()))
+                                max_batch_rows=max(b.batch_size for _, m in served for b in m.bucket_list()))
     del options["name"]  # the deployment's own (DEPLOYMENT_NAME)
     return options, args
+
+
+def check_models(served: list, args: AppArgs) -> None:
+    """Several models for one replica, as (name, manifest): each name once, one target, and (on
+    Neuron) room for all of them in a replica's NeuronCore memory. Raises ValueError saying which.
+
+    >>> from types import SimpleNamespace as NS
+    >>> m = NS(target="cpu")
+    >>> check_models([("a", m), ("a", m)], AppArgs(artifacts="x"))
+    Traceback (most recent call last):
+    ...
+    ValueError: two artifacts serve the model name 'a'; name them apart with --artifacts NAME=DIR
+    """
+    names = [n for n, _ in served]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two artifacts serve the model name {', '.join(map(repr, twice))}; "
+                         "name them apart with --artifacts NAME=DIR")
+    targets = sorted({m.target for _, m in served})
+    if len(targets) > 1:
+        listed = ", ".join(f"{n} ({m.target})" for n, m in served)
+        raise ValueError(f"the models of one replica must be compiled for one target; got {listed}: "
+                         "compile them all for the same target")
 
 
 def cluster_neuron_cores() -> int | None:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from neuronserve.common.neuron_sdk import NEURON_TARGETS
 from neuronserve.serve.batcher import Batcher
 from neuronserve.serve.engine import Engine
-from neuronserve.serve.metrics import ServeMetrics
+from neuronserve.serve.errors import NotFound
+from neuronserve.serve.metrics import CostSplit, ServeMetrics
 from neuronserve.serve.protocols.common import Limits
+from neuronserve.serve.scheduler import DeviceScheduler
 from neuronserve.serve.settings import AppArgs
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class Replica:
     # from ("cached" or "measured"), set by `build_replica`.
     startup_s: dict[str, float] = field(init=False, default_factory=dict)
     timings: str = field(init=False, default="measured")
+    # Set by the HTTP layer: requests of several texts tokenize on a thread of this model's own.
+    tokenizing: object = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.limits = limits_of(self.args, self.model_name, self.engine.task)
@@ -75,6 +79,57 @@ class Replica:
                                args.max_queued_rows, pack=self.engine.packing and args.packing)
 
 
+class Models:
+    """The models one replica serves, by name, sharing its device (`serve.scheduler`).
+
+    Requests route by model name; a request that names none goes to the first model (in the order
+    served) whose task its route serves, so a one-model server answers requests without `model`
+    as before. With one model there is no scheduler and no cost split: the one-model path is
+    what it was.
+    """
+
+    def __init__(self, replicas: list[Replica], device: DeviceScheduler | None = None):
+        self.replicas = replicas
+        self.by_name = {r.model_name: r for r in replicas}
+        self.default = replicas[0]
+        self.single = len(replicas) == 1
+        self.device = device
+        self.names = [r.model_name for r in replicas]
+        self._by_task: dict[str, Replica] = {}
+        for r in replicas:
+            self._by_task.setdefault(r.engine.task, r)
+        self.cost_split = CostSplit([r.metrics for r in replicas]) if not self.single else None
+
+    def pick(self, name, task: str | None = None) -> Replica:
+        """The model a request names (None: the first that serves `task`, else the first), or a 404
+        listing those served."""
+        if name is None:
+            return self._by_task.get(task, self.default) if task is not None else self.default
+        found = self.by_name.get(name) if isinstance(name, str) else None
+        if found is None:
+            raise NotFound(f"model {name!r} is not served here; served models: {', '.join(self.names)}",
+                           param="model", code="model_not_found")
+        return found
+
+    def tick(self) -> None:
+        for r in self.replicas:
+            r.tick()
+
+    def configure(self, args: AppArgs) -> None:
+        """New batching knobs for every model, and the device's slots."""
+        for r in self.replicas:
+            r.configure(args.model_copy(update={"artifacts": r.args.artifacts, "model_name": r.args.model_name}))
+        if self.device is not None:
+            self.device.configure(args.max_concurrent_batches)
+
+    def health_problem(self) -> str | None:
+        for r in self.replicas:
+            problem = r.health_problem()
+            if problem:
+                return problem if self.single else f"model {r.model_name}: {problem}"
+        return None
+
+
 DEVICE_INLINE_MAX_MS = 0.1
 
 
@@ -98,7 +153,7 @@ def backend_options(kind: str, args: AppArgs) -> dict:
     return {"expected_target": family} if family in NEURON_TARGETS else {}  # refuse an inf2 artifact on trn1
 
 
-def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics:
+def make_metrics(args: AppArgs, model_name: str, engine: Engine, counts_cores: bool = True) -> ServeMetrics:
     """ServeMetrics for this replica. Price and cores per instance come from `common.pricing`
     (settings and NEURONSERVE_PRICES_JSON override it); without an instance type, cost is off."""
     from neuronserve.common.pricing import detect_instance_type
@@ -109,7 +164,8 @@ def make_metrics(args: AppArgs, model_name: str, engine: Engine) -> ServeMetrics
     else:  # each of the replica's concurrent forwards runs on its own threads
         cores = (args.threads_per_replica or os.cpu_count() or 1) * args.max_concurrent_batches
     instance_type = args.instance_type or detect_instance_type()
-    return ServeMetrics(model_name, backend.kind, cores, instance_type or "unknown", args.price_per_hour_usd, None)
+    return ServeMetrics(model_name, backend.kind, cores, instance_type or "unknown", args.price_per_hour_usd, None,
+                        counts_cores=counts_cores)
 
 
 def timing_cache_for(kind: str, args: AppArgs, engine: Engine):
@@ -144,10 +200,31 @@ def describe_startup(phases: dict[str, float], timings: str) -> str:
 PHASE_NAMES = {"warmup": "warm-up"}
 
 
-def build_replica(args: AppArgs, started: float | None = None) -> Replica:
+def build_models(args: AppArgs, started: float | None = None) -> Models:
+    """Every model of `args.artifacts` loaded and warmed up, one after the other, sharing the
+    device when there are several (blocking; run it off the event loop)."""
+    specs = args.artifact_list()
+    if len(specs) == 1:
+        return Models([build_replica(args, started)])
+    device = DeviceScheduler(args.max_concurrent_batches)
+    replicas: list[Replica] = []
+    for i, (name, where) in enumerate(specs):
+        one = args.model_copy(update={"artifacts": where, "model_name": name})
+        replica = build_replica(one, started, device=device, counts_cores=i == 0)
+        if replica.model_name in {r.model_name for r in replicas}:
+            raise ValueError(f"two artifacts serve the model name {replica.model_name!r} ({where} and "
+                             f"{next(r.engine.artifact_dir for r in replicas if r.model_name == replica.model_name)}); "
+                             "name them apart as NAME=DIR")
+        replicas.append(replica)
+    return Models(replicas, device)
+
+
+def build_replica(args: AppArgs, started: float | None = None, device: DeviceScheduler | None = None,
+                  counts_cores: bool = True) -> Replica:
     """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
     to minutes; run it off the event loop). `started`: `time.perf_counter()` when the replica
-    began starting (default: now), the start of its `ready` phase."""
+    began starting (default: now), the start of its `ready` phase. `device`: the scheduler this
+    model shares the device through with the replica's other models (None: the only one)."""
     from neuronserve.common import logs
     from neuronserve.compile.store import resolve_artifacts
     from neuronserve.models.artifact import Bucket, load_manifest
@@ -167,7 +244,7 @@ def build_replica(args: AppArgs, started: float | None = None) -> Replica:
     backend = engine.backend
     phases["load"] = time.perf_counter() - t0
     model_name = args.model_name or engine.model_name
-    metrics = make_metrics(args, model_name, engine)
+    metrics = make_metrics(args, model_name, engine, counts_cores)
     forwards = args.max_concurrent_batches
     t0 = time.perf_counter()
     cache = timing_cache_for(kind, args, engine)
@@ -212,6 +289,8 @@ def build_replica(args: AppArgs, started: float | None = None) -> Replica:
         # (docs/decisions.md, "Batches on a device leave the event loop").
         inline_max_ms=20.0 if backend.threads is not None else DEVICE_INLINE_MAX_MS,
         pack=engine.packing and args.packing,
+        device=device,
+        name=model_name,
     )
     phases["ready"] = time.perf_counter() - started
     replica.startup_s, replica.timings = phases, timings

@@ -58,12 +58,12 @@ def app_flag_names() -> list[str]:
     return [n for names in GROUPS.values() for n in names]
 
 
-def _app_args(args, artifacts: Path | str, metrics_dir: str | None):
+def _app_args(args, artifacts: Path | str | list[str], metrics_dir: str | None):
     """The application's settings: the flags given, else the environment, else the defaults."""
     from neuronserve.serve.settings import AppArgs, given
 
     values = given(args, app_flag_names())
-    values.update(artifacts=str(artifacts), metrics_dir=metrics_dir)
+    values.update(artifacts=artifacts if isinstance(artifacts, list) else str(artifacts), metrics_dir=metrics_dir)
     return AppArgs(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -292,19 +292,19 @@ def run(args) -> int:
         return fail(problem)
     steps: dict[str, float] = {}  # the command's start-up steps, in seconds, for the ready line
     mark = time.monotonic()
-    given = args.artifacts or os.environ.get("NEURONSERVE_ARTIFACTS")
+    given = _given_artifacts(args)
     artifacts = manifest = None
     try:
         if given:
-            artifacts = given
             # An s3:// URI is pulled (and verified) here, once, before Ray starts; the replicas on this
             # machine then find it in the cache, and the app keeps the URI for replicas elsewhere.
-            manifest = load_manifest(resolve_artifacts(artifacts, err))
+            artifacts, manifests = _artifacts_and_manifests(given, probe)
+            manifest = manifests[0][1]
         if probe.backend == "simulated":
             from neuronserve.serve.backends.simulated import load_profile
 
             load_profile(probe.device_profile)
-    except (ArtifactError, CompileError, ModelError, BackendError, StoreError) as e:
+    except (ArtifactError, CompileError, ModelError, BackendError, StoreError, ValueError) as e:
         return fail(str(e))
     compiling = None
     if given:
@@ -396,7 +396,8 @@ def run(args) -> int:
                 return code
             artifacts, manifest = outcome
             steps = {"artifact (beside Ray)": compiling.seconds, **steps}
-        app_args = _app_args(args, artifacts if is_remote(str(artifacts)) else Path(artifacts).resolve(), metrics_dir)
+        app_args = _app_args(args, artifacts if isinstance(artifacts, list) or is_remote(str(artifacts))
+                             else Path(artifacts).resolve(), metrics_dir)
         mark = time.monotonic()
         try:
             app = build_app(app_args)
@@ -597,9 +598,55 @@ def _start_exporter(metrics_dir: str, port: int, host: str):
     return start_exporter(metrics_dir, port, host=host)
 
 
+def _given_artifacts(args) -> list[str]:
+    """--artifacts as given (each flag once), else NEURONSERVE_ARTIFACTS (one, or a JSON list)."""
+    import json
+
+    if args.artifacts:
+        return list(args.artifacts)
+    env = os.environ.get("NEURONSERVE_ARTIFACTS", "").strip()
+    if env.startswith("["):
+        try:
+            return [str(a) for a in json.loads(env)]
+        except ValueError:
+            pass
+    return [env] if env else []
+
+
+def _artifacts_and_manifests(given: list[str], probe):
+    """What the app is given (one artifact as is; several as a list of NAME=DIR|URI, local
+    directories made absolute) and each served model's (name, manifest), checked: one name per
+    model, one target, and, on Neuron, room for them all on a replica's NeuronCores
+    (`serve.placement.check_models`)."""
+    from neuronserve.compile.store import is_remote, resolve_artifacts
+    from neuronserve.models.artifact import load_manifest
+    from neuronserve.serve.placement import check_models
+    from neuronserve.serve.settings import parse_artifact
+
+    if len(given) == 1 and parse_artifact(given[0])[0] is None:
+        manifest = load_manifest(resolve_artifacts(given[0], err))
+        return given[0], [(probe.model_name or manifest.model.name, manifest)]
+    if probe.model_name:
+        raise ValueError(f"--model-name {probe.model_name} names one model, but {len(given)} artifacts are given: "
+                         "name each as --artifacts NAME=DIR instead")
+    served, named = [], []
+    for item in given:
+        name, where = parse_artifact(item)
+        manifest = load_manifest(resolve_artifacts(where, err))
+        where = where if is_remote(where) else str(Path(where).resolve())
+        served.append((name or manifest.model.name, manifest))
+        named.append(f"{name or manifest.model.name}={where}")
+    check_models(served, probe)
+    return named, served
+
+
 def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
-    name = app_args.model_name or manifest.model.name
-    print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
+    names = [n for n, _ in app_args.artifact_list()]
+    name = app_args.model_name or names[0] or manifest.model.name
+    if len(names) > 1:
+        print(f"neuronserve is ready: {len(names)} models ({', '.join(names)}; {manifest.target}) at {url}", flush=True)
+    else:
+        print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
     print(f"  {startup}", flush=True)
     if app_args.backend == "simulated":
         print(f"  SIMULATED NeuronCore (profile {app_args.device_profile}): no model runs and the vectors mean "

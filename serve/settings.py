@@ -5,12 +5,13 @@ application args; the batching knobs also live-update through Serve's `user_conf
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from collections.abc import Iterable
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -106,9 +107,11 @@ class ServeSettings(BaseSettings):
 class AppArgs(ServeSettings):
     """Typed arguments of the Ray Serve application builder `neuronserve.serve.app:build_app`."""
 
-    artifacts: str = Field(description="artifact directory from `neuronserve compile`, or the s3:// URI `neuronserve "
-                           "compile --push` prints (pulled into the local cache and verified)",
-                           json_schema_extra={"metavar": "DIR|URI"})
+    artifacts: str | list[str] = Field(
+        description="artifact directory from `neuronserve compile`, or the s3:// URI `neuronserve compile --push` "
+        "prints (pulled into the local cache and verified); repeat it to serve several models from the same "
+        "replicas, each as NAME=DIR|URI to name the model requests route to (else the manifest's model name)",
+        json_schema_extra={"metavar": "[NAME=]DIR|URI", "repeatable": True})
     backend: Literal["auto", "cpu", "neuron", "simulated"] = Field(
         "auto", description="where replicas run; auto: the artifact's target; simulated: a simulated NeuronCore "
         "(no model: device time from --device-profile, for measuring the host path)")
@@ -139,6 +142,44 @@ class AppArgs(ServeSettings):
                                  "artifact and host (each graph runs once, then the replica is ready); "
                                  "--no-cached-timings times every bucket again and refreshes the table")
 
+    @field_validator("artifacts")
+    @classmethod
+    def _artifact_list(cls, value: str | list[str]) -> str | list[str]:
+        """One artifact stays a string (as before); several stay a list, each `[NAME=]DIR|URI`."""
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("no artifacts: give at least one DIR or URI")
+            for item in value:
+                parse_artifact(item)
+            names = [n for n, _ in map(parse_artifact, value) if n is not None]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"model name {', '.join(map(repr, twice))} given to more than one artifact; "
+                                 "each served model needs its own NAME=")
+            return value[0] if len(value) == 1 and parse_artifact(value[0])[0] is None else value
+        parse_artifact(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_model_name(self):
+        if self.model_name and isinstance(self.artifacts, list):
+            raise ValueError(f"model_name {self.model_name!r} names one model, but {len(self.artifacts)} artifacts are "
+                             "given: name each as NAME=DIR instead")
+        return self
+
+    def artifact_list(self) -> list[tuple[str | None, str]]:
+        """Every artifact served, as (name given or None, DIR|URI), in the order given.
+
+        >>> AppArgs(artifacts=["e5=/a/e5", "s3://b/k"]).artifact_list()
+        [('e5', '/a/e5'), (None, 's3://b/k')]
+        >>> AppArgs(artifacts="/a/minilm", model_name="minilm").artifact_list()
+        [('minilm', '/a/minilm')]
+        """
+        if isinstance(self.artifacts, str):
+            name, path = parse_artifact(self.artifacts)
+            return [(name or self.model_name, path)]
+        return [parse_artifact(a) for a in self.artifacts]
+
     @field_validator("autoscale")
     @classmethod
     def _autoscale_range(cls, value: str | None) -> str | None:
@@ -157,6 +198,30 @@ class AppArgs(ServeSettings):
 
     def user_config(self) -> dict:
         return {k: getattr(self, k) for k in BATCHING_KNOBS}
+
+
+ARTIFACT_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})=(.+)$")
+
+
+def parse_artifact(text: str) -> tuple[str | None, str]:
+    """`[NAME=]DIR|URI` of --artifacts: (the served name, or None for the manifest's, and where).
+
+    >>> parse_artifact("reranker=/opt/artifacts/bge")
+    ('reranker', '/opt/artifacts/bge')
+    >>> parse_artifact("s3://bucket/prefix/3f2a")
+    (None, 's3://bucket/prefix/3f2a')
+    >>> parse_artifact("e5=")
+    Traceback (most recent call last):
+    ...
+    ValueError: artifact 'e5=' names a model but no DIR or URI; give NAME=DIR or NAME=s3://...
+    """
+    text = str(text).strip()
+    if not text:
+        raise ValueError("empty artifact: give DIR, URI or NAME=DIR")
+    if text.endswith("=") and ARTIFACT_NAME.match(text + "x"):
+        raise ValueError(f"artifact {text!r} names a model but no DIR or URI; give NAME=DIR or NAME=s3://...")
+    m = ARTIFACT_NAME.match(text)
+    return (m.group(1), m.group(2)) if m else (None, text)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -272,6 +337,11 @@ def add_flags(parser, model: type[BaseModel], names: Iterable[str] | None = None
         flags = ["--" + name.replace("_", "-"), *(aliases or {}).get(name, [])]
         text = flag_help(model, name, env=env, default=(defaults or {}).get(name))
         kind, choices = _flag_type(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("repeatable"):  # str | list[str]: the flag may be given several times
+            parser.add_argument(*flags, dest=name, action="append", default=None, help=text,
+                                metavar=extra.get("metavar"))
+            continue
         if kind is bool:
             action = parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
             action.help = text  # BooleanOptionalAction appends "(default: None)" before Python 3.13

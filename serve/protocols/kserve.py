@@ -79,6 +79,13 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
+class ModelIndex(BaseModel):
+    """GET /v2/models: every model served (not in the v2 protocol, which has no listing; each
+    entry is what GET /v2/models/{name} answers)."""
+
+    models: list[ModelMetadata]
+
+
 class V2Error(BaseModel):
     error: str
 

@@ -140,9 +140,15 @@ def format(vectors, encoding_format: str, model_name: str, tokens: int) -> dict:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def models(model_name: str, created: int) -> dict:
-    """GET /v1/models (a `ModelList`): the one model served."""
-    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "neuronserve"}]}
+def models(names: str | list[str], created: int) -> dict:
+    """GET /v1/models (a `ModelList`): every model served, in the order served.
+
+    >>> [m["id"] for m in models(["minilm", "reranker"], 0)["data"]]
+    ['minilm', 'reranker']
+    """
+    names = [names] if isinstance(names, str) else names
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "neuronserve"}
+                                       for n in names]}
 
 
 def error_body(e: ServeError) -> dict:

@@ -123,7 +123,9 @@ def standin_replica(**args):
     """A `NeuronServe` as it is once loaded, without Serve: stand-ins for the engine and batcher."""
     import concurrent.futures
 
-    from neuronserve.serve.replica import limits_of
+    import types
+
+    from neuronserve.serve.replica import Models, limits_of
     from neuronserve.serve.settings import AppArgs
 
     # No drain at garbage collection (Serve awaits the real replica's async __del__).
@@ -136,6 +138,12 @@ def standin_replica(**args):
     replica.keys = None
     replica.engine, replica.batcher, replica.model_name = StandInEngine(), StandInBatcher(), "tiny"
     replica.limits = limits_of(replica.args, "tiny", "embed")
+    # The one model served, as `serve.replica.build_models` gives it.
+    model = types.SimpleNamespace(engine=replica.engine, batcher=replica.batcher, model_name="tiny",
+                                  limits=replica.limits, tokenizing=None, metrics=None,
+                                  health_problem=lambda: None)
+    model.engine.task = "embed"
+    replica.replica, replica.served = model, Models([model])
     return replica
 
 
