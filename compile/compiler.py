@@ -27,6 +27,7 @@ from neuronserve.models.artifact import (
     TARGETS,
     Bucket,
     BucketEntry,
+    DeviceMemory,
     Manifest,
     ModelInfo,
     PackedGraph,
@@ -171,7 +172,30 @@ def cache_key(spec: ModelSpec, opts: CompileOptions, buckets: list[Bucket], args
     }
     if lnc is not None:  # trn2/trn3 only, so the keys of other artifacts stay as they were
         payload["lnc"] = lnc
+    if shares_weights(opts, buckets):  # only then: keys of every other artifact stay as they were
+        payload["weights"] = "shared"
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+WEIGHTS_FILE = "graphs/weights.pt"
+
+
+def shares_weights(opts: CompileOptions, buckets: list[Bucket]) -> bool:
+    """Whether the bucket graphs are traced with their weights kept out of the NEFF
+    (`inline_weights_to_neff=False`) and given one saved copy at load (`torch_neuronx.replace_weights`):
+    Neuron artifacts of several buckets, where inlined weights would put a copy in every graph
+    (docs/decisions.md, "One copy of the weights for every bucket")."""
+    return opts.target != "cpu" and not native(opts) and len(buckets) > 1
+
+
+def weights_bytes(module) -> int:
+    """Bytes of the module's parameters and buffers (each tensor once), as traced."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def packs(opts: CompileOptions) -> bool:
@@ -373,6 +397,9 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     tokenizer.save_pretrained(str(out / "tokenizer"))
 
     entries: list[BucketEntry] = []
+    shared = shares_weights(opts, buckets)
+    if shared:  # the one copy every bucket's graph is given at load
+        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, str(out / WEIGHTS_FILE))
     references = References(module, lambda b: sample_inputs(tokenizer, spec, b, pad_id), buckets)
     cpu_graph = None
     for i, bucket in enumerate(buckets, 1):
@@ -406,7 +433,7 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     warnings.simplefilter("ignore", FutureWarning)
-                    graph = trace_bucket(module, example, compiler_args=args, workdir=workdir)
+                    graph = trace_bucket(module, example, compiler_args=args, workdir=workdir, inline_weights=not shared)
             except (NeuronCompileError, NeuronSDKMissing) as e:
                 raise CompileError(f"bucket {bucket}: {e}") from e
             torch.jit.save(graph, str(out / file))
@@ -443,6 +470,11 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     shutil.rmtree(out / "neuron-workdir", ignore_errors=True)
     if native(opts):
         check_neff_cache(out, buckets)
+    graph_files = sorted(set(hashes) | ({packed.file} if packed is not None else set()))
+    memory = DeviceMemory.of(weights_bytes(module), [(out / f).stat().st_size for f in graph_files], shared)
+    log(f"device memory: {memory.total_bytes / 2**20:.1f} MiB ({memory.weight_copies} "
+        f"cop{'y' if memory.weight_copies == 1 else 'ies'} of {memory.weights_bytes / 2**20:.1f} MiB of weights, "
+        f"{memory.graphs_bytes / 2**20:.1f} MiB of graphs)")
 
     manifest = Manifest(
         model=ModelInfo(
@@ -474,6 +506,8 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
         versions=versions,
         buckets=entries,
         packed=packed,
+        weights_file=WEIGHTS_FILE if shared else None,
+        device_memory=memory,
         cache_key=key,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         files=artifact_file_hashes(out, hashes, packed),

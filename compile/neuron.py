@@ -76,11 +76,14 @@ def trace_bucket(
     *,
     compiler_args: list[str],
     workdir: Path,
+    inline_weights: bool = True,
 ) -> "torch.jit.ScriptModule":
     """Compile `module` for the exact shapes of `example_inputs` (one bucket) with neuronx-cc.
 
     Without a Neuron device the compile runs with `cpu_backend=True`, which needs `--target`; the
-    result still only runs on Neuron. Save the result with `torch.jit.save`.
+    result still only runs on Neuron. Save the result with `torch.jit.save`. `inline_weights=False`
+    keeps the weights out of the NEFF (`inline_weights_to_neff=False`): the graph is then given its
+    weights at load with `share_weights`, the same copy for every bucket of the model.
     """
     tnx = import_torch_neuronx()
     args = list(compiler_args)
@@ -100,6 +103,7 @@ def trace_bucket(
             compiler_workdir=str(workdir),
             compiler_args=args,
             cpu_backend=cpu_backend,
+            inline_weights_to_neff=inline_weights,
         )
     except Exception as e:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -107,3 +111,11 @@ def trace_bucket(
             f"neuronx-cc failed for input shapes {shapes} with flags {' '.join(args)}: {e}; "
             f"the compiler's logs are in {workdir}"
         ) from e
+
+
+def share_weights(graph: "torch.jit.ScriptModule", weights: "dict[str, torch.Tensor]") -> None:
+    """Give a graph traced with `inline_weights=False` its weights: `torch_neuronx.replace_weights`,
+    called with the same state dict for every bucket's graph of a model, so the host holds one copy
+    (whether the runtime then keeps one copy on the device was not verified on hardware: README)."""
+    tnx = import_torch_neuronx()
+    tnx.replace_weights(graph, weights)

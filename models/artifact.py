@@ -200,6 +200,36 @@ class PackedGraph(BaseModel):
     parity: Parity | None = None
 
 
+class DeviceMemory(BaseModel):
+    """What a loaded model holds in its device's memory: its compiled graphs and its weights,
+    computed at compile time. Activations and the runtime's own scratch space are not counted."""
+
+    weights_bytes: int = Field(description="one copy of the parameters and buffers, as traced")
+    weight_copies: int = Field(description="copies of the weights a replica loads: 1 when every bucket's graph uses "
+                               "one (a CPU graph, or Neuron graphs traced with weights kept out of the NEFF), else "
+                               "one per graph file")
+    graphs_bytes: int = Field(description="the graph files beyond the weights they hold")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.graphs_bytes + self.weights_bytes * self.weight_copies
+
+    @classmethod
+    def of(cls, weights_bytes: int, graph_sizes: list[int], shared: bool) -> "DeviceMemory":
+        """From the size of each graph file (each holding one copy of the weights as saved) and
+        whether the graphs share one copy once loaded.
+
+        >>> m = DeviceMemory.of(1000, [1300, 1400], shared=False)
+        >>> m.graphs_bytes, m.weight_copies, m.total_bytes
+        (700, 2, 2700)
+        >>> DeviceMemory.of(1000, [1300, 1400], shared=True).total_bytes
+        1700
+        """
+        graphs = sum(max(0, size - weights_bytes) for size in graph_sizes)
+        return cls(weights_bytes=weights_bytes, weight_copies=1 if shared else max(1, len(graph_sizes)),
+                   graphs_bytes=graphs)
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     model: ModelInfo
@@ -231,6 +261,10 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict, description="library and SDK versions used")
     buckets: list[BucketEntry]
     packed: PackedGraph | None = Field(default=None, description="graph for packed batches (CPU embed), if compiled")
+    weights_file: str | None = Field(default=None, description="Neuron graphs traced with their weights kept out of "
+                                     "the NEFF: the one copy of the weights every bucket's graph is given at load")
+    device_memory: DeviceMemory | None = Field(default=None, description="device memory of the loaded model; "
+                                               "absent in manifests written before it was recorded")
     cache_key: str = ""
     created_at: str = ""
     files: dict[str, str] = Field(
@@ -247,6 +281,20 @@ class Manifest(BaseModel):
             if e.bucket == bucket:
                 return e
         raise ArtifactError(f"bucket {bucket} is not in this artifact; it has {', '.join(map(str, self.bucket_list()))}")
+
+
+def device_memory_bytes(manifest: Manifest, artifact_dir: str | Path | None = None) -> tuple[int | None, str]:
+    """(bytes, how it is known) of a model's device memory: as its manifest records it; for older
+    manifests, estimated from the artifact's graph files (each holding its own copy of the
+    weights); or (None, "unknown") when neither is at hand (a remote artifact's older manifest)."""
+    if manifest.device_memory is not None:
+        return manifest.device_memory.total_bytes, "recorded"
+    if artifact_dir is not None:
+        files = {e.file for e in manifest.buckets} | ({manifest.packed.file} if manifest.packed else set())
+        paths = [Path(artifact_dir) / f for f in files]
+        if paths and all(p.is_file() for p in paths):
+            return sum(p.stat().st_size for p in paths), "estimated from its graph files (an older manifest)"
+    return None, "unknown (an older manifest; recompile to record it)"
 
 
 def load_manifest(artifact_dir: str | Path) -> Manifest:

@@ -8,11 +8,14 @@ rendered RayService and a local server given the same settings agree.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
 
 from neuronserve.serve.settings import AppArgs
+
+log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "NeuronServe"
 
@@ -269,8 +272,7 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
                          "give one of them")
     specs = args.artifact_list()
     served = [(name or m.model.name, m) for name, m in ((n, read_manifest(w)) for n, w in specs)]  # s3://: manifest alone
-    if len(served) > 1:
-        check_models(served, args)
+    check_models(served, args, {n: w for (n, _), (_, w) in zip(served, specs) if "://" not in w})
     manifest = served[0][1]
     neuron = uses_neuron(args, manifest.target)
     args = place(args, neuron=neuron, cpus=cluster_cpus(), neuron_cores=cluster_neuron_cores())
@@ -281,7 +283,7 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     return options, args
 
 
-def check_models(served: list, args: AppArgs) -> None:
+def check_models(served: list, args: AppArgs, dirs: dict | None = None) -> None:
     """Several models for one replica, as (name, manifest): each name once, one target, and (on
     Neuron) room for all of them in a replica's NeuronCore memory. Raises ValueError saying which.
 
@@ -302,6 +304,58 @@ def check_models(served: list, args: AppArgs) -> None:
         listed = ", ".join(f"{n} ({m.target})" for n, m in served)
         raise ValueError(f"the models of one replica must be compiled for one target; got {listed}: "
                          "compile them all for the same target")
+    limit = device_memory_limit(targets[0], args)
+    if limit is None:
+        return
+    from neuronserve.models.artifact import device_memory_bytes
+
+    sizes, unknown, notes = [], [], []
+    for i, (name, manifest) in enumerate(served):
+        size, how = device_memory_bytes(manifest, (dirs or {}).get(name))
+        if size is None:
+            unknown.append(name)
+            continue
+        sizes.append((name, size))
+        if how != "recorded":
+            notes.append(f"{name}'s is {how}")
+    if unknown:
+        log.warning("device memory of %s is unknown (older manifests of remote artifacts): not counted in the "
+                    "start-up check; recompile them to record it", ", ".join(unknown))
+    total = sum(size for _, size in sizes)
+    if total > limit:
+        listed = ", ".join(f"{n} {size_text(size)}" for n, size in sizes)
+        where = (f"device_memory_gib={args.device_memory_gib:g}" if args.device_memory_gib is not None
+                 else f"{args.cores_per_replica} NeuronCore{'s' if args.cores_per_replica > 1 else ''} of "
+                      f"{targets[0]} at {NEURONCORE_MEMORY_GIB[targets[0]]:g} GiB each")
+        more = max(args.cores_per_replica + 1, math.ceil(total / (limit / args.cores_per_replica)))
+        raise ValueError(
+            f"the models of one replica need {size_text(total)} of device memory ({listed}"
+            + (f"; {'; '.join(notes)}" if notes else "") + f"), more than a replica holds: {size_text(limit)} "
+            f"({where}); serve fewer models per replica, give each replica more cores (--cores-per-replica {more}), "
+            "or set --device-memory-gib if the limit is wrong")
+
+
+def size_text(n: int) -> str:
+    """Bytes for a message, in GiB from 1 GiB up, else in MiB.
+
+    >>> size_text(17 * 2**30 + 2**29), size_text(3 * 2**20)
+    ('17.5 GiB', '3.0 MiB')
+    """
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# Device memory of one NeuronCore: inf2/trn1 NeuronCore-v2 16 GiB (32 GiB per chip of 2);
+# trn2 a logical NeuronCore-v3 at the default LNC=2, 24 GiB (96 GiB per chip of 4).
+NEURONCORE_MEMORY_GIB = {"inf2": 16.0, "trn1": 16.0, "trn2": 24.0}
+
+
+def device_memory_limit(target: str, args: AppArgs) -> int | None:
+    """Bytes of device memory one replica's models may use: `device_memory_gib` when set, else its
+    NeuronCores' memory; None on CPU (host memory, not checked unless set)."""
+    if args.device_memory_gib is not None:
+        return int(args.device_memory_gib * 2 ** 30)
+    per_core = NEURONCORE_MEMORY_GIB.get(target)
+    return None if per_core is None else int(per_core * args.cores_per_replica * 2 ** 30)
 
 
 def cluster_neuron_cores() -> int | None:

@@ -21,7 +21,7 @@ APP_NAME = "neuronserve"
 COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
     "what to serve": ("artifacts", "model_name", "backend", "device_profile", "cached_timings"),
-    "placement": ("num_replicas", "cores_per_replica", "threads_per_replica"),
+    "placement": ("num_replicas", "cores_per_replica", "threads_per_replica", "device_memory_gib"),
     "autoscaling (docs/decisions.md, \"Autoscaling\")": (
         "autoscale", "target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"),
     "batching (live-tunable through Serve's user_config)": (
@@ -624,19 +624,24 @@ def _artifacts_and_manifests(given: list[str], probe):
     from neuronserve.serve.settings import parse_artifact
 
     if len(given) == 1 and parse_artifact(given[0])[0] is None:
-        manifest = load_manifest(resolve_artifacts(given[0], err))
-        return given[0], [(probe.model_name or manifest.model.name, manifest)]
+        local = resolve_artifacts(given[0], err)
+        manifest = load_manifest(local)
+        served = [(probe.model_name or manifest.model.name, manifest)]
+        check_models(served, probe, {served[0][0]: local})
+        return given[0], served
     if probe.model_name:
         raise ValueError(f"--model-name {probe.model_name} names one model, but {len(given)} artifacts are given: "
                          "name each as --artifacts NAME=DIR instead")
-    served, named = [], []
+    served, named, dirs = [], [], {}
     for item in given:
         name, where = parse_artifact(item)
-        manifest = load_manifest(resolve_artifacts(where, err))
+        local = resolve_artifacts(where, err)
+        manifest = load_manifest(local)
         where = where if is_remote(where) else str(Path(where).resolve())
         served.append((name or manifest.model.name, manifest))
         named.append(f"{name or manifest.model.name}={where}")
-    check_models(served, probe)
+        dirs.setdefault(served[-1][0], local)
+    check_models(served, probe, dirs)
     return named, served
 
 

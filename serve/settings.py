@@ -121,6 +121,10 @@ class AppArgs(ServeSettings):
                                    json_schema_extra={"default_help": "the artifact's model name"})
     num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
     cores_per_replica: int = Field(1, ge=1, description="Neuron backend: NeuronCores per replica")
+    device_memory_gib: float | None = Field(None, gt=0, description="device memory one replica's models may use; "
+                                            "start-up refuses models that need more",
+                                            json_schema_extra={"default_help": "16 GiB per NeuronCore on inf2/trn1, "
+                                                               "24 on trn2, times the replica's cores; not checked on CPU"})
     max_ongoing_requests: int = Field(1024, ge=1, description="Ray Serve per-replica cap; the replica queues itself")
     # autoscaling (Serve's autoscaling_config; docs/decisions.md, "Autoscaling")
     autoscale: str | None = Field(None, description="scale between MIN and MAX replicas with the load instead of a fixed "

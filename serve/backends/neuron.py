@@ -129,6 +129,27 @@ class NeuronBackend:
             self._modules[bucket] = loaded[entry.file]
         if not self._modules:
             raise BackendError(f"artifact {self.artifact_dir} lists no buckets; recompile it with --buckets")
+        if manifest.weights_file:
+            self._share_weights(manifest.weights_file, list(loaded.values()), verify_files)
+
+    def _share_weights(self, file: str, graphs: list, verify: bool) -> None:
+        """Graphs traced with their weights kept out of the NEFF get one copy, loaded once and
+        given to each (`compile.neuron.share_weights`)."""
+        from neuronserve.compile.neuron import share_weights
+
+        path = self.artifact_dir / file
+        digest = self.manifest.files.get(file)
+        if not path.is_file():
+            raise BackendError(f"weights file {path} is missing; recompile the artifact")
+        if verify and digest and sha256_file(path) != digest:
+            raise BackendError(f"weights file {path} does not match the sha256 in the manifest; copy the artifact "
+                               "again or recompile")
+        weights = torch.load(str(path), weights_only=True)
+        try:
+            for graph in graphs:
+                share_weights(graph, weights)
+        except Exception as e:
+            raise BackendError(f"giving the graphs of {self.artifact_dir} their weights ({path}) failed: {e}") from e
 
     def _load(self, bucket: Bucket, path: Path, sha256: str | None) -> torch.jit.ScriptModule:
         if not path.is_file():

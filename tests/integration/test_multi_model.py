@@ -173,3 +173,26 @@ def test_both_models_progress_under_contention_and_metrics_are_per_model(server)
     busy = {n: grew("neuronserve_device_busy_seconds_total", n) for n in ("emb", "emb2")}
     share = {n: grew("neuronserve_cost_allocated_usd_total", n) for n in ("emb", "emb2")}
     assert share["emb"] / sum(share.values()) == pytest.approx(busy["emb"] / sum(busy.values()), abs=0.15), (share, busy)
+
+
+def run_serve(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "neuronserve", "serve", *args, "--metrics-port", "0"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_serve_refuses_before_starting_ray_a_set_that_does_not_fit_or_shares_a_name(artifacts):
+    from neuronserve.models.artifact import load_manifest
+
+    big = run_serve("--artifacts", f"emb={artifacts['emb']}", "--artifacts", f"cls={artifacts['cls']}",
+                    "--device-memory-gib", "0.0001")
+    assert big.returncode != 0
+    line = big.stderr.strip().splitlines()[-1]
+    sizes = {n: load_manifest(artifacts[n]).device_memory.total_bytes / 2**20 for n in ("emb", "cls")}
+    assert sizes["emb"] > 0.1 and sizes["cls"] > 0.1
+    assert f"emb {sizes['emb']:.1f} MiB" in line and f"cls {sizes['cls']:.1f} MiB" in line, line
+    assert "device_memory_gib=0.0001" in line and "Ray" not in big.stderr
+    same = run_serve("--artifacts", str(artifacts["emb"]), "--artifacts", str(artifacts["emb"]))
+    assert same.returncode != 0 and "two artifacts serve the model name 'tiny-bert-embed'" in same.stderr

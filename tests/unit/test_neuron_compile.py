@@ -133,7 +133,7 @@ def test_trace_bucket_without_device_uses_cpu_backend_and_target(tnx, no_device,
 
     # Module and example inputs positional; everything else by keyword, as documented.
     assert len(seen["args"]) == 2
-    assert set(seen["kwargs"]) == {"compiler_workdir", "compiler_args", "cpu_backend"}
+    assert set(seen["kwargs"]) == {"compiler_workdir", "compiler_args", "cpu_backend", "inline_weights_to_neff"}
     (call,) = tnx.calls("trace")
     assert call["cpu_backend"] is True
     assert call["compiler_args"] == args

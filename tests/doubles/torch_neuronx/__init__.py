@@ -145,13 +145,16 @@ class _Static1(torch.nn.Module):
     neuron_input_shapes: List[List[int]]
     neuron_compiler_args: List[str]
     neuron_test_double: bool
+    neuron_separated_weights: bool
 
-    def __init__(self, graph: torch.jit.ScriptModule, shapes: List[List[int]], args: List[str]) -> None:
+    def __init__(self, graph: torch.jit.ScriptModule, shapes: List[List[int]], args: List[str],
+                 separated: bool = False) -> None:
         super().__init__()
         self.graph = graph
         self.neuron_input_shapes = shapes
         self.neuron_compiler_args = args
         self.neuron_test_double = True
+        self.neuron_separated_weights = separated
 
     def forward(self, x0: torch.Tensor):
         _check_shape(x0, self.neuron_input_shapes[0], 0)
@@ -233,8 +236,31 @@ def trace(
         func = func.eval()
     with torch.no_grad():
         graph = torch.jit.trace(func, inputs, check_trace=False)
-    wrapper = _WRAPPERS[len(inputs)](graph, [list(t.shape) for t in inputs], _flag_list(compiler_args))
+    wrapper = _WRAPPERS[len(inputs)](graph, [list(t.shape) for t in inputs], _flag_list(compiler_args),
+                                     not inline_weights_to_neff)
     return torch.jit.script(wrapper)
+
+
+def replace_weights(neuron_model, weights) -> None:
+    """Stand-in for `torch_neuronx.replace_weights(neuron_model, weights)`: `weights` is a module or
+    a state dict. Like the SDK, it warns when the model holds no separated weights (traced with
+    `inline_weights_to_neff=True`); otherwise it copies each matching tensor into the graph's own,
+    in place, and records the call (how many tensors matched, and the ids of the tensors given, so
+    tests can see every bucket was given the same copy)."""
+    import warnings
+
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
+    separated = bool(getattr(neuron_model, "neuron_separated_weights", False))
+    own = {k[len("graph."):] if k.startswith("graph.") else k: v for k, v in neuron_model.state_dict().items()}
+    matched = [k for k in state if k in own]
+    _record("replace_weights", module=_name(neuron_model), separated=separated, tensors=len(state),
+            matched=len(matched), weights_id=id(weights))
+    if not separated:
+        warnings.warn("replace_weights: the supplied Neuron model does not contain any separated weights")
+        return
+    with torch.no_grad():
+        for k in matched:
+            own[k].copy_(state[k])
 
 
 def _flag_list(compiler_args) -> list[str]:
