@@ -31,7 +31,7 @@ from neuronserve.serve import tracing
 from neuronserve.serve import request_ids
 from neuronserve.serve.auth import ApiKeys, digest, parse_keys
 from neuronserve.serve.edge import Edge
-from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotReady, RequestTimeout, ServeError
+from neuronserve.serve.errors import BadRequest, InputError, NotFound, NotLoaded, NotReady, RequestTimeout, ServeError
 from neuronserve.serve.metrics import use_multiproc_dir
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import cohere, kserve, openai, tei
@@ -50,6 +50,31 @@ class Routed:
     context variable itself cannot be pickled)."""
 
     model: contextvars.ContextVar = contextvars.ContextVar("neuronserve_routed_model", default=None)
+    # A request another replica sent on (`NeuronServe.forwarded`): the model it was loaded for.
+    pinned: contextvars.ContextVar = contextvars.ContextVar("neuronserve_pinned_model", default=None)
+
+
+# The POST routes that choose a model from the body: a request for a catalog model not loaded where
+# it arrived is answered by the same route on the replica it is sent to (`NeuronServe.forwarded`).
+FORWARDED_ROUTES = {"/v1/embeddings": "embeddings", "/predict": "predict", "/embed": "tei_embed",
+                    "/embed_sparse": "tei_embed_sparse", "/v1/rerank": "rerank", "/rerank": "tei_rerank",
+                    "/tokenize": "tokenize_route", "/decode": "decode_route"}
+
+
+class Held:
+    """A model of the catalog loaded on demand, as Ray Serve's model multiplexing keeps it: when it
+    is the least recently used and room is needed, multiplexing calls `__del__` (on a worker
+    thread), which retires the model (`NeuronServe._retire`) and returns once it is gone, so the
+    next model loads into the memory it held. Later calls (garbage collection) do nothing."""
+
+    def __init__(self, app: "NeuronServe", replica):
+        self.app, self.replica, self.gone = app, replica, False
+
+    def __del__(self):
+        if self.gone:
+            return
+        self.gone = True
+        self.app._unload(self.replica)
 
 class API(FastAPI):
     """FastAPI with `serve.edge.Edge` and `FastRoutes` outside its own middleware (error pages,
@@ -174,6 +199,8 @@ class NeuronServe:
     async def _start(self) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._load)
+            if self.served.catalog is not None:
+                await self._preload()
         except Exception as e:  # surfaced through readiness and 503s, and the replica log
             log.exception("replica failed to start")
             self.warmup_error = str(e)
@@ -215,6 +242,13 @@ class NeuronServe:
             if self.tracing is not None:
                 self.tracing.attach(one.batcher)
             one.tokenizing = Tokenizing(one.engine.tokenize)
+        if models.catalog is not None:  # models load on demand (`_preload`, `_get_model`)
+            self.served = models
+            return
+        self._serving(models)
+
+    def _serving(self, models) -> None:
+        """The replica serves `models` from now on; its first is the default."""
         replica = self.replica = models.default
         self.engine, self.metrics = replica.engine, replica.metrics
         self.model_name, self.limits = replica.model_name, replica.limits
@@ -235,6 +269,113 @@ class NeuronServe:
     def health_problem(self) -> str | None:
         """Why this replica cannot serve, once loaded (`Replica.health_problem`), or None."""
         return self.served.health_problem() if self.served is not None and self.batcher is not None else None
+
+    # -- a catalog larger than a replica holds ------------------------------------------------
+    async def _preload(self) -> None:
+        """Catalog mode: the first `max_models_per_replica` models, loaded through multiplexing
+        (which keeps them, least recently used first, and tells Serve's router which models this
+        replica holds)."""
+        from ray import serve as ray_serve
+
+        import threading
+
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        async def load(model_id: str) -> Held:  # a function: multiplexing keeps its state on it
+            return await self._load_model(model_id)
+
+        self._get_model = ray_serve.multiplexed(max_num_models_per_replica=self.args.max_models_per_replica)(load)
+        for name in self.served.names[: self.args.max_models_per_replica]:
+            await self._get_model(name)
+        self._serving(self.served)
+
+    async def _load_model(self, name: str) -> Held:
+        """Multiplexing's loader: build the model off the event loop, then serve it here."""
+        from neuronserve.serve.metrics import hold_cores
+        from neuronserve.serve.replica import describe_startup, load_model
+        from neuronserve.serve.tokenizing import Tokenizing
+
+        replica = await asyncio.get_running_loop().run_in_executor(None, load_model, self.args, self.served, name)
+        if self.tracing is not None:
+            self.tracing.attach(replica.batcher)
+        replica.tokenizing = Tokenizing(replica.engine.tokenize)
+        if not getattr(self, "_cores_held", False):  # the replica's cores, counted once whatever it holds
+            self._cores_held = True
+            hold_cores(replica.metrics.backend, replica.metrics.cores)
+        self.served.add(replica)
+        log.info("model %s loaded on demand (%s)", name, describe_startup(replica.startup_s, replica.timings))
+        return Held(self, replica)
+
+    def _unload(self, replica) -> None:
+        """Multiplexing evicts `replica` (least recently used): retire it on the event loop; from
+        another thread, wait until it is gone (its rows answered, its graphs released)."""
+        import threading
+
+        loop = getattr(self, "_loop", None)
+        if loop is None or loop.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:  # garbage collection on the loop: no waiting here
+            loop.create_task(self._retire(replica))
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._retire(replica), loop).result(self.args.request_timeout_s + 10)
+        except Exception:
+            log.exception("unloading model %s failed", replica.model_name)
+
+    async def _retire(self, replica) -> None:
+        if self.served.remove(replica.model_name) is None:
+            return
+        replica.metrics.evicted()
+        await replica.batcher.drain(self.args.request_timeout_s)
+        if replica.tokenizing is not None:
+            replica.tokenizing.close()
+        replica.metrics.close()
+        replica.engine = replica.batcher.run_bucket = replica.batcher.run_inline = None  # the graphs go now
+        log.info("model %s unloaded (least recently used)", replica.model_name)
+
+    async def _forward(self, e, route: str, request: Request | None) -> Response:
+        """A request for a model of the catalog not loaded here: to a replica that holds it,
+        through Serve's router (`multiplexed_model_id`); if none does, one loads it."""
+        from ray import serve as ray_serve
+
+        handle = getattr(self, "_self_handle", None)
+        if handle is None:
+            app = ray_serve.get_replica_context().app_name
+            handle = self._self_handle = ray_serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app)
+        raw = dumps(e.body) if e.body is not None else await request.body()
+        path = request.scope["path"]
+        headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-length"]
+        status, out_headers, content = await handle.options(multiplexed_model_id=e.name).forwarded.remote(
+            path, raw, headers)
+        return Response(content, status_code=status, headers=dict(out_headers))
+
+    async def forwarded(self, path: str, raw: bytes, headers: list) -> tuple[int, list, bytes]:
+        """A request another replica sent on (`_forward`), for the model Serve's router chose this
+        replica for: loaded here if it is not (evicting the least recently used), then answered by
+        its route as if it had come in here."""
+        from ray import serve as ray_serve
+
+        await self._wait_ready()
+        held = await self._get_model(ray_serve.get_multiplexed_model_id())
+        Routed.pinned.set(held.replica)
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+
+        request = Request({"type": "http", "method": "POST", "path": path, "root_path": "", "query_string": b"",
+                           "headers": [(bytes(k), bytes(v)) for k, v in headers]}, receive)
+        route = FORWARDED_ROUTES.get(path)
+        if route is not None:
+            response = await getattr(self, route)(request)
+        elif path.startswith("/v2/models/") and path.endswith("/infer"):
+            response = await self.v2_infer(path[len("/v2/models/"):-len("/infer")], request)
+        else:
+            response = error_response(NotFound(f"route {path} does not route by model"), kserve.error_body)
+        return response.status_code, [(k, v) for k, v in response.headers.items() if k != "content-length"], response.body
 
     def check_health(self) -> None:
         if self.warmup_error:
@@ -277,22 +418,24 @@ class NeuronServe:
             return decode(await read_capped(request.stream(), limit), limit)
         return decode(await request.body(), limit)
 
-    def _model(self, body: Any, task: str):
-        """The model a request body names in `model` (serve.replica.Models.pick). With one model
-        served, that model: its protocol's parse checks the name as before, at no extra cost."""
+    async def _route(self, name, task: str | None = None, body: Any = None):
+        """The model a request names (`model` in its body, or its path), when the replica serves
+        several (`serve.replica.Models.pick`; with one, the handlers take `self.replica` without
+        calling this, and its protocol's parse checks the name as before). In catalog mode a model
+        loaded here counts as used now (least recently used goes first); one that is not raises
+        `NotLoaded`, which `_guard` sends on to a replica that holds it."""
         models = self.served
-        if models.single:
-            return self.replica
-        replica = models.pick(body.get("model") if isinstance(body, dict) else None, task)
-        Routed.model.set(replica)
-        return replica
-
-    def _model_named(self, name: str):
-        """The model a path names (KServe v2), or the 404 listing those served."""
-        models = self.served
-        if models.single:
-            return self.replica
-        replica = models.pick(name)
+        pinned = Routed.pinned.get()
+        if pinned is not None and (name is None or name == pinned.model_name):
+            replica = pinned
+        else:
+            try:
+                replica = models.pick(name, task)
+            except NotLoaded as e:
+                e.body = body
+                raise
+            if models.catalog is not None:
+                replica = (await self._get_model(replica.model_name)).replica
         Routed.model.set(replica)
         return replica
 
@@ -348,7 +491,13 @@ class NeuronServe:
             self.tracing.begin(route, request, getattr(self, "model_name", None))
         try:
             await self._wait_ready()
-            response = await handler()
+            try:
+                response = await handler()
+            except NotLoaded as e:  # a catalog model held by another replica, or to load
+                response = await self._forward(e, route, request)
+                if self.tracing is not None:
+                    self.tracing.end(response.status_code, e.name)
+                return response  # observed where it was answered
         except ServeError as e:
             self._observe(route, e.status, started)
             if e.status in (500, 504):  # the id finds the replica's log lines about it
@@ -377,7 +526,8 @@ class NeuronServe:
 
     async def _embeddings(self, request: Request) -> Response:
         body = await self._body(request)
-        model = self._model(body, "embed")
+        model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, "embed", body)
         req = openai.parse(body, model.limits)
         engine = model.engine
         if req.texts is not None:
@@ -407,7 +557,9 @@ class NeuronServe:
 
     async def _predict(self, request: Request) -> Response:
         body = await self._body(request)
-        model = self._model(body, "classify")  # TEI has no `model`; we accept one to choose between several
+        # TEI has no `model`; we accept one to choose between several models.
+        model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, "classify", body)
         req = tei.parse(body, model.limits)
         rows = await self._tokenize(req.texts, req.truncate, model)
         outs, headers = await self._infer(rows, "/predict", model)
@@ -438,7 +590,8 @@ class NeuronServe:
 
         route = "/embed_sparse" if sparse else "/embed"
         body = await self._body(request)
-        model = self._model(body, "sparse" if sparse else "embed")  # TEI has no `model`: as /predict
+        model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, "sparse" if sparse else "embed", body)  # TEI has no `model`: as /predict
         engine = model.engine
         req = tei.parse_embed(body, model.limits, sparse)
         rows = await self._tokenize(engine.with_prompt(req.texts, req.prompt_name), req.truncate, model)
@@ -458,7 +611,8 @@ class NeuronServe:
 
     async def _rerank(self, request: Request) -> Response:
         body = await self._body(request)
-        model = self._model(body, "rerank")
+        model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, "rerank", body)
         req = cohere.parse(body, model.limits)
         scores, headers = await self._scores(req.query, req.texts, req.truncate, False, "/v1/rerank", model)
         with tracing.span("serialize"):
@@ -472,7 +626,8 @@ class NeuronServe:
 
     async def _tei_rerank(self, request: Request) -> Response:
         body = await self._body(request)
-        model = self._model(body, "rerank")  # TEI has no `model`: as /predict
+        model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, "rerank", body)  # TEI has no `model`: as /predict
         req = tei.parse_rerank(body, model.limits)
         scores, headers = await self._scores(req.query, req.texts, req.truncate, req.raw_scores, "/rerank", model)
         with tracing.span("serialize"):
@@ -491,7 +646,8 @@ class NeuronServe:
     async def tokenize_route(self, request: Request) -> Response:
         async def run() -> Response:
             body = await self._body(request)
-            model = self._model(body, None)  # `model` chooses the tokenizer when several are served
+            model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, None, body)  # `model` chooses the tokenizer when several are served
             req = tei.parse_tokenize(body, model.limits)
             return Response(dumps(model.engine.tokens(req.texts, req.add_special_tokens)), media_type="application/json")
 
@@ -501,7 +657,8 @@ class NeuronServe:
     async def decode_route(self, request: Request) -> Response:
         async def run() -> Response:
             body = await self._body(request)
-            model = self._model(body, None)
+            model = self.replica if self.served.single else await self._route(
+            body.get("model") if isinstance(body, dict) else None, None, body)
             req = tei.parse_decode(body, model.limits, model.engine.vocab_size)
             return Response(dumps(model.engine.decode(req.ids, req.skip_special_tokens)), media_type="application/json")
 
@@ -537,7 +694,7 @@ class NeuronServe:
         if self.is_ready:
             return JSONResponse({"ready": True, "replica": self.replica_id, "backend": self.engine.backend.health(),
                                  "startup_s": self.replica.startup_s, "timings": self.replica.timings,
-                                 "models": self.served.names})
+                                 "models": self.served.names, "loaded": [r.model_name for r in self.served.replicas]})
         reason = "failed to load: see the server log" if self.warmup_error else "warming up"
         return JSONResponse({"ready": False, "error": reason}, status_code=503)
 
@@ -549,16 +706,26 @@ class NeuronServe:
     async def model_metadata(self, name: str) -> Response:
         try:
             await self._wait_ready()
-            model = self._model_named(name)
+            if self.served.catalog is not None and name in self.served.catalog:
+                return JSONResponse(self._metadata(name))  # loaded here or not
+            model = self.replica if self.served.single else self.served.pick(name)
             check_model(name, model.limits)
         except ServeError as e:
             return error_response(e, kserve.error_body)
-        return JSONResponse(self._metadata(model))
+        return JSONResponse(self._metadata(model.model_name))
 
-    def _metadata(self, model) -> dict:
-        m = model.engine.manifest
-        return kserve.model_metadata(model.model_name, m.cache_key[:12], f"neuronserve-{model.engine.backend.kind}",
-                                     m.task, m.model.output_dim)
+    def _metadata(self, name: str) -> dict:
+        """GET /v2/models/{name} of a model served: from its engine, or (a catalog model not
+        loaded here) from its manifest."""
+        model = self.served.by_name.get(name)
+        if model is not None:
+            m, kind = model.engine.manifest, model.engine.backend.kind
+        else:
+            from neuronserve.compile.store import read_manifest
+
+            m = read_manifest(self.served.catalog[name][0])
+            kind = self.args.backend if self.args.backend != "auto" else ("cpu" if m.target == "cpu" else "neuron")
+        return kserve.model_metadata(name, m.cache_key[:12], f"neuronserve-{kind}", m.task, m.model.output_dim)
 
     @api.get("/v2/models", **declared(None, kserve.ModelIndex, kserve.V2Error))
     async def model_index(self) -> Response:
@@ -567,11 +734,11 @@ class NeuronServe:
             await self._wait_ready()
         except ServeError as e:
             return error_response(e, kserve.error_body)
-        return JSONResponse({"models": [self._metadata(r) for r in self.served.replicas]})
+        return JSONResponse({"models": [self._metadata(n) for n in self.served.names]})
 
     @api.get("/v2/models/{name}/ready")
     async def model_ready(self, name: str) -> Response:
-        if self.served is not None and name not in self.served.by_name:
+        if self.served is not None and name not in self.served.names:
             served = ", ".join(map(repr, self.served.names))
             message = (f"model {name!r} is not served here; this server serves {served}" if self.served.single
                        else f"model {name!r} is not served here; served models: {', '.join(self.served.names)}")
@@ -587,7 +754,7 @@ class NeuronServe:
     async def _v2_infer(self, name: str, request: Request) -> Response:
         import numpy as np
 
-        model = self._model_named(name)
+        model = self.replica if self.served.single else await self._route(name)
         engine = model.engine
         req = kserve.parse(await self._body(request), model.limits, name)
         if engine.task_info.head not in ("pooled", "logits") or not engine.task_info.singles:

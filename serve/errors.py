@@ -94,3 +94,13 @@ class BackendFailure(ServeError):
     """Never carries the underlying exception text to the client: it is logged instead."""
 
     status, type = 500, "server_error"
+
+
+class NotLoaded(Exception):
+    """A model of the replica's catalog that is not loaded here now (`serve.replica.Models.pick`):
+    not an answer but a hand-off; the HTTP layer sends the request on to a replica that holds the
+    model, or that loads it (`serve.app`)."""
+
+    def __init__(self, name: str, body=None):
+        super().__init__(name)
+        self.name, self.body = name, body

@@ -328,7 +328,7 @@ class ServeMetrics:
     def __init__(self, model: str, backend: str, cores: int, instance_type: str,
                  price_per_hour_usd: float | None, cores_per_instance: int | None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 metrics: Metrics | None = None, counts_cores: bool = True) -> None:
+                 metrics: Metrics | None = None, counts_cores: bool = True, replica_start: bool = True) -> None:
         if cores < 0:
             raise ValueError(f"cores must be >= 0, got {cores}")
         self.model = model
@@ -372,7 +372,8 @@ class ServeMetrics:
             m.core_counts[backend] = m.core_counts.get(backend, 0) + self._held_cores
             m.replica_info.labels(*self._info_key).set(m.replica_counts[self._info_key])
             m.cores_in_use.labels(backend).set(m.core_counts[backend])
-        m.replica_starts.labels(model, backend).inc()
+        if replica_start:  # not a model loaded on demand into a running replica
+            m.replica_starts.labels(model, backend).inc()
         m.model_loads.labels(model).inc()
         _start_heartbeat()
         self._last_tick = self._clock()
@@ -435,7 +436,8 @@ class ServeMetrics:
         self.busy_s += seconds
         if self._cost_busy is not None and seconds > 0:
             self._cost_busy.inc(seconds * self.price_per_core_second * self.cores)
-        self.tick()
+        if self.cost_split is None:  # shared: split once a second by device time (Replica.tick), not per batch
+            self.tick()
 
     def batch_failed(self, bucket: str) -> None:
         """One batch's forward raised."""
@@ -485,6 +487,15 @@ class ServeMetrics:
         self._inflight.set(0)
 
 
+def hold_cores(backend: str, cores: int, metrics: Metrics | None = None) -> None:
+    """A replica whose models come and go (a catalog loaded on demand) holds its cores itself:
+    `neuronserve_cores_in_use` counts them once, whichever models are loaded. Negative releases."""
+    m = metrics or get_metrics()
+    with _lock:
+        m.core_counts[backend] = m.core_counts.get(backend, 0) + cores
+        m.cores_in_use.labels(backend).set(m.core_counts[backend])
+
+
 def split_cost(usd: float, busy_s: Sequence[float], total_busy_s: Sequence[float]) -> list[float]:
     """Shares of `usd` (a replica's allocated cost over an interval) for the models it serves: in
     proportion to each model's device-busy seconds in the interval (`busy_s`); an interval in which
@@ -520,22 +531,42 @@ class CostSplit:
         for m in self.members:
             m.cost_split = self
 
+    def add(self, member: ServeMetrics) -> None:
+        """A model loaded into the replica: it shares the cost from now on."""
+        self.tick()
+        with self._lock:
+            self.members.append(member)
+            self._seen.append(member.busy_s)
+        member.cost_split = self
+
+    def remove(self, member: ServeMetrics) -> None:
+        """A model unloaded: the time until now is split with it, later time without it."""
+        self.tick()
+        with self._lock:
+            i = self.members.index(member)
+            del self.members[i], self._seen[i]
+        member.cost_split = None
+        member._last_tick = member._clock()  # closing it later accrues nothing more on its own
+
     def tick(self) -> None:
         """Accrue the replica's allocated cost since the last tick, split by device time."""
-        lead = self.members[0]
+        if not self.members:
+            return
         with self._lock:
+            lead = self.members[0]
+            members = list(self.members)
             now = self._clock()
             elapsed = now - self._last
             if elapsed <= 0:
                 return
             self._last = now
-            busy = [m.busy_s for m in self.members]
+            busy = [m.busy_s for m in members]
             delta = [b - s for b, s in zip(busy, self._seen)]
             self._seen = busy
         if lead.price_per_core_second is None:
             return
         usd = elapsed * lead.price_per_core_second * lead.cores
-        for m, share in zip(self.members, split_cost(usd, delta, busy)):
+        for m, share in zip(members, split_cost(usd, delta, busy)):
             m.allocated(share)
 
 

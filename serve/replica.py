@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from neuronserve.common.neuron_sdk import NEURON_TARGETS
 from neuronserve.serve.batcher import Batcher
 from neuronserve.serve.engine import Engine
-from neuronserve.serve.errors import NotFound
+from neuronserve.serve.errors import NotFound, NotLoaded
 from neuronserve.serve.metrics import CostSplit, ServeMetrics
 from neuronserve.serve.protocols.common import Limits
 from neuronserve.serve.scheduler import DeviceScheduler
@@ -86,44 +86,74 @@ class Models:
     served) whose task its route serves, so a one-model server answers requests without `model`
     as before. With one model there is no scheduler and no cost split: the one-model path is
     what it was.
+
+    With a `catalog` (name -> (artifact, task) of every model the replica may serve) the replica
+    holds only some of them at a time: models come and go (`add`, `remove`), and a model of the
+    catalog that is not loaded here is `NotLoaded`, not a 404.
     """
 
-    def __init__(self, replicas: list[Replica], device: DeviceScheduler | None = None):
-        self.replicas = replicas
+    def __init__(self, replicas: list[Replica], device: DeviceScheduler | None = None,
+                 catalog: dict[str, tuple[str, str]] | None = None):
+        self.replicas = list(replicas)
         self.by_name = {r.model_name: r for r in replicas}
-        self.default = replicas[0]
-        self.single = len(replicas) == 1
+        self.default = replicas[0] if replicas else None
+        self.catalog = catalog
+        self.single = len(replicas) == 1 and catalog is None
         self.device = device
-        self.names = [r.model_name for r in replicas]
-        self._by_task: dict[str, Replica] = {}
-        for r in replicas:
-            self._by_task.setdefault(r.engine.task, r)
-        self.cost_split = CostSplit([r.metrics for r in replicas]) if not self.single else None
+        self.names = list(catalog) if catalog is not None else [r.model_name for r in replicas]
+        tasks = {n: t for n, (_, t) in catalog.items()} if catalog is not None else {r.model_name: r.engine.task
+                                                                                    for r in replicas}
+        self._first_for_task: dict[str, str] = {}
+        for name, task in tasks.items():
+            self._first_for_task.setdefault(task, name)
+        self.cost_split = CostSplit([r.metrics for r in replicas]) if not self.single and replicas else None
 
     def pick(self, name, task: str | None = None) -> Replica:
         """The model a request names (None: the first that serves `task`, else the first), or a 404
-        listing those served."""
+        listing those served (`NotLoaded` for a model of the catalog not loaded here)."""
         if name is None:
-            return self._by_task.get(task, self.default) if task is not None else self.default
+            name = self._first_for_task.get(task, self.names[0]) if task is not None else self.names[0]
         found = self.by_name.get(name) if isinstance(name, str) else None
         if found is None:
+            if self.catalog is not None and isinstance(name, str) and name in self.catalog:
+                raise NotLoaded(name)
             raise NotFound(f"model {name!r} is not served here; served models: {', '.join(self.names)}",
                            param="model", code="model_not_found")
         return found
 
+    def add(self, replica: Replica) -> None:
+        """A model loaded on demand (catalog): it shares the device and the replica's cost."""
+        self.replicas.append(replica)
+        self.by_name[replica.model_name] = replica
+        if self.default is None:
+            self.default = replica
+        if self.cost_split is None:
+            self.cost_split = CostSplit([replica.metrics])
+        else:
+            self.cost_split.add(replica.metrics)
+
+    def remove(self, name: str) -> Replica | None:
+        """A model unloaded (catalog): no new request reaches it; what it has queued still runs."""
+        replica = self.by_name.pop(name, None)
+        if replica is not None:
+            self.replicas.remove(replica)
+            if self.cost_split is not None:
+                self.cost_split.remove(replica.metrics)
+        return replica
+
     def tick(self) -> None:
-        for r in self.replicas:
+        for r in list(self.replicas):
             r.tick()
 
     def configure(self, args: AppArgs) -> None:
         """New batching knobs for every model, and the device's slots."""
-        for r in self.replicas:
+        for r in list(self.replicas):
             r.configure(args.model_copy(update={"artifacts": r.args.artifacts, "model_name": r.args.model_name}))
         if self.device is not None:
             self.device.configure(args.max_concurrent_batches)
 
     def health_problem(self) -> str | None:
-        for r in self.replicas:
+        for r in list(self.replicas):
             problem = r.health_problem()
             if problem:
                 return problem if self.single else f"model {r.model_name}: {problem}"
@@ -153,7 +183,8 @@ def backend_options(kind: str, args: AppArgs) -> dict:
     return {"expected_target": family} if family in NEURON_TARGETS else {}  # refuse an inf2 artifact on trn1
 
 
-def make_metrics(args: AppArgs, model_name: str, engine: Engine, counts_cores: bool = True) -> ServeMetrics:
+def make_metrics(args: AppArgs, model_name: str, engine: Engine, counts_cores: bool = True,
+                 on_demand: bool = False) -> ServeMetrics:
     """ServeMetrics for this replica. Price and cores per instance come from `common.pricing`
     (settings and NEURONSERVE_PRICES_JSON override it); without an instance type, cost is off."""
     from neuronserve.common.pricing import detect_instance_type
@@ -165,7 +196,7 @@ def make_metrics(args: AppArgs, model_name: str, engine: Engine, counts_cores: b
         cores = (args.threads_per_replica or os.cpu_count() or 1) * args.max_concurrent_batches
     instance_type = args.instance_type or detect_instance_type()
     return ServeMetrics(model_name, backend.kind, cores, instance_type or "unknown", args.price_per_hour_usd, None,
-                        counts_cores=counts_cores)
+                        counts_cores=counts_cores, replica_start=not on_demand)
 
 
 def timing_cache_for(kind: str, args: AppArgs, engine: Engine):
@@ -207,6 +238,19 @@ def build_models(args: AppArgs, started: float | None = None) -> Models:
     if len(specs) == 1:
         return Models([build_replica(args, started)])
     device = DeviceScheduler(args.max_concurrent_batches)
+    if args.catalog_mode():
+        # More models than a replica holds: none loaded here; the HTTP layer loads them on demand
+        # (`load_model`), evicting the least recently used (Ray Serve model multiplexing).
+        from neuronserve.compile.store import read_manifest
+
+        catalog: dict[str, tuple[str, str]] = {}
+        for name, where in specs:
+            manifest = read_manifest(where)
+            name = name or manifest.model.name
+            if name in catalog:
+                raise ValueError(f"two artifacts serve the model name {name!r}; name them apart as NAME=DIR")
+            catalog[name] = (where, manifest.task)
+        return Models([], device, catalog)
     replicas: list[Replica] = []
     for i, (name, where) in enumerate(specs):
         one = args.model_copy(update={"artifacts": where, "model_name": name})
@@ -219,8 +263,15 @@ def build_models(args: AppArgs, started: float | None = None) -> Models:
     return Models(replicas, device)
 
 
+def load_model(args: AppArgs, models: Models, name: str) -> Replica:
+    """One model of the catalog, loaded and warmed up to share the replica's device (blocking)."""
+    where, _ = models.catalog[name]
+    one = args.model_copy(update={"artifacts": where, "model_name": name})
+    return build_replica(one, device=models.device, counts_cores=False, on_demand=True)
+
+
 def build_replica(args: AppArgs, started: float | None = None, device: DeviceScheduler | None = None,
-                  counts_cores: bool = True) -> Replica:
+                  counts_cores: bool = True, on_demand: bool = False) -> Replica:
     """Load the artifact, warm every bucket up, and wire the batcher and metrics (blocking: seconds
     to minutes; run it off the event loop). `started`: `time.perf_counter()` when the replica
     began starting (default: now), the start of its `ready` phase. `device`: the scheduler this
@@ -244,7 +295,7 @@ def build_replica(args: AppArgs, started: float | None = None, device: DeviceSch
     backend = engine.backend
     phases["load"] = time.perf_counter() - t0
     model_name = args.model_name or engine.model_name
-    metrics = make_metrics(args, model_name, engine, counts_cores)
+    metrics = make_metrics(args, model_name, engine, counts_cores, on_demand)
     forwards = args.max_concurrent_batches
     t0 = time.perf_counter()
     cache = timing_cache_for(kind, args, engine)

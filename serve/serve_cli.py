@@ -20,7 +20,7 @@ APP_NAME = "neuronserve"
 # `neuronserve serve`'s flags, in help order, each generated from its setting (serve.settings).
 COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
-    "what to serve": ("artifacts", "model_name", "backend", "device_profile", "cached_timings"),
+    "what to serve": ("artifacts", "max_models_per_replica", "model_name", "backend", "device_profile", "cached_timings"),
     "placement": ("num_replicas", "cores_per_replica", "threads_per_replica", "device_memory_gib"),
     "autoscaling (docs/decisions.md, \"Autoscaling\")": (
         "autoscale", "target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"),

@@ -117,6 +117,11 @@ class AppArgs(ServeSettings):
         "(no model: device time from --device-profile, for measuring the host path)")
     device_profile: str = Field("zero", description="--backend simulated: device-time profile, a name (zero, bert-base-inf2, "
                                 "distilbert-base-inf2, minilm-l6-inf2) or a JSON file", json_schema_extra={"metavar": "NAME|FILE"})
+    max_models_per_replica: int | None = Field(None, ge=1, description="with more --artifacts than this, each replica "
+                                               "holds at most this many models, loading the others on demand and "
+                                               "unloading the least recently used; requests go to a replica that "
+                                               "holds their model (Ray Serve model multiplexing)",
+                                               json_schema_extra={"default_help": "all: every replica loads every model"})
     model_name: str | None = Field(None, description="served model name",
                                    json_schema_extra={"default_help": "the artifact's model name"})
     num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
@@ -170,6 +175,17 @@ class AppArgs(ServeSettings):
             raise ValueError(f"model_name {self.model_name!r} names one model, but {len(self.artifacts)} artifacts are "
                              "given: name each as NAME=DIR instead")
         return self
+
+    def catalog_mode(self) -> bool:
+        """Whether replicas hold only some of the models and load the others on demand.
+
+        >>> AppArgs(artifacts=["a", "b", "c"], max_models_per_replica=2).catalog_mode()
+        True
+        >>> AppArgs(artifacts=["a", "b"], max_models_per_replica=2).catalog_mode()
+        False
+        """
+        return (self.max_models_per_replica is not None and isinstance(self.artifacts, list)
+                and len(self.artifacts) > self.max_models_per_replica)
 
     def artifact_list(self) -> list[tuple[str | None, str]]:
         """Every artifact served, as (name given or None, DIR|URI), in the order given.

@@ -91,19 +91,20 @@ def test_the_replica_cost_is_split_by_device_time_and_cores_count_once():
     a = ServeMetrics("a", "neuron", 1, "custom", 3.6, 1, clock=clock, metrics=m)
     b = ServeMetrics("b", "neuron", 1, "custom", 3.6, 1, clock=clock, metrics=m, counts_cores=False)
     CostSplit([a, b])
-    # Each batch's end ticks: the time since the last tick goes by device time in it. On a device
-    # that runs one batch at a time, that is the batch that just ended (and any idle time before).
+    # Each tick (once a second when serving) splits the time since the last by device time in it.
     clock.advance(10.0)
-    a.batch("1x16", 1, 10, 16, inference_seconds=3.0, queue_waits=[])  # 10 s: a busy 3 s, b not
+    a.batch("1x16", 1, 10, 16, inference_seconds=3.0, queue_waits=[])  # batches do not tick when shared
+    b.batch("1x16", 1, 10, 16, inference_seconds=1.0, queue_waits=[])
+    a.tick()  # 10 s: a busy 3 s, b 1 s
     clock.advance(6.0)
-    b.batch("1x16", 1, 10, 16, inference_seconds=2.0, queue_waits=[])  # 6 s: b busy 2 s, a not
-    a.batch("1x16", 1, 10, 16, inference_seconds=0.0, queue_waits=[])  # no time since the last tick
+    b.batch("1x16", 1, 10, 16, inference_seconds=2.0, queue_waits=[])
+    b.tick()  # 6 s: b alone
     clock.advance(5.0)
-    a.tick()  # 5 s with neither busy: by device time so far, a 3 of 5
+    a.tick()  # 5 s with neither busy: by device time so far, 3 s each
     s = samples(reg)
     got = {n: value(s, "neuronserve_cost_allocated_usd_total", model=n) for n in "ab"}
-    assert got["a"] == pytest.approx((10 + 3) * price_per_core_s)
-    assert got["b"] == pytest.approx((6 + 2) * price_per_core_s)
+    assert got["a"] == pytest.approx((7.5 + 2.5) * price_per_core_s)
+    assert got["b"] == pytest.approx((2.5 + 6 + 2.5) * price_per_core_s)
     assert got["a"] + got["b"] == pytest.approx(21 * price_per_core_s)  # what the replica cost
     assert value(s, "neuronserve_cores_in_use", backend="neuron") == 1
     assert value(s, "neuronserve_model_loads_total", model="b") == 1
