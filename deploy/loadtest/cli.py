@@ -29,7 +29,9 @@ prints the two runs side by side with B/A ratios instead."""
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)")
-    p.add_argument("--model", help="model name; default: the first id from GET {url}/v1/models")
+    p.add_argument("--model", help="model name, or a weighted mix of the models one server serves, e.g. "
+                   "e5=0.8,bge=0.2 (each request goes to one model, in proportion; the report adds per-model "
+                   "latency and cost); default: the first id from GET {url}/v1/models")
     p.add_argument("--route", default="embeddings", choices=ROUTES,
                    help="embeddings: POST /v1/embeddings (OpenAI); classify: POST /predict (TEI); "
                         "v2: POST /v2/models/{model}/infer (KServe v2); rerank: POST /v1/rerank (Cohere/Jina, the "
@@ -232,7 +234,7 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
                  metadata: dict, steps: list[dict], latencies: list[list[float]]) -> None:
     from neuronserve.deploy.loadtest.client import StepRunner, Target, discover_model, make_client, preflight, raise_fd_limit
     from neuronserve.deploy.loadtest.report import step_label
-    from neuronserve.deploy.loadtest.stats import summarize
+    from neuronserve.deploy.loadtest.stats import model_breakdown, summarize
 
     if config.mode == "concurrency":
         pool = int(max(config.values))
@@ -259,9 +261,11 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
             metadata["notes"].append(warning)
             print(f"warning: {warning}", file=sys.stderr)
 
+        if config.mix:
+            metadata["mix"] = {name: round(w, 4) for name, w in config.mix}
         runner = StepRunner(client, target, workload, timeout_s=config.timeout_s,
                             max_requests=config.max_requests, progress=config.progress,
-                            inputs_per_request=config.inputs_per_request)
+                            inputs_per_request=config.inputs_per_request, mix=config.mix)
         for value in config.values:
             if config.mode == "concurrency":
                 label = f"c={format_value(value)}"
@@ -274,6 +278,8 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
                              warmup_s=config.warmup_s, duration_s=config.duration_s,
                              slo_p99_ms=config.slo_p99_ms, price_per_hour_usd=price,
                              client_cpu_s=result.cpu_s, client_wall_s=result.wall_s)
+            if result.by_model is not None:
+                step["models"] = model_breakdown(result.by_model, step, price)
             lat = result.recorder.latencies_ms
             steps.append(step)
             latencies.append(lat)
@@ -284,6 +290,12 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
                   f"errors {step['failed'] - step['throttled']}, dropped {step['dropped_by_client']}, "
                   f"{step['achieved_rps']:.2f} req/s, p99 {'-' if p99 is None else f'{p99:.2f}'} ms, "
                   f"client CPU {step['client_cpu_percent']:.0f}%", file=sys.stderr)
+            for name, one in (step.get("models") or {}).items():
+                p50, p99 = one["latency_ms"]["p50"], one["latency_ms"]["p99"]
+                cost = one["usd_per_1m_requests"]
+                print(f"  {name}: ok {one['succeeded']}, {one['achieved_rps']:.2f} req/s, p50 "
+                      f"{'-' if p50 is None else f'{p50:.2f}'} ms, p99 {'-' if p99 is None else f'{p99:.2f}'} ms, "
+                      f"$/1M req {'-' if cost is None else f'{cost:.4f}'}", file=sys.stderr)
 
 
 def _write_outputs(config: LoadtestConfig, metadata: dict, steps: list[dict], latencies: list[list[float]]) -> Path:

@@ -259,13 +259,19 @@ class StepResult:
     recorder: StepRecorder
     cpu_s: float
     wall_s: float
+    by_model: dict[str, StepRecorder] | None = None  # a weighted model mix: each model's own record
 
 
 class StepRunner:
     """Runs one sweep step against a target with a shared client."""
 
     def __init__(self, client: "aiohttp.ClientSession", target: Target, workload: "Workload", *,
-                 timeout_s: float, max_requests: int, progress: bool | None = None, inputs_per_request: int = 1):
+                 timeout_s: float, max_requests: int, progress: bool | None = None, inputs_per_request: int = 1,
+                 mix: list[tuple[str, float]] | None = None):
+        from dataclasses import replace
+
+        from neuronserve.deploy.loadtest.stats import mix_order
+
         self.client = client
         self.target = target
         self.workload = workload
@@ -273,19 +279,40 @@ class StepRunner:
         self.max_requests = max_requests
         self.progress = progress
         self.inputs = inputs_per_request
-        if inputs_per_request == 1:
-            self._bodies = [target.body(t) for t in workload.texts]
-        else:  # request i sends texts i*n .. i*n+n-1 of the pool, as one list
-            n, texts = inputs_per_request, workload.texts
-            self._bodies = [target.body([texts[(i * n + k) % len(texts)] for k in range(n)]) for i in range(len(texts))]
+        # A weighted model mix (--model a=0.8,b=0.2): request i goes to model `_order[i]`, each
+        # with its own endpoint and bodies, and is also recorded in that model's `by_model`.
+        self.models = [name for name, _ in mix] if mix else [target.model]
+        targets = [replace(target, model=name) for name in self.models]
+        self._endpoints = [t.endpoint for t in targets]
+        self._order = mix_order([w for _, w in mix]) if mix else [0]
+        self._model_bodies = [self._bodies_for(t) for t in targets]
+        self._bodies = self._model_bodies[0]  # the one model's, without a mix
+        self.by_model: dict[str, StepRecorder] | None = None
         self._errors = _transport_errors()
+
+    def _bodies_for(self, target: Target) -> list[bytes]:
+        workload, n = self.workload, self.inputs
+        if n == 1:
+            return [target.body(t) for t in workload.texts]
+        texts = workload.texts  # request i sends texts i*n .. i*n+n-1 of the pool, as one list
+        return [target.body([texts[(i * n + k) % len(texts)] for k in range(n)]) for i in range(len(texts))]
+
+    def _new_step(self) -> StepRecorder:
+        self.by_model = {m: StepRecorder() for m in self.models} if len(self.models) > 1 else None
+        return StepRecorder()
 
     async def _one(self, index: int, rec: StepRecorder | None, window_start: float) -> None:
         """Send request `index`; record it only if rec is given (i.e. it was issued in the window)."""
-        body = self._bodies[index % len(self._bodies)]
+        m = self._order[index % len(self._order)]
+        bodies = self._model_bodies[m]
+        body = bodies[index % len(bodies)]
+        if rec is not None and self.by_model is not None:  # a mix: the model's own record too
+            own = self.by_model[self.models[m]]
+            own.sent += 1
+            rec = _Both(rec, own)
         t0 = time.perf_counter()
         try:
-            status, content = await asyncio.wait_for(fetch(self.client, "POST", self.target.endpoint, body), self.timeout_s)
+            status, content = await asyncio.wait_for(fetch(self.client, "POST", self._endpoints[m], body), self.timeout_s)
         except asyncio.CancelledError:
             if rec is not None:
                 rec.transport_error("cancelled")
@@ -316,7 +343,7 @@ class StepRunner:
                                            for k in range(self.inputs)), False)
 
     async def closed_loop(self, concurrency: int, warmup_s: float, duration_s: float, label: str) -> StepResult:
-        rec = StepRecorder()
+        rec = self._new_step()
         start = time.perf_counter()
         window_start = start + warmup_s
         window_end = window_start + duration_s
@@ -341,7 +368,7 @@ class StepRunner:
 
     async def open_loop(self, rate: float, arrival: str, seed: int, max_outstanding: int,
                         warmup_s: float, duration_s: float, label: str) -> StepResult:
-        rec = StepRecorder()
+        rec = self._new_step()
         schedule = iter_arrival_times(rate, warmup_s + duration_s, arrival=arrival, seed=seed)
         outstanding: set[asyncio.Task] = set()
         start = time.perf_counter()
@@ -406,4 +433,27 @@ class StepRunner:
             await asyncio.wait([ticker], timeout=1.0)
             progress.close()
         wall = time.perf_counter() - start
-        return StepResult(recorder=rec, cpu_s=time.process_time() - cpu0, wall_s=wall)
+        return StepResult(recorder=rec, cpu_s=time.process_time() - cpu0, wall_s=wall, by_model=self.by_model)
+
+
+class _Both:
+    """Records one request in the step's record and its model's (a weighted mix)."""
+
+    def __init__(self, step: StepRecorder, model: StepRecorder):
+        self.step, self.model = step, model
+
+    @property
+    def last_end_s(self) -> float:
+        return self.step.last_end_s
+
+    @last_end_s.setter
+    def last_end_s(self, value: float) -> None:
+        self.step.last_end_s = value
+        self.model.last_end_s = max(self.model.last_end_s, value)
+
+    def __getattr__(self, name):
+        def both(*args):
+            getattr(self.step, name)(*args)
+            getattr(self.model, name)(*args)
+
+        return both

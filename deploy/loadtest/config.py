@@ -113,12 +113,45 @@ class LoadtestConfig:
     progress: bool | None = None  # None: only when stderr is a terminal
     api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never written out
     inputs_per_request: int = 1
+    mix: list[tuple[str, float]] | None = None  # --model a=0.8,b=0.2: each request's model, by weight
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def step_name(self, value: float) -> str:
         return f"step-{self.mode}-{format_value(value)}"
+
+
+def parse_model_mix(text: str | None) -> list[tuple[str, float]] | None:
+    """`--model a=0.8,b=0.2`: the models of a weighted mix, weights normalised to sum to 1; a
+    plain name (or none) is no mix.
+
+    >>> parse_model_mix("e5=3,bge=1")
+    [('e5', 0.75), ('bge', 0.25)]
+    >>> parse_model_mix("minilm") is None
+    True
+    >>> parse_model_mix("a=0.5,a=0.5")
+    Traceback (most recent call last):
+    ...
+    neuronserve.deploy.loadtest.config.UsageError: --model 'a=0.5,a=0.5': model 'a' appears twice; give each model once, e.g. a=0.8,b=0.2
+    """
+    if not text or "=" not in text:
+        return None
+    hint = "give each model once, e.g. a=0.8,b=0.2"
+    mix: list[tuple[str, float]] = []
+    for item in text.split(","):
+        name, sep, weight = item.strip().partition("=")
+        try:
+            w = float(weight)
+        except ValueError:
+            w = float("nan")
+        if not sep or not name.strip() or not w > 0 or w == float("inf"):
+            raise UsageError(f"--model {text!r}: {item.strip()!r} is not NAME=WEIGHT with a positive weight; {hint}")
+        if name.strip() in {n for n, _ in mix}:
+            raise UsageError(f"--model {text!r}: model {name.strip()!r} appears twice; {hint}")
+        mix.append((name.strip(), w))
+    total = sum(w for _, w in mix)
+    return [(n, w / total) for n, w in mix]
 
 
 def format_value(value: float) -> str:
@@ -186,9 +219,11 @@ def config_from_args(args) -> LoadtestConfig:
         out = Path(time.strftime("loadtest-%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+    mix = parse_model_mix(args.model)
     return LoadtestConfig(
         url=url,
-        model=args.model,
+        model=mix[0][0] if mix else args.model,
+        mix=mix,
         route=args.route,
         mode=mode,
         values=values,

@@ -127,10 +127,35 @@ def render_report(sweep: dict) -> str:
         lines.append(f"- price: ${meta['price_per_hour_usd']:g}/hour from {meta.get('price_source')}; "
                      "$/1M req = 1e6 / achieved/s x price / 3600")
     lines += ["", markdown_table(steps), "", f"Latencies are of successful requests, in ms. {tokens_note(steps)}"]
+    if any(step.get("models") for step in steps):
+        lines += ["", "## Per model", "", models_table(steps), "",
+                  "Each model's cost is the price apportioned by its share of the step's tokens."]
     notes = (meta.get("notes") or []) + warnings_for(steps)
     if notes:
         lines += ["", "## Warnings", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def models_table(steps: list[dict]) -> str:
+    """A row per step and model of a weighted mix: requests, throughput, latency, cost.
+
+    >>> step = {"mode": "concurrency", "value": 8, "models": {"e5": {"succeeded": 80, "achieved_rps": 8.0,
+    ...     "latency_ms": {"p50": 3.0, "p99": 9.5}, "share_of_tokens": 0.8, "usd_per_1m_requests": 0.5}}}
+    >>> print(models_table([step]).splitlines()[2])
+    | c=8 | e5 | 80 | 8.00 | 3.00 | 9.50 | 0.80 | 0.5000 |
+    """
+    def ms(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    rows = ["| step | model | ok | req/s | p50 ms | p99 ms | token share | $/1M req |",
+            "|---|---|---|---|---|---|---|---|"]
+    for step in steps:
+        for name, one in (step.get("models") or {}).items():
+            cost = one["usd_per_1m_requests"]
+            rows.append(f"| {step_label(step)} | {name} | {one['succeeded']} | {one['achieved_rps']:.2f} | "
+                        f"{ms(one['latency_ms']['p50'])} | {ms(one['latency_ms']['p99'])} | "
+                        f"{one['share_of_tokens']:.2f} | {'-' if cost is None else f'{cost:.4f}'} |")
+    return "\n".join(rows)
 
 
 # --- comparison ---------------------------------------------------------------------------

@@ -159,3 +159,51 @@ def summarize(rec: StepRecorder, *, mode: str, value: float, arrival: str | None
         p99 = record["latency_ms"]["p99"]
         record["slo_met"] = p99 is not None and p99 <= slo_p99_ms
     return record
+
+
+def mix_order(weights: list[float], length: int = 1000) -> list[int]:
+    """Which model each request of a weighted mix goes to, in a fixed order (smooth weighted round
+    robin): every window of requests holds each model in proportion to its weight.
+
+    >>> mix_order([0.75, 0.25], 8)
+    [0, 0, 1, 0, 0, 0, 1, 0]
+    """
+    current = [0.0] * len(weights)
+    total = sum(weights)
+    order = []
+    for _ in range(length):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=lambda i: current[i])
+        current[best] -= total
+        order.append(best)
+    return order
+
+
+def model_breakdown(by_model: dict[str, StepRecorder], step: dict, price_per_hour_usd: float | None) -> dict:
+    """Per model of a mixed step: its requests, latencies and throughput over the step's elapsed
+    time, and its cost: the instance's price apportioned by the model's share of the step's tokens
+    (the device work it asked for; the server's own split, by device time, is the
+    `neuronserve_cost_allocated_usd_total` series), per 1M of its requests and tokens."""
+    elapsed = step["elapsed_s"]
+    tokens = {m: r.tokens_server + r.tokens_estimated for m, r in by_model.items()}
+    all_tokens = sum(tokens.values())
+    out = {}
+    for name, rec in by_model.items():
+        lat = sorted(rec.latencies_ms)
+        ok = len(lat)
+        rps = ok / elapsed if elapsed > 0 else 0.0
+        share = tokens[name] / all_tokens if all_tokens > 0 else (1.0 / len(by_model))
+        price = None if price_per_hour_usd is None else price_per_hour_usd * share
+        out[name] = {
+            "sent": rec.sent, "succeeded": ok, "failed": rec.failed, "throttled": rec.throttled,
+            "achieved_rps": round(rps, 2),
+            "latency_ms": {**{f"p{q}": _r(percentile(lat, q)) for q in PERCENTILES},
+                           "mean": _r(sum(lat) / ok) if ok else None},
+            "tokens_per_s": round(tokens[name] / elapsed, 2) if elapsed > 0 else 0.0,
+            "share_of_tokens": round(share, 4),
+            "price_per_hour_usd": _r(price, 6),
+            "usd_per_1m_requests": _r(cost_per_million(rps, price), 4),
+            "usd_per_1m_tokens": _r(cost_per_million(tokens[name] / elapsed if elapsed > 0 else 0.0, price), 4),
+        }
+    return out

@@ -176,6 +176,29 @@ def test_both_models_progress_under_contention_and_metrics_are_per_model(server)
     assert share["emb"] / sum(share.values()) == pytest.approx(busy["emb"] / sum(busy.values()), abs=0.15), (share, busy)
 
 
+def test_loadtest_weighted_mix_reports_each_model(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    url, _ = server
+    out = tmp_path / "lt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "neuronserve", "loadtest", "--url", url, "--model", "emb=0.75,emb2=0.25",
+         "--concurrency", "2", "--duration", "2s", "--warmup", "0s", "--instance-type", "inf2.xlarge",
+         "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["metadata"]["mix"] == {"emb": 0.75, "emb2": 0.25}
+    (step,) = sweep["steps"]
+    models = step["models"]
+    assert set(models) == {"emb", "emb2"} and step["failed"] == 0
+    assert sum(m["succeeded"] for m in models.values()) == step["succeeded"] > 8
+    assert abs(models["emb"]["succeeded"] / step["succeeded"] - 0.75) < 0.1
+    assert all(m["latency_ms"]["p50"] > 0 and m["usd_per_1m_requests"] > 0 for m in models.values())
+    assert "## Per model" in (out / "report.md").read_text()
+
+
 def run_serve(*args):
     import subprocess
     import sys
