@@ -32,8 +32,10 @@ def add_subcommand(subparsers) -> None:
     )
     from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs, add_flags
 
-    r.add_argument("--artifacts", required=True, metavar="DIR|URI",
-                   help="local artifact directory (baked into the image) or s3://bucket/prefix/<cache key>")
+    r.add_argument("--artifacts", required=True, metavar="[NAME=]DIR|URI", action="append",
+                   help="local artifact directory (baked into the image) or s3://bucket/prefix/<cache key>; repeat it "
+                        "for several models served by every replica (NAME= names one; local ones are expected in the "
+                        "image at /opt/neuronserve/artifacts/NAME), sized for their combined device memory")
     r.add_argument("--instance-type", required=True, metavar="TYPE",
                    help="EC2 instance type of the worker nodes, e.g. inf2.48xlarge")
     r.add_argument("--image", required=True, help="container image (deploy/docker/Dockerfile.neuron or .cpu)")
@@ -97,7 +99,7 @@ def run(args) -> int:
     from neuronserve.common.console import fail
 
     opts = RenderOptions(
-        artifacts=args.artifacts,
+        artifacts=args.artifacts[0] if len(args.artifacts) == 1 else args.artifacts,
         instance_type=args.instance_type,
         image=args.image,
         min_replicas=args.min_replicas,

@@ -226,9 +226,10 @@ class ArtifactFacts:
     max_bucket_tokens: int  # largest compiled batch_size * seq_len
     model_name: str | None = None
     lnc: int | None = None  # trn2/trn3: the Logical NeuronCore configuration compiled for (None: the default, 2)
+    device_memory_bytes: int | None = None  # the model's graphs and weights on the device (None: unknown)
 
     @classmethod
-    def from_manifest(cls, manifest) -> "ArtifactFacts":
+    def from_manifest(cls, manifest, artifact_dir=None) -> "ArtifactFacts":
         buckets = manifest.bucket_list()
         if not buckets:
             raise RenderError("the artifact manifest lists no buckets: recompile with `neuronserve compile`")
@@ -238,6 +239,7 @@ class ArtifactFacts:
             max_bucket_tokens=max(b.padded_tokens for b in buckets),
             model_name=manifest.model.name,
             lnc=manifest.lnc,
+            device_memory_bytes=device_memory_bytes(manifest, artifact_dir)[0],
         )
 
 
@@ -257,7 +259,7 @@ def assumed_facts(target: str) -> ArtifactFacts:
 # --- options and plan -----------------------------------------------------------------------------
 @dataclass
 class RenderOptions:
-    artifacts: str
+    artifacts: str | list[str]  # several: `[NAME=]DIR|URI` each, served together by every replica
     instance_type: str
     image: str
     min_replicas: int | None = None  # default: one node's worth
@@ -360,9 +362,60 @@ def _facts(opts: RenderOptions) -> ArtifactFacts:
             )
         return assumed_facts(opts.target)
     try:
-        return ArtifactFacts.from_manifest(load_manifest(opts.artifacts))
+        return ArtifactFacts.from_manifest(load_manifest(opts.artifacts), opts.artifacts)
     except ArtifactError as e:
         raise RenderError(str(e)) from None
+
+
+def _several(opts: RenderOptions) -> tuple[ArtifactFacts, list[str], str | None, list[tuple[str, int | None]]]:
+    """Several artifacts served by every replica: their combined facts (one target; the largest
+    batch and bucket; the sum of their device memory), the `artifacts` the replicas get
+    (`NAME=` the pod's path: a local directory baked into the image under
+    /opt/neuronserve/artifacts/NAME, an s3:// URI as is), the first s3:// URI, and each model's memory."""
+    from neuronserve.serve.settings import parse_artifact
+
+    facts, args, names, memory, s3 = [], [], [], [], None
+    for item in opts.artifacts:
+        try:
+            name, where = parse_artifact(item)
+        except ValueError as e:
+            raise RenderError(f"--artifacts: {e}") from None
+        one = _facts(replace(opts, artifacts=where, manifest_file=None, facts=None))
+        name = name or one.model_name
+        if name is None:
+            raise RenderError(f"--artifacts {where}: its manifest cannot be read here, so name the model: "
+                              f"--artifacts NAME={where}")
+        if name in names:
+            raise RenderError(f"two artifacts serve the model name {name!r}; name them apart with --artifacts NAME=DIR")
+        names.append(name)
+        facts.append(one)
+        memory.append((name, one.device_memory_bytes))
+        remote = _is_remote(where)
+        s3 = s3 or (where if remote else None)
+        args.append(f"{name}={where if remote else IMAGE_ARTIFACTS_DIR + '/' + name}")
+    targets = sorted({f.target for f in facts})
+    if len(targets) > 1:
+        raise RenderError("the models of one replica must be compiled for one target; got "
+                          + ", ".join(f"{n} ({f.target})" for n, f in zip(names, facts)))
+    if len({f.lnc for f in facts}) > 1:
+        raise RenderError("the models of one replica must be compiled for one Logical NeuronCore configuration; got "
+                          + ", ".join(f"{n} (lnc {f.lnc or 'default'})" for n, f in zip(names, facts)))
+    known = [m for _, m in memory if m is not None]
+    combined = ArtifactFacts(target=targets[0], max_batch_rows=max(f.max_batch_rows for f in facts),
+                             max_bucket_tokens=max(f.max_bucket_tokens for f in facts), lnc=facts[0].lnc,
+                             device_memory_bytes=sum(known) if len(known) == len(memory) else None)
+    return combined, args, s3, memory
+
+
+def cores_for_memory(total_bytes: int, target: str) -> int:
+    """NeuronCores one replica needs to hold models of `total_bytes` of device memory.
+
+    >>> cores_for_memory(20 * 2**30, "inf2"), cores_for_memory(3 * 2**30, "trn1")
+    (2, 1)
+    """
+    from neuronserve.serve.placement import NEURONCORE_MEMORY_GIB
+
+    return max(1, math.ceil(total_bytes / (NEURONCORE_MEMORY_GIB[target] * 2**30)))
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -414,6 +467,12 @@ DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 SECRET_KEY_RE = re.compile(r"[-._a-zA-Z0-9]{1,253}")
 
 
+def device_memory_bytes(manifest, artifact_dir):
+    from neuronserve.models.artifact import device_memory_bytes as of
+
+    return of(manifest, artifact_dir)
+
+
 def plan(opts: RenderOptions) -> Plan:
     """Check the inputs against each other and size pods, replicas and batching."""
     check_ray_auth(opts)
@@ -429,7 +488,13 @@ def plan(opts: RenderOptions) -> Plan:
             f"{MAX_NAME_LEN} characters (KubeRay appends suffixes to build pod and service names)"
         )
     inst = get_instance(opts.instance_type)
-    facts = _facts(opts)
+    several = isinstance(opts.artifacts, list) and (len(opts.artifacts) > 1 or "=" in opts.artifacts[0].split("://")[0])
+    if several:
+        facts, artifacts_arg, s3, memory = _several(opts)
+    else:
+        if isinstance(opts.artifacts, list):
+            opts = replace(opts, artifacts=opts.artifacts[0])
+        facts = _facts(opts)
     if opts.target and facts.target != opts.target:
         raise RenderError(f"--target {opts.target} contradicts the manifest's target {facts.target}")
     if opts.backend not in BACKENDS:
@@ -455,6 +520,18 @@ def plan(opts: RenderOptions) -> Plan:
             raise RenderError(f"{flag} {value}: must be >= 1")
     if neuron:
         cores = 1 if opts.cores_per_replica is None else opts.cores_per_replica
+        if several and facts.device_memory_bytes is not None:
+            # Every replica holds every model: its NeuronCores must hold their combined memory.
+            from neuronserve.serve.placement import size_text
+
+            needed = cores_for_memory(facts.device_memory_bytes, facts.target)
+            listed = ", ".join(f"{n} {size_text(m)}" for n, m in memory)
+            if opts.cores_per_replica is None:
+                cores = needed
+            elif cores < needed:
+                raise RenderError(f"--cores-per-replica {cores}: the models of one replica need "
+                                  f"{size_text(facts.device_memory_bytes)} of device memory ({listed}), which takes "
+                                  f"{needed} NeuronCores; use --cores-per-replica {needed} or serve fewer models")
         if cores > inst.neuron_cores:
             raise RenderError(
                 f"--cores-per-replica {cores} is more than the {inst.neuron_cores} NeuronCores of one "
@@ -466,11 +543,13 @@ def plan(opts: RenderOptions) -> Plan:
             "use --threads-per-replica"
         )
     price = opts.price_per_hour_usd if opts.price_per_hour_usd is not None else inst.price_per_hour_usd
-    s3 = opts.artifacts if _is_remote(opts.artifacts) else None
+    if not several:
+        s3 = opts.artifacts if _is_remote(opts.artifacts) else None
+        artifacts_arg = s3 or IMAGE_ARTIFACTS_DIR  # an s3:// URI: each pod pulls it (compile.store)
     given = {
-        "artifacts": s3 or IMAGE_ARTIFACTS_DIR,  # an s3:// URI: each pod pulls it (compile.store)
+        "artifacts": artifacts_arg,
         "backend": opts.backend,
-        "cores_per_replica": opts.cores_per_replica if neuron else None,
+        "cores_per_replica": cores if neuron and (several or opts.cores_per_replica is not None) else None,
         "threads_per_replica": None if neuron else opts.threads_per_replica,
         "max_batch_tokens": opts.max_batch_tokens,
         "batch_wait_ms": opts.batch_wait_ms,
@@ -547,7 +626,7 @@ def plan(opts: RenderOptions) -> Plan:
         max_queued_rows=args.max_queued_rows,
         max_ongoing_requests=args.max_ongoing_requests,
         target_ongoing_requests=target_ongoing,
-        pod_artifacts_dir=args.artifacts,
+        pod_artifacts_dir=args.artifacts if isinstance(args.artifacts, str) else ", ".join(args.artifacts),
         s3_uri=s3,
         price_per_hour_usd=price,
         args=args,
