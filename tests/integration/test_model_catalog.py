@@ -98,3 +98,42 @@ def test_three_models_with_room_for_two_load_on_demand_least_recently_used_out(s
     assert len(loaded(url)) <= 2
     s = samples(metrics_dir)
     assert sum(s.get(("neuronserve_model_evictions_total", n), 0) for n in NAMES) > 2  # they did come and go
+
+
+def test_with_two_replicas_each_request_goes_to_a_replica_that_holds_its_model(serve_instance, catalog, tmp_path):
+    """Two replicas with room for two of the three models each: once c is loaded on one of them,
+    requests for a and c arriving at either replica (HAProxy picks) are answered where their model
+    is, through Serve's router, instead of loading it again."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    deploy(serve_instance, AppArgs(artifacts=[f"{n}={catalog[n]}" for n in NAMES], max_models_per_replica=2,
+                                   num_replicas=2, threads_per_replica=1, metrics_dir=str(metrics_dir)))
+    url = serve_instance
+    from neuronserve.serve.serve_cli import wait_ready
+
+    assert wait_ready(url, 120, threading.Event(), replicas=2, settle_polls=10_000)
+
+    def counts():
+        s = samples(metrics_dir)
+        return (sum(s.get(("neuronserve_model_loads_total", n), 0) for n in NAMES),
+                sum(s.get(("neuronserve_model_evictions_total", n), 0) for n in NAMES))
+
+    assert counts() == (4, 0)  # a and b on each replica
+    texts = ["which replica holds me"]
+    want = {n: Engine(catalog[n], "cpu").embed(texts) for n in NAMES}
+    assert np.allclose(embed(url, "c", texts), want["c"], atol=1e-5)
+    assert counts() == (5, 1)  # c loaded on one replica, a unloaded there
+    # Serve's router learns which replica holds which model within a fraction of a second.
+    deadline = time.monotonic() + 30
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 10:
+        before = counts()
+        for name in ("a", "c"):
+            assert np.allclose(embed(url, name, texts), want[name], atol=1e-5)
+        quiet = quiet + 1 if counts() == before else 0
+    assert quiet >= 10, counts()
+    loads, evictions = counts()
+    for _ in range(20):  # twenty more of each, from either replica: no model is loaded again
+        for name in ("a", "c", "b"):
+            assert np.allclose(embed(url, name, texts), want[name], atol=1e-5)
+    assert counts() == (loads, evictions) and loads <= 7, counts()
