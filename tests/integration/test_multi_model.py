@@ -220,3 +220,25 @@ def test_serve_refuses_before_starting_ray_a_set_that_does_not_fit_or_shares_a_n
     assert "device_memory_gib=0.0001" in line and "Ray" not in big.stderr
     same = run_serve("--artifacts", str(artifacts["emb"]), "--artifacts", str(artifacts["emb"]))
     assert same.returncode != 0 and "two artifacts serve the model name 'tiny-bert-embed'" in same.stderr
+
+
+def test_the_serve_command_serves_several_artifacts(artifacts):
+    """`neuronserve serve --artifacts A --artifacts NAME=B`: one unnamed (the manifest's name), one
+    named; the banner lists both and each answers by its name."""
+    from tests.fixtures.ports import free_port
+    from tests.integration.conftest import start_server, stop_server
+
+    port = free_port()
+    proc, out, _ = start_server(artifacts["emb"], port, free_port(), "--artifacts", f"cls={artifacts['cls']}")
+    try:
+        banner = "".join(out)
+        assert "2 models (tiny-bert-embed, cls" in banner, banner
+        url = f"http://127.0.0.1:{port}"
+        r = post(url, "/v1/embeddings", {"model": "tiny-bert-embed", "input": "x"})
+        assert r.status_code == 200 and r.json()["model"] == "tiny-bert-embed"
+        r = post(url, "/predict", {"model": "cls", "inputs": "x"})
+        assert r.status_code == 200 and len(r.json()) == 3
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]] == ["tiny-bert-embed", "cls"]
+    finally:
+        stop_server(proc)
+    assert proc.returncode == 0
