@@ -520,7 +520,9 @@ def plan(opts: RenderOptions) -> Plan:
             raise RenderError(f"{flag} {value}: must be >= 1")
     if neuron:
         cores = 1 if opts.cores_per_replica is None else opts.cores_per_replica
-        if several and facts.device_memory_bytes is not None:
+        from neuronserve.serve.placement import NEURONCORE_MEMORY_GIB
+
+        if several and facts.device_memory_bytes is not None and facts.target in NEURONCORE_MEMORY_GIB:
             # Every replica holds every model: its NeuronCores must hold their combined memory.
             from neuronserve.serve.placement import size_text
 
