@@ -512,7 +512,7 @@ def split_cost(usd: float, busy_s: Sequence[float], total_busy_s: Sequence[float
     for weights in (busy_s, total_busy_s):
         total = sum(max(0.0, w) for w in weights)
         if total > 0:
-            return [usd * max(0.0, w) / total for w in weights]
+            return [usd * (max(0.0, w) / total) for w in weights]
     return [usd / len(busy_s)] * len(busy_s)
 
 
