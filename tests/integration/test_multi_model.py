@@ -17,14 +17,15 @@ from tests.fixtures.tiny_models import make_tiny_model
 from tests.integration.conftest import deploy
 
 pytestmark = pytest.mark.integration
-NAMES = ["emb", "emb2", "cls"]
+NAMES = ["emb", "emb2", "cls", "rr"]
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("multi")
     out = {}
-    for name, family, task in (("emb", "bert", "embed"), ("emb2", "roberta", "embed"), ("cls", "roberta", "classify")):
+    for name, family, task in (("emb", "bert", "embed"), ("emb2", "roberta", "embed"), ("cls", "roberta", "classify"),
+                               ("rr", "bert", "rerank")):
         model = make_tiny_model(root, family=family, task=task)
         out[name] = compile_artifact(CompileOptions(model=str(model), task=task, buckets=parse_buckets("1x16,4x16,4x32"),
                                                     out=root / f"art-{name}")).out_dir
@@ -86,6 +87,17 @@ def test_requests_route_by_model_name_on_every_protocol(server, artifacts):
     assert [row[0]["label"] for row in named.json()] == [label for label, _ in want]
     v2 = post(url, "/v2/models/cls/infer", {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]})
     assert v2.json()["model_name"] == "cls"
+    # The embedder and the reranker of a retrieval stack, side by side: Cohere's shape names the
+    # model, TEI's does not (the first reranker served), and both score alike.
+    docs = ["a document about serving", "hello", "something else entirely"]
+    cohere = post(url, "/v1/rerank", {"model": "rr", "query": "serving", "documents": docs})
+    assert cohere.status_code == 200, cohere.text
+    tei = post(url, "/rerank", {"query": "serving", "texts": docs})
+    assert tei.status_code == 200, tei.text
+    by_index = {r["index"]: r["relevance_score"] for r in cohere.json()["results"]}
+    assert len(by_index) == 3
+    assert all(abs(by_index[r["index"]] - r["score"]) < 1e-5 for r in tei.json())
+    assert post(url, "/v1/rerank", {"model": "emb", "query": "q", "documents": docs}).status_code == 404
     # A model of another task on a route: that route's own 404.
     wrong = post(url, "/v1/embeddings", {"model": "cls", "input": "x"})
     assert wrong.status_code == 404 and "/predict" in wrong.json()["error"]["message"]
@@ -97,14 +109,14 @@ def test_an_unknown_model_is_a_404_in_the_routes_shape_listing_those_served(serv
     assert r.status_code == 404
     err = r.json()["error"]
     assert err["code"] == "model_not_found" and err["param"] == "model"
-    assert "'nope'" in err["message"] and "emb, emb2, cls" in err["message"]
+    assert "'nope'" in err["message"] and "emb, emb2, cls, rr" in err["message"]
     r = post(url, "/predict", {"model": "nope", "inputs": "x"})
-    assert r.status_code == 404 and "emb, emb2, cls" in r.json()["error"] and "error_type" in r.json()
+    assert r.status_code == 404 and "emb, emb2, cls, rr" in r.json()["error"] and "error_type" in r.json()
     r = post(url, "/v2/models/nope/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]})
-    assert r.status_code == 404 and "emb, emb2, cls" in r.json()["error"]
+    assert r.status_code == 404 and "emb, emb2, cls, rr" in r.json()["error"]
     for path in ("/v2/models/nope", "/v2/models/nope/ready"):
         r = httpx.get(url + path, timeout=30)
-        assert r.status_code == 404 and "emb, emb2, cls" in r.json()["error"], path
+        assert r.status_code == 404 and "emb, emb2, cls, rr" in r.json()["error"], path
     # The server is healthy after them.
     assert post(url, "/v1/embeddings", {"model": "emb2", "input": "x"}).status_code == 200
 
@@ -114,7 +126,7 @@ def test_listings_name_every_model(server):
     assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]] == NAMES
     index = httpx.get(url + "/v2/models", timeout=30).json()["models"]
     assert [m["name"] for m in index] == NAMES
-    assert [m["outputs"][0]["name"] for m in index] == ["embedding", "embedding", "label"]
+    assert [m["outputs"][0]["name"] for m in index] == ["embedding", "embedding", "label", "label"]
     for name in NAMES:
         assert httpx.get(f"{url}/v2/models/{name}", timeout=30).json()["name"] == name
         assert httpx.get(f"{url}/v2/models/{name}/ready", timeout=30).json() == {"name": name, "ready": True}
