@@ -321,9 +321,15 @@ def check_models(served: list, args: AppArgs, dirs: dict | None = None) -> None:
     if unknown:
         log.warning("device memory of %s is unknown (older manifests of remote artifacts): not counted in the "
                     "start-up check; recompile them to record it", ", ".join(unknown))
+    held = args.max_models_per_replica
+    if held is not None and held < len(served):
+        # A catalog: a replica holds at most `held` models at once; the largest of them must fit.
+        sizes = sorted(sizes, key=lambda item: -item[1])[:held]
     total = sum(size for _, size in sizes)
     if total > limit:
         listed = ", ".join(f"{n} {size_text(size)}" for n, size in sizes)
+        if held is not None and held < len(served):
+            listed = f"the {held} largest, --max-models-per-replica {held}: " + listed
         where = (f"device_memory_gib={args.device_memory_gib:g}" if args.device_memory_gib is not None
                  else f"{args.cores_per_replica} NeuronCore{'s' if args.cores_per_replica > 1 else ''} of "
                       f"{targets[0]} at {NEURONCORE_MEMORY_GIB[targets[0]]:g} GiB each")

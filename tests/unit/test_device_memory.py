@@ -111,3 +111,12 @@ def test_a_set_that_does_not_fit_is_refused_naming_the_models_and_sizes(tmp_path
     check_models(served[:1], AppArgs(artifacts="a"))
     with pytest.raises(ValueError, match="device_memory_gib"):
         check_models(served[:1], AppArgs(artifacts="a", device_memory_gib=4))
+
+
+def test_a_catalog_needs_room_for_its_largest_models_held_at_once(tmp_path):
+    served = [neuron_manifest(tmp_path, "a", 9.0), neuron_manifest(tmp_path, "b", 6.0),
+              neuron_manifest(tmp_path, "c", 5.0)]
+    check_models(served, AppArgs(artifacts="x", max_models_per_replica=2, device_memory_gib=15))  # 9 + 6 fit
+    with pytest.raises(ValueError) as e:
+        check_models(served, AppArgs(artifacts="x", max_models_per_replica=2, device_memory_gib=14))
+    assert "the 2 largest, --max-models-per-replica 2: a 9.0 GiB, b 6.0 GiB" in str(e.value)
