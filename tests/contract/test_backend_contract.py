@@ -388,7 +388,7 @@ def test_the_composition_root_wires_a_replica_by_the_backends_capabilities(serve
     from neuronserve.serve.settings import AppArgs
 
     made, startups = [], []
-    monkeypatch.setattr(root, "ServeMetrics", lambda *a: made.append(a) or SimpleNamespace(startup=startups.append))
+    monkeypatch.setattr(root, "ServeMetrics", lambda *a, **kw: made.append(a) or SimpleNamespace(startup=startups.append))
     before = torch.get_num_threads()
     args = AppArgs(artifacts=str(served.artifact_dir), backend="auto", threads_per_replica=1, max_concurrent_batches=2,
                    instance_type="c7i.xlarge", max_inputs_per_request=8, truncate=False)

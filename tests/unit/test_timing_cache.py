@@ -185,7 +185,7 @@ def test_startup_phases_are_exported():
 def test_a_replica_exports_its_startup_phases(artifact, cache_dir, monkeypatch):
     reg = CollectorRegistry()
     metrics = Metrics(reg)
-    monkeypatch.setattr(root, "ServeMetrics", lambda *a: ServeMetrics(*a, metrics=metrics))
+    monkeypatch.setattr(root, "ServeMetrics", lambda *a, **kw: ServeMetrics(*a, **kw, metrics=metrics))
     replica = start(artifact)
     got = samples(reg)
     for phase in ("pull", "load", "warmup", "ready"):
