@@ -36,7 +36,7 @@ from neuronserve.serve.metrics import use_multiproc_dir
 from neuronserve.serve.placement import DEPLOYMENT_NAME, deployment_options
 from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.buckets import truncated_count
-from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, check_headers, check_model, component_schemas, decode,
+from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, article, check_headers, check_model, component_schemas, decode,
                                                 read_capped, request_body, server_version)
 from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
 
@@ -758,7 +758,7 @@ class NeuronServe:
         engine = model.engine
         req = kserve.parse(await self._body(request), model.limits, name)
         if engine.task_info.head not in ("pooled", "logits") or not engine.task_info.singles:
-            raise NotFound(f"this server runs a {engine.task} model, which v2 does not serve here; use "
+            raise NotFound(f"this server runs {article(engine.task)} {engine.task} model, which v2 does not serve here; use "
                            f"{ROUTE_FOR_TASK[engine.task]}")
         texts = engine.with_prompt(req.texts) if engine.task == "embed" else req.texts
         rows = await self._tokenize(texts, req.truncate, model)

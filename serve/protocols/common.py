@@ -38,9 +38,18 @@ def check_model(name: Any, limits: Limits) -> None:
                        param="model", code="model_not_found")
 
 
+def article(word: str) -> str:
+    """'an' before a vowel, else 'a'.
+
+    >>> article("embed"), article("rerank")
+    ('an', 'a')
+    """
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def check_task(task: str, limits: Limits) -> None:
     if limits.task != task:
-        raise NotFound(f"this server runs a {limits.task} model; use {ROUTE_FOR_TASK[limits.task]}")
+        raise NotFound(f"this server runs {article(limits.task)} {limits.task} model; use {ROUTE_FOR_TASK[limits.task]}")
 
 
 def check_count(n: int, limits: Limits) -> None:
