@@ -19,7 +19,7 @@ def add_subcommand(subparsers) -> None:
         "(embed), \"label\" and \"score\" (classify), \"score\" (rerank), \"sparse\": [{\"index\", \"value\"}] "
         "(sparse).",
     )
-    p.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="artifact directory from `neuronserve compile`")
+    p.add_argument("--artifacts", required=True, metavar="DIR|URI", help=ARTIFACTS_HELP)
     p.add_argument("--input", type=Path, required=True, metavar="FILE", help="JSONL input file")
     p.add_argument("--output", type=Path, required=True, metavar="FILE", help="JSONL output file")
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"], help=BACKEND_HELP)
@@ -39,7 +39,7 @@ def add_subcommand(subparsers) -> None:
         "own, so real tokens/s counts the rows' tokens and padded tokens/s everything the device computes. "
         "Progress goes to stderr, the table to stdout.",
     )
-    b.add_argument("--artifacts", type=Path, required=True, metavar="DIR", help="artifact directory from `neuronserve compile`")
+    b.add_argument("--artifacts", required=True, metavar="DIR|URI", help=ARTIFACTS_HELP)
     b.add_argument("--backend", default="auto", choices=["auto", "cpu", "neuron"], help=BACKEND_HELP)
     b.add_argument("--iterations", type=int, default=10, metavar="N", help="timed runs per bucket (after 2 warm-up runs)")
     b.add_argument("--threads", type=int, default=None, metavar="N", help="CPU backend: torch threads (default: all cores)")
@@ -47,6 +47,8 @@ def add_subcommand(subparsers) -> None:
     b.set_defaults(func=run_bench)
 
 
+ARTIFACTS_HELP = ("artifact directory from `neuronserve compile`, or its s3:// URI (pulled into the local cache and "
+                  "verified, as `serve` does; the `s3` extra)")
 BACKEND_HELP = "auto: the artifact's target; cpu runs a CPU artifact, neuron a Neuron one on this host's NeuronCores"
 
 
@@ -111,11 +113,18 @@ def results(engine, chunk: list, truncate: bool, prompt_name: str | None) -> lis
     return [{"label": label, "score": score} for label, score in engine.classify(chunk, truncate)]
 
 
+def _local(artifacts: str) -> Path:
+    """The artifact directory: `artifacts` itself, or its s3:// URI pulled (and verified) into the cache."""
+    from neuronserve.compile.store import resolve_artifacts
+
+    return resolve_artifacts(artifacts, err)
+
+
 def _engine(args):
     from neuronserve.serve.engine import Engine
 
     options = {"threads": args.threads} if args.threads else {}
-    return Engine(args.artifacts, args.backend, backend_options=options)
+    return Engine(_local(args.artifacts), args.backend, backend_options=options)
 
 
 def run_infer(args) -> int:
@@ -126,9 +135,11 @@ def run_infer(args) -> int:
 
     if args.chunk_size < 1:
         return fail("--chunk-size must be >= 1", code=2)
+    from neuronserve.compile.store import StoreError
+
     try:
         engine = _engine(args)
-    except (ArtifactError, BackendError) as e:
+    except (ArtifactError, BackendError, StoreError) as e:
         return fail(str(e))
     try:
         items = read_items(args.input, engine.task_info.pairs)
@@ -202,10 +213,13 @@ def run_bench(args) -> int:
 
     if args.iterations < 1:
         return fail("--iterations must be >= 1", code=2)
+    from neuronserve.compile.store import StoreError
+
     try:
-        manifest = load_manifest(args.artifacts)
-        backend = load_backend(args.artifacts, args.backend, **({"threads": args.threads} if args.threads else {}))
-    except (ArtifactError, BackendError) as e:
+        local = _local(args.artifacts)
+        manifest = load_manifest(local)
+        backend = load_backend(local, args.backend, **({"threads": args.threads} if args.threads else {}))
+    except (ArtifactError, BackendError, StoreError) as e:
         return fail(str(e))
     buckets = manifest.bucket_list()
     seq_lens = sorted({b.seq_len for b in buckets})

@@ -415,3 +415,23 @@ def test_serve_pulls_an_s3_artifact_and_answers(s3, aws, artifact, monkeypatch):
         assert len(data) == 2 and len(data[0]["embedding"]) == load_manifest(artifact).model.output_dim
     finally:
         stop_server(proc)
+
+
+def test_infer_and_bench_take_an_s3_artifact(s3, aws, artifact, cache, tmp_path):
+    """`neuronserve infer` and `bench` pull an s3:// artifact as `serve` does; the vectors are those of
+    the local artifact."""
+    uri = store.push(artifact, fresh_prefix("infer")).uri
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"id": 7, "text": "hello world"}\n"store"\n')
+    env = dict(os.environ)
+    for source, out in ((uri, tmp_path / "s3.jsonl"), (str(artifact), tmp_path / "local.jsonl")):
+        done = run_cli("infer", "--artifacts", source, "--input", str(texts), "--output", str(out), env=env)
+        assert done.returncode == 0, done.stderr
+    got = [json.loads(line) for line in (tmp_path / "s3.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    assert got == want and got[0]["id"] == 7 and len(got) == 2
+    bench = run_cli("bench", "--artifacts", uri, "--iterations", "1", env=env)
+    assert bench.returncode == 0, bench.stderr
+    wrong = run_cli("infer", "--artifacts", "s3://Bad_Bucket/x", "--input", str(texts), "--output", str(tmp_path / "x"),
+                    env=env)
+    assert wrong.returncode != 0 and "not a valid S3 bucket name" in wrong.stderr and "Traceback" not in wrong.stderr
