@@ -52,12 +52,6 @@ ARTIFACTS_HELP = ("artifact directory from `neuronserve compile`, or its s3:// U
 BACKEND_HELP = "auto: the artifact's target; cpu runs a CPU artifact, neuron a Neuron one on this host's NeuronCores"
 
 
-def read_texts(path: Path) -> list[str]:
-    from neuronserve.common.jsonl import read_texts as read_jsonl
-
-    return read_jsonl(path, allow_empty=True)
-
-
 INPUT_KEYS = ("text", "query", "document")
 
 
@@ -65,22 +59,12 @@ def read_items(path: Path, pairs: bool) -> list[tuple[object, dict]]:
     """(input, other fields) per non-blank line: the input is a text, or a (text, text) pair when
     the task takes pairs (`pairs`); the other fields are the line's object without its input keys.
     Raises ValueError naming the file and line."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"cannot read {str(path)!r}: the file does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {str(path)!r}: {exc}") from None
+    from neuronserve.common.jsonl import json_lines
+
     expected = ('a JSON string, {"text": ...}, {"query": ..., "document": ...} or {"text": [text, text]}' if pairs
                 else 'a JSON string or {"text": ...}')
     items = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be {expected}") from None
+    for lineno, item in json_lines(path, expected):
         extra = {}
         if isinstance(item, dict):
             extra = {k: v for k, v in item.items() if k not in INPUT_KEYS}

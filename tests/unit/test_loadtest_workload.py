@@ -80,7 +80,10 @@ def test_empty_or_missing_jsonl(tmp_path):
 
 
 def test_infer_and_loadtest_read_jsonl_alike_except_empty_texts(tmp_path):
-    from neuronserve.serve.infer_cli import read_texts
+    from neuronserve.serve.infer_cli import read_items
+
+    def read_texts(path):  # what infer reads for a task of single texts
+        return [text for text, _ in read_items(path, pairs=False)]
 
     path = tmp_path / "texts.jsonl"
     path.write_text('"a b"\n\n{"text": "c"}\n""\n')
