@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from neuronserve.models.artifact import Bucket, Manifest
+from neuronserve.models.artifact import Bucket, Manifest, sha256_file
 
 
 class BackendError(Exception):
@@ -52,6 +52,18 @@ class Backend(Protocol):
     def health(self) -> dict:
         """Cheap status for readiness and metrics, e.g. {"ok": True, "device": "cpu", "cores": [..]}."""
         ...
+
+
+def check_bucket_file(bucket: Bucket, path: Path, sha256: str | None, what: str) -> None:
+    """A bucket's `what` file ("graph file", "program file") is there and, when the manifest gives
+    its sha256, matches it."""
+    if not path.is_file():
+        raise BackendError(f"bucket {bucket}: {what} {path} is missing; recompile the artifact")
+    if sha256 and sha256_file(path) != sha256:
+        raise BackendError(
+            f"bucket {bucket}: {what} {path} does not match the sha256 in the manifest; "
+            "the artifact was modified or copied incompletely: copy it again or recompile"
+        )
 
 
 def check_shape(bucket: Bucket, inputs: tuple[torch.Tensor, ...], n_inputs: int) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from neuronserve.models.artifact import Bucket, Manifest, sha256_file
 from neuronserve.models.families import graph_inputs
-from neuronserve.serve.backends.base import BackendError, check_shape
+from neuronserve.serve.backends.base import BackendError, check_bucket_file, check_shape
 
 VISIBLE_CORES_ENV = "NEURON_RT_VISIBLE_CORES"
 
@@ -152,13 +152,7 @@ class NeuronBackend:
             raise BackendError(f"giving the graphs of {self.artifact_dir} their weights ({path}) failed: {e}") from e
 
     def _load(self, bucket: Bucket, path: Path, sha256: str | None) -> torch.jit.ScriptModule:
-        if not path.is_file():
-            raise BackendError(f"bucket {bucket}: graph file {path} is missing; recompile the artifact")
-        if sha256 and sha256_file(path) != sha256:
-            raise BackendError(
-                f"bucket {bucket}: graph file {path} does not match the sha256 in the manifest; "
-                "the artifact was modified or copied incompletely: copy it again or recompile"
-            )
+        check_bucket_file(bucket, path, sha256, "graph file")
         start = time.perf_counter()
         try:
             module = torch.jit.load(str(path))

@@ -28,7 +28,7 @@ from neuronserve.common import neuron_sdk
 from neuronserve.common import torchneuron as tn
 from neuronserve.models.artifact import Bucket, Manifest, sha256_file
 from neuronserve.models.families import graph_inputs
-from neuronserve.serve.backends.base import BackendError, check_shape
+from neuronserve.serve.backends.base import BackendError, check_bucket_file, check_shape
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,7 @@ class TorchNeuronBackend:
         return dest
 
     def _load(self, bucket: Bucket, path: Path, sha256: str | None) -> object:
-        if not path.is_file():
-            raise BackendError(f"bucket {bucket}: program file {path} is missing; recompile the artifact")
-        if sha256 and sha256_file(path) != sha256:
-            raise BackendError(
-                f"bucket {bucket}: program file {path} does not match the sha256 in the manifest; "
-                "the artifact was modified or copied incompletely: copy it again or recompile"
-            )
+        check_bucket_file(bucket, path, sha256, "program file")
         start = time.perf_counter()
         try:
             compiled = tn.load_compiled(path)
