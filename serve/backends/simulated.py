@@ -3,7 +3,9 @@ host path ("what host CPU do I need per NeuronCore"), never for serving answers.
 
 Each forward blocks for the time its profile gives for the bucket (a fixed cost per execution plus
 a cost per padded token), sleeping, so the GIL is free as it is while the Neuron runtime executes,
-and returns outputs of the right shape and dtype (constant vectors: their values mean nothing).
+and returns outputs of the right shape and dtype: ones, but for the first value of each row, its
+count of real (unpadded) tokens, so answers to different inputs can be told apart (the values mean
+nothing else).
 Like a NeuronCore it runs one graph at a time: concurrent forwards queue for the device.
 
 Profiles are JSON files in `serve/backends/profiles/` (name them) or anywhere (give the path):
@@ -73,6 +75,9 @@ class SimulatedBackend:
         self.profile = load_profile(profile)
         self.buckets = set(manifest.bucket_list())
         self._n_inputs = len(manifest.inputs)
+        # Which input tells real tokens from padding: the attention mask when the graph takes one.
+        self._mask_at = manifest.inputs.index("attention_mask") if "attention_mask" in manifest.inputs else None
+        self._pad_id = manifest.pad_token_id
         self._device = threading.Lock()  # one graph at a time, as on a NeuronCore
         self._out = {}
         self.executions = 0
@@ -89,8 +94,11 @@ class SimulatedBackend:
             self.executions += 1
             self.device_s += seconds
         out = self._out.get(bucket.batch_size)
-        if out is None:  # the same (read-only) tensor for every call of this batch size
+        if out is None:
             out = self._out[bucket.batch_size] = torch.ones((bucket.batch_size, self.manifest.model.output_dim))
+        out = out.clone()
+        real = inputs[self._mask_at] != 0 if self._mask_at is not None else inputs[0] != self._pad_id
+        out[:, 0] = real.sum(dim=1)
         return out
 
     def warmup(self, forwards: int = 1, measure: bool = True) -> dict[str, float]:

@@ -60,6 +60,21 @@ def test_forward_returns_the_artifacts_output_shape_and_rejects_wrong_shapes(art
     assert "SIMULATED" in backend.health()["device"] and backend.health()["simulated"] is True
 
 
+def test_each_rows_first_value_counts_its_real_tokens_so_answers_can_be_told_apart(artifact):
+    from neuronserve.serve.engine import Engine
+
+    engine = Engine(artifact, "simulated", backend_options={"profile": "zero"})
+    texts = ["one", "a somewhat longer text than that", "two words"]
+    rows = engine.tokenize(texts)
+    bucket = engine.buckets.bucket_for(2, 32)
+    out = engine.run_batch(bucket, rows[:2])
+    assert out[:, 0].tolist() == [len(rows[0]), len(rows[1])]
+    assert (out[:, 1:] == 1).all()
+    # The backend's cached tensor is not handed out and changed: a second call is independent.
+    again = engine.run_batch(bucket, rows[2:])
+    assert again[0, 0] == len(rows[2]) and out[0, 0] == len(rows[0])
+
+
 def test_device_time_is_honoured_and_the_gil_is_free_meanwhile(artifact, tmp_path):
     backend = load_backend(artifact, "simulated", profile=_slow_profile(tmp_path, fixed_ms=200))
     bucket = load_manifest(artifact).bucket_list()[0]
