@@ -5,8 +5,10 @@ and whether it keeps the (simulated) device busy.
     python benchmarks/host_bench.py [--profiles zero,bert-base-inf2,distilbert-base-inf2]
                                     [--workloads short,mixed] [--inputs 1,16] [--concurrency 32,64,128]
                                     [--duration 15] [--code DIR --label NAME ...] [--out benchmarks/results]
+                                    [--variant 'NAME=SERVE ARGS' ...]
 
-For each code tree (`--code`, repeatable, each with a `--label`; default: this checkout) and each
+For each code tree (`--code`, repeatable, each with a `--label`; default: this checkout), each
+variant of the serve command (`--variant 'hp2=--host-processes 2'`, repeatable; default: as is) and each
 profile, starts `neuronserve serve --backend simulated --device-profile P` on the default model's
 artifact (its real tokenizer and buckets), then for each workload, texts per request and concurrency
 runs `neuronserve loadtest` (closed loop) and records, over the measured window:
@@ -164,6 +166,8 @@ def main() -> int:
     p.add_argument("--code", action="append", help="a checkout to run (repeatable); default: this one")
     p.add_argument("--label", action="append")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `neuronserve serve` argument (repeatable)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=ARGS: also run the server with these extra `serve` arguments, under NAME (repeatable)")
     p.add_argument("--artifacts", help="default: the default model compiled for cpu (cached)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
@@ -174,6 +178,9 @@ def main() -> int:
         a.artifacts = str(compile_artifact(CompileOptions(model="default", target="cpu")).out_dir)
     codes = a.code or [str(REPO)]
     labels = a.label or [Path(c).name for c in codes]
+    variants = [v.partition("=") for v in a.variant] or [("", "", "")]
+    runs = [(code, f"{label}/{name}" if name else label, args.split())
+            for code, label in zip(codes, labels) for name, _, args in variants]
     work = Path(tempfile.mkdtemp(prefix="hostbench-"))
     workloads = {w: workload_file(w, 1, work / f"{w}.jsonl") for w in a.workloads.split(",")}
     inputs_list = [int(x) for x in a.inputs.split(",")]
@@ -182,11 +189,11 @@ def main() -> int:
     # Codes alternate within each profile, so a comparison does not pit one code's quiet minutes
     # against another's busy ones.
     for profile in a.profiles.split(","):
-        for code, label in zip(codes, labels):
+        for code, label, variant_args in runs:
             env = {**os.environ, "PYTHONPATH": code, "HOME": tempfile.mkdtemp(prefix="nsh-")}
             env.pop("RAY_ADDRESS", None)
             port = free_port()
-            proc = start(env, a.artifacts, profile, port, a.serve_arg)
+            proc = start(env, a.artifacts, profile, port, a.serve_arg + variant_args)
             try:
                 for w, texts in workloads.items():
                     for inputs in inputs_list:
@@ -214,7 +221,7 @@ def main() -> int:
                      f"{r['tokens_per_s']:.0f} | {xl} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cores_busy']:.2f} | "
                      f"{r['server_cpu_ms_per_request']:.2f} | {r['loadgen_cores_busy']:.2f} | {r['errors']} |")
     table = "\n".join(lines)
-    sizing = sizing_table(rows, labels[-1])
+    sizing = sizing_table(rows, runs[-1][1])
     if sizing:
         table += "\n\n" + sizing
     print(table)
