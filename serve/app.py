@@ -156,11 +156,14 @@ class NeuronServe:
     tracing: "tracing.Tracing | None" = None  # set when `otlp_endpoint` is (serve.tracing)
     tokenizing = None  # set once loaded: requests of several texts tokenize off the event loop (serve.tokenizing)
 
-    async def __init__(self, args: dict, key_digests: tuple[str, ...] = ()):
+    async def __init__(self, args: dict, key_digests: tuple[str, ...] = (), device=None):
         self.started = time.perf_counter()  # the start of the replica's `ready` start-up phase
         # The replica's environment may add keys (NEURONSERVE_API_KEY, NEURONSERVE_API_KEY_FILE:
         # validating the settings reads them); `key_digests` are those the builder was given.
         self.args = AppArgs.model_validate(args)
+        # With `--host-processes`: the device replica's handle (`serve.device`); this process
+        # answers HTTP and tokenizes, and its rows run there (`serve.remote`).
+        self.device = device
         use_multiproc_dir(self.args.metrics_dir)  # before any metric of this process exists
         self.keys = ApiKeys.from_keys(self.args.api_keys(), key_digests)
         if self.keys:
@@ -198,7 +201,13 @@ class NeuronServe:
 
     async def _start(self) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._load)
+            device = None
+            if self.device is not None:  # a host process: the device replica loads and warms up
+                from neuronserve.common import logs
+
+                logs.configure_from_env()
+                device = await self.device.ready.remote()
+            await asyncio.get_running_loop().run_in_executor(None, self._load, device)
             if self.served.catalog is not None:
                 await self._preload()
         except Exception as e:  # surfaced through readiness and 503s, and the replica log
@@ -233,19 +242,29 @@ class NeuronServe:
             except Exception:
                 log.exception("metrics tick failed")
 
-    def _load(self) -> None:
-        from neuronserve.serve.replica import build_models
+    def _load(self, device: dict | None = None) -> None:
+        """Build what this replica serves (blocking). `device`: a host process' device replica, as
+        it described itself once ready (`serve.device.NeuronDevice.ready`)."""
+        from neuronserve.serve.replica import build_host_models, build_models
         from neuronserve.serve.tokenizing import Tokenizing
 
-        models = build_models(self.args, started=self.started)
+        if device is not None:
+            models = build_host_models(self.args, self._device_call, device)
+            log.info("host process ready: rows go to the device replica (%s)", ", ".join(models.names))
+        else:
+            models = build_models(self.args, started=self.started)
         for one in models.replicas:
-            if self.tracing is not None:
+            if self.tracing is not None and self.device is None:
                 self.tracing.attach(one.batcher)
             one.tokenizing = Tokenizing(one.engine.tokenize)
         if models.catalog is not None:  # models load on demand (`_preload`, `_get_model`)
             self.served = models
             return
         self._serving(models)
+
+    async def _device_call(self, model: str, requests: list):
+        """One call to the device replica (`serve.remote.RemoteBatcher`): many requests' rows."""
+        return await self.device.run.remote(model, requests)
 
     def _serving(self, models) -> None:
         """The replica serves `models` from now on; its first is the default."""
@@ -783,4 +802,11 @@ def build_app(args: AppArgs):
     # Keys given here (flag, or this process' environment) travel as digests only: Serve keeps the
     # bound arguments and shows them. Each replica also reads its own environment and key file.
     digests = tuple(digest(k) for k in parse_keys(args.api_key.get_secret_value())) if args.api_key else ()
-    return NeuronServe.options(**options).bind(args.model_dump(exclude={"api_key"}), digests)
+    bound = args.model_dump(exclude={"api_key"})
+    if args.host_processes > 1:  # a device replica per NeuronCore group, fed by host processes (serve.remote)
+        from neuronserve.serve.device import NeuronDevice
+        from neuronserve.serve.placement import host_process_options
+
+        device = NeuronDevice.options(**options).bind(bound)
+        return NeuronServe.options(**host_process_options(options, args)).bind(bound, digests, device)
+    return NeuronServe.options(**options).bind(bound, digests)

@@ -280,7 +280,44 @@ def deployment_options(args: AppArgs) -> tuple[dict, AppArgs]:
     options = deployment_config(args, neuron=neuron, env=env,
                                 max_batch_rows=max(b.batch_size for _, m in served for b in m.bucket_list()))
     del options["name"]  # the deployment's own (DEPLOYMENT_NAME)
+    if args.host_processes > 1:
+        check_host_processes(args, device=neuron or args.backend == "simulated")
     return options, args
+
+
+def check_host_processes(args: AppArgs, *, device: bool) -> None:
+    """`--host-processes N` (N > 1) splits each replica into a device replica and N host processes
+    (`serve.remote`): for a device backend only, with a fixed replica count and every model loaded.
+
+    >>> check_host_processes(AppArgs(artifacts="a", host_processes=2), device=False)
+    Traceback (most recent call last):
+    ...
+    ValueError: --host-processes 2 needs a device backend (neuron, or simulated to measure the host path): on the CPU backend the forwards already take the host's CPUs; leave it at 1
+    """
+    n = args.host_processes
+    if not device:
+        raise ValueError(f"--host-processes {n} needs a device backend (neuron, or simulated to measure the host "
+                         "path): on the CPU backend the forwards already take the host's CPUs; leave it at 1")
+    if args.autoscale is not None:
+        raise ValueError(f"--host-processes {n} and --autoscale cannot be combined yet: give a fixed --replicas")
+    if args.catalog_mode():
+        raise ValueError(f"--host-processes {n} and --max-models-per-replica cannot be combined yet: every "
+                         "replica must load every model")
+
+
+def host_process_options(options: dict, args: AppArgs) -> dict:
+    """Serve options of the host processes' deployment (`--host-processes`), from the device
+    replicas' `options` (`deployment_options`): `host_processes` of them per device replica, on
+    no NeuronCore and reserving no CPU (like a Neuron replica, they share the host's vCPUs).
+
+    >>> o = host_process_options({"num_replicas": 2, "ray_actor_options": {"num_cpus": 0,
+    ...     "resources": {"neuron_cores": 1}}, "max_ongoing_requests": 1024}, AppArgs(artifacts="a", host_processes=3))
+    >>> o["num_replicas"], o["ray_actor_options"]
+    (6, {'num_cpus': 0})
+    """
+    actor = {k: v for k, v in options["ray_actor_options"].items() if k != "resources"}
+    actor["num_cpus"] = 0
+    return {**options, "num_replicas": options["num_replicas"] * args.host_processes, "ray_actor_options": actor}
 
 
 def check_models(served: list, args: AppArgs, dirs: dict | None = None) -> None:

@@ -349,3 +349,34 @@ def build_replica(args: AppArgs, started: float | None = None, device: DeviceSch
     log.info("%s (%s, %d buckets, %d timed)", describe_startup(phases, timings), kind, len(engine.buckets.buckets),
              len(warmup_s))
     return replica
+
+
+def build_host_models(args: AppArgs, call, device: dict) -> Models:
+    """A host process' models (`--host-processes`, `serve.remote`): each artifact's tokenizer,
+    limits and response encoding, with a `RemoteBatcher` that sends its rows to the device replica
+    through `call`. `device`: what the device replica said once ready (`serve.device.NeuronDevice.ready`):
+    its backend kind and health, and per model its warm-up timings and start-up phases. A host
+    process holds no NeuronCore: its metrics count no cores and accrue no cost (the device
+    replica's do), only its requests."""
+    from neuronserve.compile.store import resolve_artifacts
+    from neuronserve.serve.remote import RemoteBatcher
+
+    replicas = []
+    for name, where in args.artifact_list():
+        one = args.model_copy(update={"model_name": name,
+                                      "artifacts": str(resolve_artifacts(where, log.info))})  # the device pulled it
+        engine = Engine(one.artifacts, "host", backend_options={"device_kind": device["kind"]})
+        engine.backend.device = dict(device["health"])
+        model_name = one.model_name or engine.model_name
+        info = device["models"][model_name]
+        metrics = ServeMetrics(model_name, device["kind"], 0, one.instance_type or "unknown", one.price_per_hour_usd,
+                               None, counts_cores=False)
+        replica = Replica(one, engine, metrics, model_name, dict(info["warmup_s"]))
+        replica.batcher = RemoteBatcher(call, model_name)
+        replica.startup_s, replica.timings = dict(info["startup_s"]), info["timings"]
+        replicas.append(replica)
+    models = Models(replicas)
+    models.cost_split = None  # no cost here to split: the device replica's models carry it
+    for r in replicas:
+        r.metrics.cost_split = None
+    return models

@@ -21,7 +21,7 @@ APP_NAME = "neuronserve"
 COMMAND_FLAGS = ("host", "port", "address", "ready_timeout_s", "drain_timeout_s", "auto_cast")
 GROUPS = {
     "what to serve": ("artifacts", "max_models_per_replica", "model_name", "backend", "device_profile", "cached_timings"),
-    "placement": ("num_replicas", "cores_per_replica", "threads_per_replica", "device_memory_gib"),
+    "placement": ("num_replicas", "cores_per_replica", "threads_per_replica", "host_processes", "device_memory_gib"),
     "autoscaling (docs/decisions.md, \"Autoscaling\")": (
         "autoscale", "target_ongoing_requests", "inputs_per_request", "upscale_delay_s", "downscale_delay_s"),
     "batching (live-tunable through Serve's user_config)": (
@@ -239,12 +239,15 @@ def describe_ready(took_s: float, steps: dict[str, float], replicas: list[dict])
 
 
 def replica_count() -> int:
-    """Replicas of the running app, from Serve's status (1 if it cannot tell)."""
+    """Replicas of the running app that answer HTTP, from Serve's status (1 if it cannot tell): with
+    `--host-processes`, the host processes, not the device replicas behind them."""
     from ray import serve
+
+    from neuronserve.serve.placement import DEPLOYMENT_NAME
 
     try:
         deployments = serve.status().applications[APP_NAME].deployments
-        return max(1, sum(sum(d.replica_states.values()) for d in deployments.values()))
+        return max(1, sum(sum(d.replica_states.values()) for name, d in deployments.items() if name == DEPLOYMENT_NAME))
     except Exception:  # status shape differs across Ray versions: fall back to one
         return 1
 
@@ -304,6 +307,11 @@ def run(args) -> int:
             from neuronserve.serve.backends.simulated import load_profile
 
             load_profile(probe.device_profile)
+        if probe.host_processes > 1:  # before Ray starts, as the application would say it after
+            from neuronserve.serve.placement import check_host_processes, uses_neuron
+
+            target = manifest.target if manifest is not None else "cpu"  # no --artifacts: the default, for cpu
+            check_host_processes(probe, device=probe.backend == "simulated" or uses_neuron(probe, target))
     except (ArtifactError, CompileError, ModelError, BackendError, StoreError, ValueError) as e:
         return fail(str(e))
     compiling = None
@@ -653,6 +661,9 @@ def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
     else:
         print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
     print(f"  {startup}", flush=True)
+    if app_args.host_processes > 1:
+        print(f"  {app_args.host_processes} host processes per replica answer HTTP and tokenize; one device process "
+              "per replica runs the batches", flush=True)
     if app_args.backend == "simulated":
         print(f"  SIMULATED NeuronCore (profile {app_args.device_profile}): no model runs and the vectors mean "
               "nothing; for measuring the host path only", flush=True)

@@ -126,6 +126,10 @@ class AppArgs(ServeSettings):
                                    json_schema_extra={"default_help": "the artifact's model name"})
     num_replicas: int | Literal["auto"] = Field("auto", description="replicas, or auto: one per NeuronCore group / CPU layout")
     cores_per_replica: int = Field(1, ge=1, description="Neuron backend: NeuronCores per replica")
+    host_processes: int = Field(1, ge=1, le=64, description="device backends: processes answering HTTP per "
+                                "replica; above 1, each replica's NeuronCores are held by one device process fed "
+                                "token rows in bulk by this many HTTP/tokenizer processes, so a replica's host work "
+                                "uses several vCPUs (docs/host-sizing.md)")
     device_memory_gib: float | None = Field(None, gt=0, description="device memory one replica's models may use; "
                                             "start-up refuses models that need more",
                                             json_schema_extra={"default_help": "16 GiB per NeuronCore on inf2/trn1, "

@@ -104,4 +104,8 @@ def load_backend(artifact_dir: str | Path, kind: str = "auto", **options) -> Bac
         from neuronserve.serve.backends.simulated import SimulatedBackend
 
         return SimulatedBackend(artifact_dir, manifest, **options)
+    if kind == "host":  # a host process of a device replica (`--host-processes`): no graph runs here
+        from neuronserve.serve.backends.host import HostBackend
+
+        return HostBackend(artifact_dir, manifest, **options)
     raise BackendError(f"unknown backend {kind!r}: expected cpu, neuron, simulated or auto")
