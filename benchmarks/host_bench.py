@@ -126,12 +126,19 @@ def step(env: dict, proc: subprocess.Popen, url: str, workload: Path, inputs: in
             "loadgen_cores_busy": (s.get("client_cpu_percent") or 0) / 100}
 
 
+def processes(args: list[str]) -> int:
+    """Host processes per replica that `serve` arguments ask for."""
+    return int(args[args.index("--host-processes") + 1]) if "--host-processes" in args else 1
+
+
 def sizing_table(rows: list[dict], code: str) -> str:
     """Host capacity per NeuronCore on each inf2/trn1 size, from the zero-profile rows of `code`
-    (host work alone). One device replica is one process per NeuronCore whose event loop uses at
-    most one vCPU: it serves at most what this host reached (`loop req/s`, the best over the
-    concurrencies); the instance's vCPUs per NeuronCore bound it too (vCPUs x 1000 / server CPU ms
-    per request). The smaller is what the host can feed one NeuronCore."""
+    (host work alone). With one host process (the default) the replica's one event loop does the
+    host work of every request: at most one vCPU's worth, so it serves at most what this host
+    reached (the best over the concurrencies), and the instance's vCPUs per NeuronCore bound it too
+    (vCPUs x 1000 / server CPU ms per request). With `--host-processes N` the host work spreads over
+    N processes and only the vCPUs bound it (an extrapolation from the CPU per request measured
+    here, where 2 cores are all there is)."""
     from neuronserve.common.pricing import INSTANCES
 
     best: dict[tuple[str, int], dict] = {}
@@ -142,15 +149,21 @@ def sizing_table(rows: list[dict], code: str) -> str:
                 best[key] = r
     if not best:
         return ""
+    processes = next(iter(best.values())).get("host_processes", 1)
     sizes = [t for t in INSTANCES.values() if t.family in ("inf2", "trn1") and t.neuron_cores]
     head = "| instance | vCPUs per NeuronCore | " + " | ".join(
         f"{w}, {n} text{'s' if n > 1 else ''}/req: req/s per NeuronCore" for w, n in best) + " |"
-    lines = ["Host-limited requests/s per NeuronCore (zero profile: host work only; "
-             "min(one event loop's best here, vCPUs per NeuronCore x 1000 / server CPU ms per request)):", "",
+    rule = ("min(one event loop's best here, vCPUs per NeuronCore x 1000 / server CPU ms per request)"
+            if processes == 1 else "vCPUs per NeuronCore x 1000 / server CPU ms per request")
+    lines = [f"Host-limited requests/s per NeuronCore, {code} ({processes} host process{'es' if processes > 1 else ''} "
+             f"per replica; zero profile: host work only; {rule}):", "",
              head, "|---|---|" + "---|" * len(best)]
     for t in sizes:
         per_core = t.vcpus / t.neuron_cores
-        cells = [f"{min(r['rps'], per_core * 1000 / r['server_cpu_ms_per_request']):.0f}" for r in best.values()]
+        cells = []
+        for r in best.values():
+            by_cpu = per_core * 1000 / r["server_cpu_ms_per_request"]
+            cells.append(f"{min(r['rps'], by_cpu) if processes == 1 else by_cpu:.0f}")
         lines.append(f"| {t.name} | {per_core:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,7 +180,8 @@ def main() -> int:
     p.add_argument("--label", action="append")
     p.add_argument("--serve-arg", action="append", default=[], help="extra `neuronserve serve` argument (repeatable)")
     p.add_argument("--variant", action="append", default=[],
-                   help="NAME=ARGS: also run the server with these extra `serve` arguments, under NAME (repeatable)")
+                   help="NAME=ARGS: also run the server with these extra `serve` arguments, under NAME (repeatable); "
+                   "NAME@LABEL=ARGS: only for the code labelled LABEL")
     p.add_argument("--artifacts", help="default: the default model compiled for cpu (cached)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     a = p.parse_args()
@@ -179,8 +193,13 @@ def main() -> int:
     codes = a.code or [str(REPO)]
     labels = a.label or [Path(c).name for c in codes]
     variants = [v.partition("=") for v in a.variant] or [("", "", "")]
-    runs = [(code, f"{label}/{name}" if name else label, args.split())
-            for code, label in zip(codes, labels) for name, _, args in variants]
+    runs = []
+    for code, label in zip(codes, labels):
+        for name, _, args in variants:
+            name, _, only = name.partition("@")  # NAME@LABEL: for that code only
+            if not only or only == label:
+                runs.append((code, f"{label}/{name}" if name else label, args.split()))
+
     work = Path(tempfile.mkdtemp(prefix="hostbench-"))
     workloads = {w: workload_file(w, 1, work / f"{w}.jsonl") for w in a.workloads.split(",")}
     inputs_list = [int(x) for x in a.inputs.split(",")]
@@ -202,7 +221,7 @@ def main() -> int:
                             out = work / f"{label}-{profile}-{w}-{inputs}-{c}"
                             r = step(env, proc, f"http://127.0.0.1:{port}", work / f"{w}.jsonl", inputs, c,
                                      a.duration, a.warmup, out)
-                            r.update(code=label, profile=profile, workload=w, inputs=inputs, concurrency=c,
+                            r.update(code=label, host_processes=processes(a.serve_arg + variant_args), profile=profile, workload=w, inputs=inputs, concurrency=c,
                                      limit_rps=limit["rps"], limit_tokens_per_s=limit["tokens_per_s"],
                                      x_limit=(r["tokens_per_s"] / limit["tokens_per_s"]) if limit["tokens_per_s"] != float("inf") else None)
                             print(json.dumps(r), flush=True)
@@ -221,9 +240,10 @@ def main() -> int:
                      f"{r['tokens_per_s']:.0f} | {xl} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cores_busy']:.2f} | "
                      f"{r['server_cpu_ms_per_request']:.2f} | {r['loadgen_cores_busy']:.2f} | {r['errors']} |")
     table = "\n".join(lines)
-    sizing = sizing_table(rows, runs[-1][1])
-    if sizing:
-        table += "\n\n" + sizing
+    for _, label, _ in runs[1:] if len(runs) > 1 else runs:  # the code compared against comes first
+        sizing = sizing_table(rows, label)
+        if sizing:
+            table += "\n\n" + sizing
     print(table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     outdir = Path(a.out)
