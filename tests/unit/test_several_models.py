@@ -108,3 +108,20 @@ def test_the_replica_cost_is_split_by_device_time_and_cores_count_once():
     assert got["a"] + got["b"] == pytest.approx(21 * price_per_core_s)  # what the replica cost
     assert value(s, "neuronserve_cores_in_use", backend="neuron") == 1
     assert value(s, "neuronserve_model_loads_total", model="b") == 1
+
+
+def test_one_named_artifact_is_served_under_its_name(tmp_path):
+    """`serve --artifacts NAME=DIR` with nothing else: one model, answering to NAME (the replica
+    once got the unparsed list as its artifact directory and failed to load)."""
+    from neuronserve.compile.compiler import CompileOptions, compile_artifact
+    from neuronserve.models.artifact import parse_buckets
+    from neuronserve.serve.replica import build_models
+    from tests.fixtures.tiny_models import make_tiny_model
+
+    art = compile_artifact(CompileOptions(model=str(make_tiny_model(tmp_path / "m")), buckets=parse_buckets("1x16"),
+                                          out=tmp_path / "art")).out_dir
+    served = build_models(AppArgs(artifacts=[f"e5={art}"], backend="simulated", device_profile="zero"))
+    assert served.single and served.names == ["e5"]
+    assert served.pick("e5", "embed").engine.artifact_dir == art
+    unnamed = build_models(AppArgs(artifacts=[str(art)], backend="simulated", device_profile="zero"))
+    assert unnamed.names == ["tiny-bert-embed"]
