@@ -207,3 +207,46 @@ def model_breakdown(by_model: dict[str, StepRecorder], step: dict, price_per_hou
             "usd_per_1m_tokens": _r(cost_per_million(tokens[name] / elapsed if elapsed > 0 else 0.0, price), 4),
         }
     return out
+
+
+def shares(values: dict[str, float]) -> dict[str, float]:
+    """Each key's fraction of the total (all zero: equal shares).
+
+    >>> shares({"a": 3.0, "b": 1.0})
+    {'a': 0.75, 'b': 0.25}
+    """
+    if any(v < 0 for v in values.values()):
+        raise ValueError(f"shares of negative values: {values}")
+    total = sum(values.values())
+    if total <= 0:
+        return {k: 1.0 / len(values) for k in values}
+    return {k: v / total for k, v in values.items()}
+
+
+def demand_shares(weights: dict[str, float], device_s_per_request: dict[str, float]) -> dict[str, float]:
+    """Each model's share of the device time a weighted mix of requests asks for: its weight (share
+    of the requests) times the device seconds one of its requests takes (measured with the model
+    served alone), as a fraction of the mix's total. This, not the share of requests or of tokens,
+    is what a scheduler fair by device time should give each model when the device is shared
+    without waste: a model whose requests cost more needs more of it.
+
+    >>> {m: round(s, 3) for m, s in demand_shares({"embed": 0.9, "rerank": 0.1},
+    ...                                           {"embed": 0.002, "rerank": 0.012}).items()}
+    {'embed': 0.6, 'rerank': 0.4}
+    """
+    missing = set(weights) ^ set(device_s_per_request)
+    if missing:
+        raise ValueError(f"weights and device times name different models: {', '.join(sorted(missing))}")
+    return shares({m: weights[m] * device_s_per_request[m] for m in weights})
+
+
+def share_error(measured: float, demand: float) -> float:
+    """How far a measured share is from the demanded one, relative to the demand
+    (0.1: 10% of the demand off, either way).
+
+    >>> round(share_error(0.55, 0.5), 3)
+    0.1
+    """
+    if demand <= 0:
+        raise ValueError(f"a demand share must be > 0, got {demand}")
+    return abs(measured - demand) / demand

@@ -68,3 +68,21 @@ def test_mix_order_is_proportional_in_every_window():
 def test_bad_mixes_are_usage_errors(text):
     with pytest.raises(UsageError, match="NAME=WEIGHT"):
         parse_model_mix(text)
+
+
+def test_demand_shares_weigh_requests_by_their_device_time():
+    from neuronserve.deploy.loadtest.stats import demand_shares, share_error, shares
+
+    # Nine cheap requests for one of dear ones: the dear model asks for most of the device.
+    d = demand_shares({"embed": 0.9, "rerank": 0.1}, {"embed": 0.001, "rerank": 0.018})
+    assert d["rerank"] == pytest.approx(0.018 / 0.027) and sum(d.values()) == pytest.approx(1.0)
+    # Equal costs: the demand is the request mix.
+    assert demand_shares({"a": 0.25, "b": 0.75}, {"a": 0.004, "b": 0.004}) == pytest.approx({"a": 0.25, "b": 0.75})
+    assert shares({"a": 0.0, "b": 0.0}) == {"a": 0.5, "b": 0.5}
+    assert share_error(0.45, 0.5) == pytest.approx(0.1) and share_error(0.5, 0.5) == 0
+    with pytest.raises(ValueError, match="different models: c"):
+        demand_shares({"a": 1.0}, {"a": 1.0, "c": 1.0})
+    with pytest.raises(ValueError, match="negative"):
+        shares({"a": -1.0, "b": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        share_error(0.5, 0.0)
