@@ -9,13 +9,14 @@ head, random weights (seed 0, so every run builds the same model and the compile
 the real tokenizer; on this backend its speed is what matters, not its scores. Both are compiled
 for cpu (cached), then three servers run in turn, each with one replica:
 
-  (a) the embedder alone, (c) both models, (b) the reranker alone
+  (c) both models, (a) the embedder alone, (b) the reranker alone
 
 and each is driven by a closed-loop client (aiohttp, one connection per worker) at c=32, then at
-c=1. Every request is one model's: an embedding of one text (`/v1/embeddings`, the loadtest's
-`mixed` texts), or a rerank of `--documents` of those texts against a query (`/v1/rerank`). The
-mixed server gets the models in a fixed proportional order (`--mix`: the embedder's share of the
-requests), the same order at c=32 and c=1; a server of one model gets only its own requests.
+c=1 (the alone servers also at each model's depth, below). Every request is one model's: an
+embedding of one text (`/v1/embeddings`, the loadtest's `mixed` texts), or a rerank of
+`--documents` of those texts against a query (`/v1/rerank`). The mixed server gets the models in
+a fixed proportional order (`--mix`: the embedder's share of the requests), the same order at c=32
+and c=1; a server of one model gets only its own requests.
 
 Device time, real tokens and requests come from each server's Prometheus endpoint, per model
 (`neuronserve_device_busy_seconds_total`, `..._tokens_real_total`, `..._requests_total`), read
@@ -26,14 +27,19 @@ The targets (issue 17):
 - each model's share of (c)'s device time within 10% (of the share) of its share of demand;
 - p50 at c=1 of each model in (c) within 2 ms of its p50 served alone.
 
-A model's *demand* is the device time its requests would need: its share of the requests times
-the device seconds one of its requests took when served alone at c=32 (`demand_shares` in
-`neuronserve.deploy.loadtest.stats`). Token shares would not do: a rerank pair is longer than
-either text alone and attention grows with length, and batches of different lengths pad
-differently, so a token of one model does not cost what a token of the other does. With a
-closed loop each model is served in the proportion it is asked, so a model whose share of
-device time is above its demand spends more device time per request than it needs alone (smaller
-batches, more padding, waiting for the other model's slot), which is what sharing must not do.
+A model's *demand* is the device time its requests would need on their own: its share of the
+requests times the device seconds one of its requests takes when the model is served alone with
+as many of its requests outstanding as it had in the mix at c=32 (its `depth`, by Little's law
+from the client's latencies; `demand_shares` in `neuronserve.deploy.loadtest.stats`). The alone
+servers run that concurrency as a third step. The depth matters: alone at c=32 a model has 32
+requests queued and fills large batches, which a tenth of a mixed load of 32 never gives it even
+on a device of its own, so demand measured there understates what its traffic needs (the report
+shows that comparison too). Token shares would not do: a rerank pair is longer than either text
+alone, the reranker has no packed graph, and batches of different lengths pad differently, so a
+token of one model does not cost what a token of the other does. With a closed loop each model
+is served in the proportion it is asked, so a model whose share of device time is above its
+demand spends more device time per request than its own traffic needs alone (smaller batches,
+more padding, interference from the other model's batches): what sharing must not do.
 
 Prints a table and writes `<out>/multi-model-<stamp>.md` and `.json`.
 """
@@ -208,7 +214,9 @@ def summarize_step(run: str, c: int, raw: dict) -> dict:
     for m, lat in raw["latencies_ms"].items():
         lat = sorted(lat)
         srv = raw["server"].get(m, {})
+        # Requests of this model outstanding on average (Little's law over the window).
         models[m] = {"requests": len(lat), "errors": raw["errors"][m], "p50_ms": percentile(lat, 50),
+                     "in_flight": sum(lat) / 1000 / elapsed,
                      "p99_ms": percentile(lat, 99), "rps": len(lat) / elapsed,
                      "real_tokens_per_s": srv.get("real_tokens", 0.0) / elapsed,
                      "device_s": srv.get("device_s", 0.0), "server_requests": srv.get("requests", 0.0),
@@ -219,7 +227,7 @@ def summarize_step(run: str, c: int, raw: dict) -> dict:
 
 
 def run_server(run: str, artifacts: dict[str, Path], models: list[str], weights: dict[str, float],
-               bodies_for, args) -> list[dict]:
+               bodies_for, args, concurrencies: tuple[int, ...] = (32, 1)) -> list[dict]:
     from neuronserve.deploy.loadtest.client import run as run_async
     from neuronserve.deploy.loadtest.stats import mix_order
 
@@ -235,7 +243,7 @@ def run_server(run: str, artifacts: dict[str, Path], models: list[str], weights:
     steps = []
     try:
         for rnd in range(args.rounds):
-            for c in (32, 1):
+            for c in concurrencies:
                 raw = run_async(closed_loop(url, metrics_url, {m: bodies[m] for m in models}, order, c,
                                             args.warmup, args.duration))
                 step = summarize_step(run, c, raw)
@@ -258,8 +266,9 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def evaluate(steps: list[dict], weights: dict[str, float]) -> dict:
-    """The three targets from the steps (medians over rounds)."""
+def evaluate(steps: list[dict], weights: dict[str, float], depth: dict[str, int]) -> dict:
+    """The three targets from the steps (medians over rounds). `depth`: each model's requests
+    outstanding in the mixed load at c=32, the concurrency its demand is measured at alone."""
     from neuronserve.deploy.loadtest.stats import demand_shares, share_error, shares
 
     def pick(run: str, c: int) -> list[dict]:
@@ -281,10 +290,16 @@ def evaluate(steps: list[dict], weights: dict[str, float]) -> dict:
                                            "both_tokens_per_s": tok_both, "embedder_alone_tokens_per_s": tok_alone,
                                            "reranker_alone_tokens_per_s": alone_tps[RERANK],
                                            "no_waste_tokens_per_s": expected, "vs_no_waste": tok_both / expected}
-    # Device seconds per request of each model served alone at c=32.
-    per_request = {m: median([s["models"][m]["device_s"] / s["models"][m]["server_requests"] for s in pick(alone[m], 32)])
-                   for m in (EMBED, RERANK)}
+    def per_request_alone(m: str, c: int) -> float:
+        return median([s["models"][m]["device_s"] / s["models"][m]["server_requests"] for s in pick(alone[m], c)])
+
+    # Demand: device seconds per request of each model served alone with as many of its requests
+    # outstanding as it had in the mix; for reference, alone at c=32 (deeper queues, fuller batches
+    # than the model's share of the mix can give it).
+    per_request = {m: per_request_alone(m, depth[m]) for m in (EMBED, RERANK)}
+    per_request_32 = {m: per_request_alone(m, 32) for m in (EMBED, RERANK)}
     demand = demand_shares(weights, per_request)
+    demand_32 = demand_shares(weights, per_request_32)
     measured = [shares({m: s["models"][m]["device_s"] for m in (EMBED, RERANK)}) for s in pick(both, 32)]
     device = {m: median([x[m] for x in measured]) for m in (EMBED, RERANK)}
     tokens = [shares({m: s["models"][m]["real_tokens"] for m in (EMBED, RERANK)}) for s in pick(both, 32)]
@@ -293,7 +308,9 @@ def evaluate(steps: list[dict], weights: dict[str, float]) -> dict:
     out["device_share_error"] = {
         "value": max(err.values()), "met": max(err.values()) <= TARGETS["device_share_error"],
         "per_model": {m: {"device_share": device[m], "demand_share": demand[m], "error": err[m],
-                          "device_s_per_request_alone": per_request[m],
+                          "depth": depth[m], "device_s_per_request_alone": per_request[m],
+                          "demand_share_alone_c32": demand_32[m], "error_alone_c32": share_error(device[m], demand_32[m]),
+                          "device_s_per_request_alone_c32": per_request_32[m],
                           "device_s_per_request_both": median([s["models"][m]["device_s"] / s["models"][m]["server_requests"]
                                                                for s in pick(both, 32)]),
                           "token_share": median([x[m] for x in tokens]),
@@ -340,12 +357,18 @@ def report(steps: list[dict], checks: dict, meta: dict) -> str:
     t = checks["tokens_vs_embedder_alone_c32"]
     d = checks["device_share_error"]
     p = checks["c1_p50_over_alone_ms"]
-    lines += ["", "| model | device share (both, c=32) | demand share | off by (of demand) | token share | request share | "
-              "device ms/req alone | device ms/req both |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Device share in the mix at c=32 against demand: each model's request share x its device ms per request "
+              "served alone with as many of its requests outstanding as it had in the mix (`depth`); for reference "
+              "the same with the model alone at c=32.", "",
+              "| model | request share | token share | depth | device ms/req alone at depth | device ms/req in the mix | "
+              "demand share | device share | off by (of demand) | device ms/req alone c=32 | demand share (alone c=32) | "
+              "off by |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, v in d["per_model"].items():
-        lines.append(f"| {m} | {v['device_share']:.3f} | {v['demand_share']:.3f} | {v['error']:.1%} | {v['token_share']:.3f} | "
-                     f"{v['request_share']:.3f} | {v['device_s_per_request_alone'] * 1000:.2f} | "
-                     f"{v['device_s_per_request_both'] * 1000:.2f} |")
+        lines.append(f"| {m} | {v['request_share']:.3f} | {v['token_share']:.3f} | {v['depth']} | "
+                     f"{v['device_s_per_request_alone'] * 1000:.2f} | {v['device_s_per_request_both'] * 1000:.2f} | "
+                     f"{v['demand_share']:.3f} | {v['device_share']:.3f} | {v['error']:.1%} | "
+                     f"{v['device_s_per_request_alone_c32'] * 1000:.2f} | {v['demand_share_alone_c32']:.3f} | "
+                     f"{v['error_alone_c32']:.1%} |")
     lines += ["", "| model | p50 c=1 alone ms | p50 c=1 both ms | difference ms |", "|---|---|---|---|"]
     for m, v in p["per_model"].items():
         lines.append(f"| {m} | {v['alone_p50_ms']:.2f} | {v['both_p50_ms']:.2f} | {v['over_ms']:+.2f} |")
@@ -355,8 +378,10 @@ def report(steps: list[dict], checks: dict, meta: dict) -> str:
               f"{'yes' if t['met'] else 'NO'} |",
               f"| (for reference) total real tokens/s, both / the mix at each model's alone rate | {t['vs_no_waste']:.3f} "
               f"({t['both_tokens_per_s']:.0f} / {t['no_waste_tokens_per_s']:.0f}) | - | - |",
-              f"| device share off its demand share (worst model) | {d['value']:.1%} | <= "
+              f"| device share off its demand share at the mix's depth (worst model) | {d['value']:.1%} | <= "
               f"{TARGETS['device_share_error']:.0%} | {'yes' if d['met'] else 'NO'} |",
+              f"| (for reference) the same against demand measured alone at c=32 | "
+              f"{max(v['error_alone_c32'] for v in d['per_model'].values()):.1%} | - | - |",
               f"| p50 at c=1, both - alone (worst model) | {p['value']:+.2f} ms | <= {TARGETS['c1_p50_over_alone_ms']} ms | "
               f"{'yes' if p['met'] else 'NO'} |"]
     return "\n".join(lines)
@@ -387,17 +412,21 @@ def main() -> int:
     texts = generate("mixed", seed=0).texts
     weights = {EMBED: a.mix, RERANK: 1 - a.mix}
     bodies_for = lambda url: request_bodies(texts, a.documents, url)  # noqa: E731
-    steps = []
-    steps += run_server("embedder alone", artifacts, [EMBED], {EMBED: 1.0}, bodies_for, a)
-    steps += run_server("both", artifacts, [EMBED, RERANK], weights, bodies_for, a)
-    steps += run_server("reranker alone", artifacts, [RERANK], {RERANK: 1.0}, bodies_for, a)
-    checks = evaluate(steps, weights)
+    steps = run_server("both", artifacts, [EMBED, RERANK], weights, bodies_for, a)
+    # Each model's demand is measured alone at the depth its requests had in the mix at c=32.
+    depth = {m: max(1, round(median([s["models"][m]["in_flight"] for s in steps if s["concurrency"] == 32])))
+             for m in (EMBED, RERANK)}
+    log(f"requests outstanding per model in the mix at c=32: {depth}")
+    for run, m in (("embedder alone", EMBED), ("reranker alone", RERANK)):
+        extra = () if depth[m] in (32, 1) else (depth[m],)
+        steps += run_server(run, artifacts, [m], {m: 1.0}, bodies_for, a, (32, 1, *extra))
+    checks = evaluate(steps, weights, depth)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                "load generator on the same cores")
     meta = {"machine": machine, "python": platform.python_version(), "commit": commit(), "mix": weights,
             "documents": a.documents, "duration_s": a.duration, "warmup_s": a.warmup, "rounds": a.rounds,
             "replicas": 1, "backend": "cpu", "artifacts": {m: str(v) for m, v in artifacts.items()},
-            "targets": TARGETS}
+            "targets": TARGETS, "depth": depth}
     text = report(steps, checks, meta)
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
