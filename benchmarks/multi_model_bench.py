@@ -7,7 +7,8 @@ size, sharing the device under a mixed load, against each model served alone.
 The reranker is a cross-encoder with all-MiniLM-L6-v2's config (6 layers, 384 wide) and a one-label
 head, random weights (seed 0, so every run builds the same model and the compile cache hits) and
 the real tokenizer; on this backend its speed is what matters, not its scores. Both are compiled
-for cpu (cached), then three servers run in turn, each with one replica:
+for cpu (cached), then three servers run in turn, each with one replica (`--rounds` times over,
+the three in turn each round, so the shared machine's changing load falls on all of them):
 
   (c) both models, (a) the embedder alone, (b) the reranker alone
 
@@ -227,7 +228,7 @@ def summarize_step(run: str, c: int, raw: dict) -> dict:
 
 
 def run_server(run: str, artifacts: dict[str, Path], models: list[str], weights: dict[str, float],
-               bodies_for, args, concurrencies: tuple[int, ...] = (32, 1)) -> list[dict]:
+               bodies_for, args, concurrencies: tuple[int, ...] = (32, 1), rnd: int = 0) -> list[dict]:
     from neuronserve.deploy.loadtest.client import run as run_async
     from neuronserve.deploy.loadtest.stats import mix_order
 
@@ -242,19 +243,19 @@ def run_server(run: str, artifacts: dict[str, Path], models: list[str], weights:
     order = [models[i] for i in mix_order([weights[m] for m in models], 1000)]
     steps = []
     try:
-        for rnd in range(args.rounds):
-            for c in concurrencies:
-                raw = run_async(closed_loop(url, metrics_url, {m: bodies[m] for m in models}, order, c,
-                                            args.warmup, args.duration))
-                step = summarize_step(run, c, raw)
-                step["round"] = rnd
-                steps.append(step)
-                log(f"  c={c}: {step['real_tokens_per_s']:.0f} real tokens/s; " + "; ".join(
-                    f"{m} {v['rps']:.1f} req/s p50 {v['p50_ms'] or float('nan'):.2f} ms device {v['device_s']:.2f} s, "
-                    f"{v['errors']} errors" for m, v in step["models"].items()))
-                if any(v["errors"] or not v["requests"] for v in step["models"].values()):
-                    raise RuntimeError(f"{run} c={c}: failed requests ({raw['error_kinds']}); the server's log:\n"
-                                       + "".join(stderr[-30:]))
+        for c in concurrencies:
+            raw = run_async(closed_loop(url, metrics_url, {m: bodies[m] for m in models}, order, c,
+                                        args.warmup, args.duration))
+            step = summarize_step(run, c, raw)
+            step["round"] = rnd
+            step["load_1m"] = os.getloadavg()[0]  # the machine is shared: how busy it was
+            steps.append(step)
+            log(f"  c={c}: {step['real_tokens_per_s']:.0f} real tokens/s; " + "; ".join(
+                f"{m} {v['rps']:.1f} req/s p50 {v['p50_ms'] or float('nan'):.2f} ms device {v['device_s']:.2f} s, "
+                f"{v['errors']} errors" for m, v in step["models"].items()))
+            if any(v["errors"] or not v["requests"] for v in step["models"].values()):
+                raise RuntimeError(f"{run} c={c}: failed requests ({raw['error_kinds']}); the server's log:\n"
+                                   + "".join(stderr[-30:]))
     finally:
         stop_server(proc)
     return steps
@@ -341,19 +342,19 @@ def report(steps: list[dict], checks: dict, meta: dict) -> str:
              f"{meta['rounds']} round(s) (medians); the mixed load sends {meta['mix'][EMBED]:.0%} of its requests "
              f"to {EMBED} (one `mixed` text per /v1/embeddings) and {meta['mix'][RERANK]:.0%} to {RERANK} "
              f"(/v1/rerank, {meta['documents']} documents each).", "",
-             "| run | c | model | req/s | real tokens/s | p50 ms | p99 ms | device s | device ms/req | rows/batch | padded/real | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| round | run | c | model | req/s | real tokens/s | p50 ms | p99 ms | device s | device ms/req | rows/batch | "
+             "padded/real | errors | load 1m |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in steps:
         for m, v in s["models"].items():
             per_req = v["device_s"] / v["server_requests"] * 1000 if v["server_requests"] else float("nan")
             pr = v["padded_tokens"] / v["real_tokens"] if v["real_tokens"] else float("nan")
             rows = v["rows"] / v["batches"] if v["batches"] else float("nan")
-            lines.append(f"| {s['run']} | {s['concurrency']} | {m} | {v['rps']:.1f} | {v['real_tokens_per_s']:.0f} | "
+            lines.append(f"| {s['round']} | {s['run']} | {s['concurrency']} | {m} | {v['rps']:.1f} | {v['real_tokens_per_s']:.0f} | "
                          f"{v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['device_s']:.2f} | {per_req:.2f} | {rows:.1f} | "
-                         f"{pr:.2f} | {v['errors']} |")
+                         f"{pr:.2f} | {v['errors']} | {s['load_1m']:.1f} |")
         if len(s["models"]) > 1:
-            lines.append(f"| {s['run']} | {s['concurrency']} | total | {sum(v['rps'] for v in s['models'].values()):.1f} | "
-                         f"{s['real_tokens_per_s']:.0f} | | | {sum(v['device_s'] for v in s['models'].values()):.2f} | | | | |")
+            lines.append(f"| {s['round']} | {s['run']} | {s['concurrency']} | total | {sum(v['rps'] for v in s['models'].values()):.1f} | "
+                         f"{s['real_tokens_per_s']:.0f} | | | {sum(v['device_s'] for v in s['models'].values()):.2f} | | | | | {s['load_1m']:.1f} |")
     t = checks["tokens_vs_embedder_alone_c32"]
     d = checks["device_share_error"]
     p = checks["c1_p50_over_alone_ms"]
@@ -393,7 +394,7 @@ def main() -> int:
     p.add_argument("--documents", type=int, default=4, help="documents per rerank request")
     p.add_argument("--duration", type=float, default=20, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=3, help="seconds of load before each step's window")
-    p.add_argument("--rounds", type=int, default=1, help="c=32 and c=1 steps per server, repeated (medians)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds through the three servers (medians)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     a = p.parse_args()
     if not 0 < a.mix < 1:
@@ -412,14 +413,21 @@ def main() -> int:
     texts = generate("mixed", seed=0).texts
     weights = {EMBED: a.mix, RERANK: 1 - a.mix}
     bodies_for = lambda url: request_bodies(texts, a.documents, url)  # noqa: E731
-    steps = run_server("both", artifacts, [EMBED, RERANK], weights, bodies_for, a)
-    # Each model's demand is measured alone at the depth its requests had in the mix at c=32.
-    depth = {m: max(1, round(median([s["models"][m]["in_flight"] for s in steps if s["concurrency"] == 32])))
-             for m in (EMBED, RERANK)}
-    log(f"requests outstanding per model in the mix at c=32: {depth}")
-    for run, m in (("embedder alone", EMBED), ("reranker alone", RERANK)):
-        extra = () if depth[m] in (32, 1) else (depth[m],)
-        steps += run_server(run, artifacts, [m], {m: 1.0}, bodies_for, a, (32, 1, *extra))
+    steps: list[dict] = []
+    depth: dict[str, int] = {}
+    # Rounds go through the three servers in turn (a server started again each round), so a
+    # change in the shared machine's load falls on all three rather than on one.
+    for rnd in range(a.rounds):
+        steps += run_server("both", artifacts, [EMBED, RERANK], weights, bodies_for, a, rnd=rnd)
+        if not depth:
+            # Each model's demand is measured alone at the depth its requests had in the mix at
+            # c=32 (the first round's, kept for the others so their steps compare).
+            depth = {m: max(1, round(median([s["models"][m]["in_flight"] for s in steps if s["concurrency"] == 32])))
+                     for m in (EMBED, RERANK)}
+            log(f"requests outstanding per model in the mix at c=32: {depth}")
+        for run, m in (("embedder alone", EMBED), ("reranker alone", RERANK)):
+            extra = () if depth[m] in (32, 1) else (depth[m],)
+            steps += run_server(run, artifacts, [m], {m: 1.0}, bodies_for, a, (32, 1, *extra), rnd=rnd)
     checks = evaluate(steps, weights, depth)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                "load generator on the same cores")
