@@ -216,7 +216,9 @@ class NeuronServe:
             self.loaded.set_result(False)
             return
         self.loaded.set_result(True)
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        from neuronserve.serve.replica import tick_every_second
+
+        self._ticker = asyncio.get_running_loop().create_task(tick_every_second(self.served))
         self._lag_probe = asyncio.get_running_loop().create_task(self._probe_lag())
 
     async def _probe_lag(self, period_s: float = 0.1) -> None:
@@ -232,15 +234,6 @@ class NeuronServe:
             except Exception:
                 log.exception("event-loop lag probe failed")
                 return
-
-    async def _tick(self) -> None:
-        """Accrue allocated cost and publish queue depth once a second (a timer, not a sync point)."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                self.served.tick()
-            except Exception:
-                log.exception("metrics tick failed")
 
     def _load(self, device: dict | None = None) -> None:
         """Build what this replica serves (blocking). `device`: a host process' device replica, as

@@ -45,7 +45,7 @@ class NeuronDevice:
         self._startup = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
-        from neuronserve.serve.replica import build_models
+        from neuronserve.serve.replica import build_models, tick_every_second
 
         loop = asyncio.get_running_loop()
         try:
@@ -56,15 +56,7 @@ class NeuronDevice:
             self.loaded.set_result(False)
             return
         self.loaded.set_result(True)
-        self._ticker = loop.create_task(self._tick())
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                self.served.tick()
-            except Exception:
-                log.exception("metrics tick failed")
+        self._ticker = loop.create_task(tick_every_second(self.served))
 
     async def _wait_ready(self) -> None:
         if not self.loaded.done():

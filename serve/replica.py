@@ -79,6 +79,19 @@ class Replica:
                                args.max_queued_rows, pack=self.engine.packing and args.packing)
 
 
+async def tick_every_second(models: "Models") -> None:
+    """Accrue allocated cost and publish queue depth once a second (a timer, not a sync point),
+    for a replica's models until its task is cancelled."""
+    import asyncio
+
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            models.tick()
+        except Exception:
+            log.exception("metrics tick failed")
+
+
 class Models:
     """The models one replica serves, by name, sharing its device (`serve.scheduler`).
 
