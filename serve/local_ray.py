@@ -63,6 +63,46 @@ def port_outside_ephemeral_range(host: str = "0.0.0.0", tries: int = 50) -> int:
         return s.getsockname()[1]
 
 
+def direct_ingress_ports(block: int = 100, tries: int = 50) -> dict[str, str]:
+    """Port ranges of this server's replicas (Serve's direct ingress: each replica listens on a port
+    of its own, behind HAProxy): `block` ports for HTTP and the next `block` for gRPC, at a random
+    place below the ephemeral range, instead of Serve's fixed 30000 and 40000.
+
+    Why: Serve allocates those ports from the bottom of the range, per cluster. Two local servers
+    on one machine (two models on two ports, or tests) both handed their first replica port 30000;
+    the second replica's bind failed and it moved, but its HAProxy could still be routing to 30000,
+    the other server's replica, which answered for the wrong model.
+
+    >>> env = direct_ingress_ports()
+    >>> lo, hi = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    >>> hi - lo, int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]) - hi
+    (99, 1)
+    """
+    import random
+
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    first, last = RAY_WORKER_PORTS_END + 1, low - 2 * block
+    if last <= first:  # no room below the ephemeral range: Serve's own ranges
+        first, last = 30000, 30000
+    base = first
+    for _ in range(tries):
+        base = random.randrange(first, last + 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", base))
+            except OSError:
+                continue
+        break
+    return {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + block - 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(base + block),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(base + 2 * block - 1)}
+
+
 def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> dict[str, str]:
     """Environment for a local Ray (HAProxy ingress, lighter bookkeeping); values already set are kept.
     With `access_log`, Serve's logs also go to stderr, which Ray forwards to the console (its
@@ -93,6 +133,9 @@ def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> d
     }
     if access_log:
         wanted["RAY_SERVE_LOG_TO_STDERR"] = "1"
+    ports = direct_ingress_ports()
+    if not any(k in environ for k in ports):  # a range given is kept whole
+        wanted.update(ports)
     env = {k: v for k, v in wanted.items() if k not in environ}
     if environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
         env.update(install_haproxy_wrapper(environ))  # wraps a RAY_SERVE_HAPROXY_BINARY_PATH given, too

@@ -251,7 +251,8 @@ def build_models(args: AppArgs, started: float | None = None) -> Models:
     if len(specs) == 1:
         # One artifact given as NAME=DIR stays a list of one: the replica gets its DIR and its NAME.
         (name, where), = specs
-        return Models([build_replica(args.model_copy(update={"artifacts": where, "model_name": name}), started)])
+        return Models([build_replica(args.model_copy(update={"artifacts": where, "model_name": name or args.model_name}),
+                                     started)])
     device = DeviceScheduler(args.max_concurrent_batches)
     if args.catalog_mode():
         # More models than a replica holds: none loaded here; the HTTP layer loads them on demand

@@ -25,6 +25,22 @@ def test_local_ray_env_keeps_what_the_environment_sets():
     assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1"
 
 
+def test_each_local_server_gets_its_own_replica_port_ranges_below_the_ephemeral_range():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    bases = set()
+    for _ in range(10):
+        env = local_ray_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+        http = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+        grpc = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"])
+        assert 19999 < http[0] < http[1] < grpc[0] < grpc[1] < low
+        bases.add(http[0])
+    assert len(bases) > 1  # not Serve's fixed 30000 for every server on the machine
+    # A range the environment gives is kept whole.
+    given = local_ray_env({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "25000"})
+    assert not any(k.startswith(("RAY_SERVE_DIRECT_INGRESS_MIN_", "RAY_SERVE_DIRECT_INGRESS_MAX_")) and "PORT" in k
+                   for k in given)
+
+
 def test_the_haproxy_template_of_this_ray_loses_only_the_per_request_log():
     from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
 
