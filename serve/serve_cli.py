@@ -121,8 +121,6 @@ class _Preload:
 
     def _run(self, local: bool) -> None:
         try:
-            if local:  # first: `ray.init` imports them (aiohttp, ...) right before it starts the raylet
-                import ray.dashboard.optional_deps  # noqa: F401
             import ray.serve  # noqa: F401
 
             import neuronserve.serve.app  # noqa: F401
