@@ -185,7 +185,14 @@ def test_both_models_progress_under_contention_and_metrics_are_per_model(server)
     assert window_s - 2.5 < grown / (per_core_s * cores) < window_s + 2.5, (grown, window_s, cores)
     busy = {n: grew("neuronserve_device_busy_seconds_total", n) for n in ("emb", "emb2")}
     share = {n: grew("neuronserve_cost_allocated_usd_total", n) for n in ("emb", "emb2")}
-    assert share["emb"] / sum(share.values()) == pytest.approx(busy["emb"] / sum(busy.values()), abs=0.15), (share, busy)
+    # Seconds with batches running split by their device time; idle seconds of the window (before
+    # the load starts and after it ends, within a tick) by the device seconds so far
+    # (`metrics.split_cost`). So emb's share lies between its share of the window's device time and
+    # its share of all device time up to the window's end.
+    total = {n: after[("neuronserve_device_busy_seconds_total", n)] for n in ("emb", "emb2")}
+    bounds = sorted((busy["emb"] / sum(busy.values()), total["emb"] / sum(total.values())))
+    got = share["emb"] / sum(share.values())
+    assert bounds[0] - 0.1 <= got <= bounds[1] + 0.1, (share, busy, total)
 
 
 def test_loadtest_weighted_mix_reports_each_model(server, tmp_path):
