@@ -38,7 +38,7 @@ from neuronserve.serve.protocols import cohere, kserve, openai, tei
 from neuronserve.serve.buckets import truncated_count
 from neuronserve.serve.protocols.common import (ROUTE_FOR_TASK, article, check_headers, check_model, component_schemas, decode,
                                                 read_capped, request_body, server_version)
-from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
+from neuronserve.serve.settings import AppArgs
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +270,7 @@ class NeuronServe:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve user_config: batching knobs change live, without a restart."""
-        unknown = set(user_config) - set(BATCHING_KNOBS)
-        if unknown:
-            raise ValueError(f"unknown user_config keys {sorted(unknown)}; allowed: {', '.join(BATCHING_KNOBS)}")
-        self.args = AppArgs.model_validate({**self.args.model_dump(), **user_config})
+        self.args = self.args.with_user_config(user_config)
         if self.batcher is not None:  # loaded
             self.served.configure(self.args)
             self.limits = self.replica.limits

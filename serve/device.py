@@ -25,7 +25,7 @@ from ray import serve
 from neuronserve.serve.errors import NotReady, RequestTimeout, ServeError
 from neuronserve.serve.metrics import use_multiproc_dir
 from neuronserve.serve.remote import stack_answers
-from neuronserve.serve.settings import BATCHING_KNOBS, AppArgs
+from neuronserve.serve.settings import AppArgs
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ class NeuronDevice:
         return stack_answers(list(parts))
 
     def reconfigure(self, user_config: dict) -> None:
-        unknown = set(user_config) - set(BATCHING_KNOBS)
-        if unknown:
-            raise ValueError(f"unknown user_config keys {sorted(unknown)}; allowed: {', '.join(BATCHING_KNOBS)}")
-        self.args = AppArgs.model_validate({**self.args.model_dump(), **user_config})
+        self.args = self.args.with_user_config(user_config)
         if self.served is not None:
             self.served.configure(self.args)
 

@@ -223,6 +223,21 @@ class AppArgs(ServeSettings):
     def user_config(self) -> dict:
         return {k: getattr(self, k) for k in BATCHING_KNOBS}
 
+    def with_user_config(self, user_config: dict) -> "AppArgs":
+        """These settings with Serve's user_config applied (the live-tunable batching knobs only).
+
+        >>> AppArgs(artifacts="a").with_user_config({"batch_wait_ms": 2}).batch_wait_ms
+        2.0
+        >>> AppArgs(artifacts="a").with_user_config({"threads": 2})
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown user_config keys ['threads']; allowed: max_batch_tokens, batch_wait_ms, max_concurrent_batches, max_queued_rows, packing
+        """
+        unknown = set(user_config) - set(BATCHING_KNOBS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; allowed: {', '.join(BATCHING_KNOBS)}")
+        return AppArgs.model_validate({**self.model_dump(), **user_config})
+
 
 ARTIFACT_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})=(.+)$")
 
