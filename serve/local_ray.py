@@ -114,6 +114,13 @@ def local_ray_env(environ: dict | None = None, *, access_log: bool = False) -> d
         # HAProxy binds these on every address.
         "RAY_SERVE_HAPROXY_STATS_PORT": str(port_outside_ephemeral_range()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(port_outside_ephemeral_range()),
+        # HAProxy's backup for every route is Serve's fallback proxy, on a fixed 8500 (gRPC 9500)
+        # by default, and it binds with SO_REUSEPORT. A second Serve on the machine (another
+        # server, a test session) then shared that port with the first, and while a server's own
+        # replicas were not yet up (or were down) its HAProxy sent requests to a fallback proxy
+        # that could be the other server's, which answered them with its own application.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(port_outside_ephemeral_range()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(port_outside_ephemeral_range()),
         # Replicas behind HAProxy linger 30 s after they stop taking traffic (so a cluster's
         # HAProxies stop routing to them first). A local server stops as a whole, and its drain
         # still waits for every in-flight request, so 2 s is enough and Ctrl-C returns in seconds.

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -98,6 +99,39 @@ def start_server(artifacts, port, metrics_port, *extra, cwd=None):
             return proc, out, stderr
     proc.kill()
     raise AssertionError("server not ready in time:\n" + "".join(out) + "".join(stderr[-40:]))
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = _parent(pid)
+    return False
+
+
+def haproxy_backup_listeners(port: int) -> list[tuple[int, list[int]]]:
+    """For the HAProxy serving `port`: each `backup` server of its config (Serve's fallback proxy)
+    with the PIDs listening on its port."""
+    import re
+
+    from neuronserve.serve.local_ray import _cmdline, listeners
+
+    out = []
+    for pid in listeners(port):
+        words = _cmdline(pid).split()
+        if "haproxy" not in words[0] or "-f" not in words:
+            continue
+        config = Path(words[words.index("-f") + 1]).read_text()
+        for backup in sorted({int(m) for m in re.findall(r"server \S+ \S+:(\d+) .*backup", config)}):
+            out.append((backup, listeners(backup)))
+    return out
 
 
 def stop_server(proc, timeout_s: float = 90) -> None:

@@ -397,10 +397,12 @@ def test_store_errors_are_one_line_without_a_traceback(s3, artifact, tmp_path, u
     assert len(error_lines) == 1, proc.stderr
 
 
-def test_serve_pulls_an_s3_artifact_and_answers(s3, aws, artifact, monkeypatch):
+def test_serve_pulls_an_s3_artifact_and_answers(s3, aws, artifact, monkeypatch, serve_instance):
     """`neuronserve serve --artifacts s3://...` on the CPU backend with real Ray: the pull is timed
-    and logged, and the pulled artifact answers /v1/embeddings."""
-    from tests.integration.conftest import start_server, stop_server
+    and logged, and the pulled artifact answers /v1/embeddings. With the test session's Serve
+    running beside it, the server's HAProxy falls back to its own Serve's fallback proxy, never the
+    session's (a shared fallback port once had the session's application answer for it)."""
+    from tests.integration.conftest import descends_from, haproxy_backup_listeners, start_server, stop_server
 
     uri = store.push(artifact, fresh_prefix("serve")).uri
     monkeypatch.delenv("NEURONSERVE_CACHE_DIR", raising=False)  # the server's own HOME holds its cache
@@ -409,6 +411,8 @@ def test_serve_pulls_an_s3_artifact_and_answers(s3, aws, artifact, monkeypatch):
     try:
         pulled = [line for line in stderr if line.startswith(f"pulled {uri} in ")]
         assert pulled, "".join(stderr[-40:])
+        backups = haproxy_backup_listeners(port)
+        assert backups and all(pids and all(descends_from(p, proc.pid) for p in pids) for _, pids in backups), backups
         r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": ["hello world", "store"]}, timeout=60)
         assert r.status_code == 200, r.text
         data = r.json()["data"]

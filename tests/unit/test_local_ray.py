@@ -25,6 +25,21 @@ def test_local_ray_env_keeps_what_the_environment_sets():
     assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0" and env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1"
 
 
+def test_each_local_server_gets_its_own_fallback_proxy_ports():
+    """Serve's fallback proxy (HAProxy's backup route) defaults to 8500/9500 on every Ray; two
+    servers on a machine must not share it, or one answers for the other."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    seen = set()
+    for _ in range(5):
+        env = local_ray_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+        http, grpc = int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]), int(env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"])
+        assert 19999 < http < low and 19999 < grpc < low and http != grpc
+        seen.add(http)
+    assert len(seen) > 1
+    kept = local_ray_env({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8600"})
+    assert "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" not in kept
+
+
 def test_each_local_server_gets_its_own_replica_port_ranges_below_the_ephemeral_range():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     bases = set()
