@@ -24,7 +24,16 @@ DESCRIPTION = """\
 Load-test a live endpoint: a sweep of closed-loop concurrency (--concurrency 1,8,32) or open-loop
 arrival rates (--rate 50,100,200), each step a warm-up then a measured duration. Writes per-step
 JSON, sweep.json, report.md and two plots to --out; prints the table. With --compare A.json B.json,
-prints the two runs side by side with B/A ratios instead."""
+prints the two runs side by side with B/A ratios instead.
+
+Text generation (--route chat or completions, any OpenAI-compatible server such as vLLM): every
+request streams ("stream": true, "stream_options": {"include_usage": true}); the report gives time
+to first token (TTFT), inter-token latency (ITL) and time per output token (TPOT) percentiles,
+output tokens/s, goodput under --goodput SLOs and $ per 1M output tokens. For example:
+
+  neuronserve loadtest --url http://127.0.0.1:8000 --route chat --model llama \\
+      --prompt-tokens 128-1024 --output-tokens 64-256 --concurrency 1,8,32 \\
+      --goodput ttft:500 tpot:50 --instance-type inf2.xlarge"""
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +44,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route", default="embeddings", choices=ROUTES,
                    help="embeddings: POST /v1/embeddings (OpenAI); classify: POST /predict (TEI); "
                         "v2: POST /v2/models/{model}/infer (KServe v2); rerank: POST /v1/rerank (Cohere/Jina, the "
-                        "texts as documents); sparse: POST /embed_sparse (TEI). Default: embeddings")
+                        "texts as documents); sparse: POST /embed_sparse (TEI); chat: POST /v1/chat/completions, "
+                        "streamed (the text as one user message); completions: POST /v1/completions, streamed "
+                        "(the text as the prompt). Default: embeddings")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", metavar="N[,N...]",
                       help="closed loop: N workers sending back to back, one step per value (default 1,8,32)")
@@ -46,16 +57,31 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", default="5s", help="unrecorded load before each step (default 5s)")
     p.add_argument("--workload", default="mixed",
                    help=f"{' | '.join(BUILTIN_WORKLOADS)} (built-in, seeded) or a .jsonl file of strings "
-                        "or {\"text\": ...} objects (default mixed)")
+                        "or {\"text\": ...} objects; for chat and completions, prompts: strings or "
+                        "{\"prompt\": ..., \"max_tokens\": N} objects (default mixed)")
+    gen = p.add_argument_group("generation (--route chat or completions)")
+    gen.add_argument("--prompt-tokens", metavar="N|LO-HI", default=None,
+                     help="prompts of N words, or uniform in LO..HI, instead of --workload's texts (common words: "
+                          "about one token each; the report gives the server's prompt_tokens)")
+    gen.add_argument("--output-tokens", metavar="N|LO-HI", default=None,
+                     help="each request's max_tokens: N, or uniform in LO..HI (default: a prompt file's "
+                          "\"max_tokens\" per line, else 128)")
+    gen.add_argument("--ignore-eos", action="store_true",
+                     help="send \"ignore_eos\": true (a vLLM extension) so every answer runs to max_tokens")
+    gen.add_argument("--goodput", nargs="+", metavar="METRIC:MS", default=None,
+                     help="per-request SLOs in ms, as vLLM bench serve: ttft, tpot, e2el, and itl (the request's "
+                          "largest gap between tokens); goodput = requests/s meeting all, e.g. --goodput ttft:500 "
+                          "tpot:50")
     p.add_argument("--seed", type=int, default=0, help="seed for built-in workloads and Poisson arrivals (default 0)")
     p.add_argument("--slo-p99-ms", type=float, default=None,
-                   help="latency SLO in ms: adds goodput (requests/s under it) and a pass/fail per step")
+                   help="latency SLO in ms (end to end): adds goodput (requests/s under it) and a pass/fail per step")
     p.add_argument("--instance-type", default=None, help="price the run from this instance type, e.g. inf2.xlarge")
     p.add_argument("--price-per-hour-usd", type=float, default=None, help="price the run at this $/hour")
     p.add_argument("--max-requests", type=int, default=None, help="stop a step after this many measured requests")
     p.add_argument("--inputs-per-request", type=int, default=1, metavar="N",
                    help="texts per request, sent as one list (default 1: one text per request)")
-    p.add_argument("--timeout-s", default="30", help="per-request timeout in seconds (default 30)")
+    p.add_argument("--timeout-s", default=None,
+                   help="per-request timeout in seconds (default 30; 300 for chat and completions)")
     p.add_argument("--max-outstanding", type=int, default=None,
                    help="open loop: cap on requests in flight; arrivals beyond it are dropped by the client "
                         "and counted (default 1024)")
@@ -166,10 +192,14 @@ def _write_json(path: Path, data: dict) -> None:
 def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
     from neuronserve.deploy.loadtest.client import run as run_async
     from neuronserve.deploy.loadtest.cost import resolve_price
-    from neuronserve.deploy.loadtest.workload import load_workload
+    from neuronserve.deploy.loadtest.workload import load_generation_workload, load_workload
 
     price, price_source = resolve_price(config.instance_type, config.price_per_hour_usd)
-    workload = load_workload(config.workload, seed=config.seed)
+    if config.generates:
+        workload = load_generation_workload(config.workload, seed=config.seed, prompt_tokens=config.prompt_tokens,
+                                            output_tokens=config.output_tokens)
+    else:
+        workload = load_workload(config.workload, seed=config.seed)
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -193,6 +223,7 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
         "inputs_per_request": config.inputs_per_request,
         "max_outstanding": config.max_outstanding if config.mode == "rate" else None,
         "slo_p99_ms": config.slo_p99_ms,
+        **({"goodput_slo_ms": config.goodput, "ignore_eos": config.ignore_eos} if config.generates else {}),
         "instance_type": config.instance_type,
         "price_per_hour_usd": price,
         "price_source": price_source,
@@ -254,9 +285,12 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
                 metadata["notes"].append(f"model not discovered ({exc})")
                 print(f"warning: model not discovered ({exc})", file=sys.stderr)
         metadata["model"] = model
-        target = Target(url=config.url, route=config.route, model=model)
+        target = Target(url=config.url, route=config.route, model=model, ignore_eos=config.ignore_eos)
         metadata["endpoint"] = "POST " + target.endpoint
-        warning = await preflight(client, target, target.body(workload.text(0)), config.timeout_s)
+        # A generation's preflight asks for a few tokens only: it checks the stream, not the speed.
+        first = (target.body(workload.text(0), min(8, workload.output_tokens(0))) if target.generates
+                 else target.body(workload.text(0)))
+        warning = await preflight(client, target, first, config.timeout_s)
         if warning:
             metadata["notes"].append(warning)
             print(f"warning: {warning}", file=sys.stderr)
@@ -277,25 +311,44 @@ async def _sweep(config: LoadtestConfig, headers: dict[str, str], workload, pric
             step = summarize(result.recorder, mode=config.mode, value=value, arrival=config.arrival,
                              warmup_s=config.warmup_s, duration_s=config.duration_s,
                              slo_p99_ms=config.slo_p99_ms, price_per_hour_usd=price,
-                             client_cpu_s=result.cpu_s, client_wall_s=result.wall_s)
+                             client_cpu_s=result.cpu_s, client_wall_s=result.wall_s,
+                             generation=config.generates, goodput=config.goodput)
             if result.by_model is not None:
                 step["models"] = model_breakdown(result.by_model, step, price)
             lat = result.recorder.latencies_ms
             steps.append(step)
             latencies.append(lat)
-            _write_json(config.out / f"{config.step_name(value)}.json",
-                        {**step, "metadata": metadata, "latencies_ms": [round(x, 3) for x in lat]})
+            raw = {"latencies_ms": [round(x, 3) for x in lat]}
+            if config.generates:
+                gens = result.recorder.generations
+                raw["ttfts_ms"] = [None if g.ttft_ms is None else round(g.ttft_ms, 3) for g in gens]
+                raw["tpots_ms"] = [None if g.tpot_ms is None else round(g.tpot_ms, 3) for g in gens]
+                raw["output_tokens"] = [g.output_tokens for g in gens]
+            _write_json(config.out / f"{config.step_name(value)}.json", {**step, "metadata": metadata, **raw})
+            gen = step.get("generation")
+            if gen is not None:
+                print(f"{step_label(step)}: sent {step['sent']}, ok {step['succeeded']}, throttled {step['throttled']}, "
+                      f"errors {step['failed'] - step['throttled']}, {step['achieved_rps']:.2f} req/s, "
+                      f"{gen['output_tokens_per_s']:.1f} output tokens/s, TTFT p50 {_ms(gen['ttft_ms']['p50'])} "
+                      f"p99 {_ms(gen['ttft_ms']['p99'])} ms, ITL p50 {_ms(gen['itl_ms']['p50'])} "
+                      f"p99 {_ms(gen['itl_ms']['p99'])} ms, client CPU {step['client_cpu_percent']:.0f}%",
+                      file=sys.stderr)
             p99 = step["latency_ms"]["p99"]
-            print(f"{step_label(step)}: sent {step['sent']}, ok {step['succeeded']}, throttled {step['throttled']}, "
-                  f"errors {step['failed'] - step['throttled']}, dropped {step['dropped_by_client']}, "
-                  f"{step['achieved_rps']:.2f} req/s, p99 {'-' if p99 is None else f'{p99:.2f}'} ms, "
-                  f"client CPU {step['client_cpu_percent']:.0f}%", file=sys.stderr)
+            if gen is None:
+                print(f"{step_label(step)}: sent {step['sent']}, ok {step['succeeded']}, throttled {step['throttled']}, "
+                      f"errors {step['failed'] - step['throttled']}, dropped {step['dropped_by_client']}, "
+                      f"{step['achieved_rps']:.2f} req/s, p99 {'-' if p99 is None else f'{p99:.2f}'} ms, "
+                      f"client CPU {step['client_cpu_percent']:.0f}%", file=sys.stderr)
             for name, one in (step.get("models") or {}).items():
                 p50, p99 = one["latency_ms"]["p50"], one["latency_ms"]["p99"]
                 cost = one["usd_per_1m_requests"]
                 print(f"  {name}: ok {one['succeeded']}, {one['achieved_rps']:.2f} req/s, p50 "
                       f"{'-' if p50 is None else f'{p50:.2f}'} ms, p99 {'-' if p99 is None else f'{p99:.2f}'} ms, "
                       f"$/1M req {'-' if cost is None else f'{cost:.4f}'}", file=sys.stderr)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _write_outputs(config: LoadtestConfig, metadata: dict, steps: list[dict], latencies: list[list[float]]) -> Path:

@@ -6,7 +6,8 @@ on uvloop where it is installed (`run`).
 
 A request counts in a step if it is *issued* inside the step's measurement window (after the
 warm-up); it is timed with time.perf_counter from just before sending until the whole response
-body has arrived.
+body has arrived. The generation routes (chat, completions) stream: each read of the body is
+timed as it arrives and fed to `stream.StreamTimeline` (TTFT, inter-token gaps, usage).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from neuronserve.deploy.loadtest.config import LoadtestError
+from neuronserve.deploy.loadtest.config import GENERATE_ROUTES, LoadtestError
 from neuronserve.deploy.loadtest.schedule import iter_arrival_times
-from neuronserve.deploy.loadtest.stats import StepRecorder
+from neuronserve.deploy.loadtest.stats import Generation, StepRecorder
+from neuronserve.deploy.loadtest.stream import SSEParser, StreamTimeline
 
 if TYPE_CHECKING:  # pragma: no cover
     import aiohttp
@@ -39,9 +41,18 @@ class Target:
     url: str
     route: str
     model: str | None
+    ignore_eos: bool = False  # generation: vLLM's extension, so every answer runs to max_tokens
+
+    @property
+    def generates(self) -> bool:
+        return self.route in GENERATE_ROUTES
 
     @property
     def path(self) -> str:
+        if self.route == "chat":
+            return "/v1/chat/completions"
+        if self.route == "completions":
+            return "/v1/completions"
         if self.route == "embeddings":
             return "/v1/embeddings"
         if self.route == "classify":
@@ -56,9 +67,20 @@ class Target:
     def endpoint(self) -> str:
         return self.url + self.path
 
-    def body(self, text: "str | list[str]") -> bytes:
-        """One request's body: a text, or a list of texts (one request, several inputs)."""
+    def body(self, text: "str | list[str]", max_tokens: int | None = None) -> bytes:
+        """One request's body: a text, or a list of texts (one request, several inputs); for the
+        generation routes a streamed request for `max_tokens` tokens with usage in the stream."""
         texts = text if isinstance(text, list) else [text]
+        if self.generates:
+            payload = {"model": self.model, "max_tokens": max_tokens, "stream": True,
+                       "stream_options": {"include_usage": True}}
+            if self.route == "chat":
+                payload["messages"] = [{"role": "user", "content": texts[0]}]
+            else:
+                payload["prompt"] = texts[0]
+            if self.ignore_eos:
+                payload["ignore_eos"] = True
+            return json.dumps(payload).encode()
         if self.route == "embeddings":
             payload: object = {"input": text, "model": self.model}
         elif self.route in ("classify", "sparse"):
@@ -135,6 +157,63 @@ async def fetch(client: "aiohttp.ClientSession", method: str, url: str, body: by
         return resp.status, await resp.read()
 
 
+@dataclass
+class StreamOutcome:
+    """A streamed request: its status, and its timeline when the server answered with a stream."""
+
+    status: int
+    content_type: str
+    timeline: StreamTimeline | None = None
+    body: bytes = b""  # the body of an answer that was not a stream (an error, or JSON)
+
+    @property
+    def streamed(self) -> bool:
+        return self.timeline is not None
+
+
+async def fetch_stream(client: "aiohttp.ClientSession", url: str, body: bytes) -> StreamOutcome:
+    """One streamed request, each read timed as it arrives. The clock starts just before sending."""
+    sent = time.perf_counter()
+    async with client.post(url, data=body, headers={"accept": "text/event-stream"}) as resp:
+        content_type = resp.headers.get("content-type", "")
+        if resp.status != 200 or not content_type.lower().startswith("text/event-stream"):
+            return StreamOutcome(resp.status, content_type, body=await resp.read())
+        timeline = StreamTimeline(sent_s=sent)
+        parser = SSEParser()
+        async for data in resp.content.iter_any():
+            now = time.perf_counter()
+            for event in parser.feed(data):
+                timeline.feed(event, now)
+        # Read to the end even after [DONE] so the connection goes back to the pool.
+        now = time.perf_counter()
+        for event in parser.close():
+            timeline.feed(event, now)
+        timeline.finish(now)
+        return StreamOutcome(resp.status, content_type, timeline=timeline)
+
+
+def as_generation(timeline: StreamTimeline) -> Generation:
+    """A finished, successful timeline in the units of the report (ms)."""
+    ttft = timeline.ttft_s
+    return Generation(e2e_ms=timeline.e2e_s * 1000.0, ttft_ms=None if ttft is None else ttft * 1000.0,
+                      itls_ms=tuple(x * 1000.0 for x in timeline.itls_s), output_tokens=timeline.output_tokens,
+                      tokens_from_usage=timeline.tokens_from_usage)
+
+
+def _snippet(content: bytes) -> str:
+    """An error body in one line: an OpenAI error's message, else the first 200 characters."""
+    try:
+        data = json.loads(content)
+        message = data.get("error", data).get("message") if isinstance(data, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            message = data["error"]
+        if message:
+            return str(message)[:300]
+    except (ValueError, AttributeError):
+        pass
+    return content[:200].decode("utf-8", "replace").replace("\n", " ")
+
+
 def raise_fd_limit(needed: int) -> None:
     """Best effort: a large open-loop pool needs one file descriptor per connection."""
     try:
@@ -205,6 +284,8 @@ async def discover_model(client: "aiohttp.ClientSession", url: str, timeout_s: f
 
 async def preflight(client: "aiohttp.ClientSession", target: Target, body: bytes, timeout_s: float) -> str | None:
     """One unrecorded request: fail fast if nothing listens; return a warning for an HTTP error."""
+    if target.generates:
+        return await preflight_stream(client, target, body, timeout_s)
     try:
         status, content = await asyncio.wait_for(fetch(client, "POST", target.endpoint, body), timeout_s)
     except _transport_errors() as exc:
@@ -215,6 +296,39 @@ async def preflight(client: "aiohttp.ClientSession", target: Target, body: bytes
     if status >= 300 and status != 429:
         snippet = content[:200].decode("utf-8", "replace").replace("\n", " ")
         return f"first request to {target.endpoint} returned HTTP {status}: {snippet}"
+    return None
+
+
+async def preflight_stream(client: "aiohttp.ClientSession", target: Target, body: bytes,
+                           timeout_s: float) -> str | None:
+    """The generation routes' first request: fail fast on a server that does not stream (every
+    request would fail alike); a warning for an HTTP error or a broken stream."""
+    url = target.endpoint
+    try:
+        outcome = await asyncio.wait_for(fetch_stream(client, url, body), timeout_s)
+    except _transport_errors() as exc:
+        raise _unreachable(url, exc, timeout_s) from None
+    if outcome.status == 401:
+        raise unauthorized(url, client)
+    if outcome.status != 200:
+        if outcome.status == 429:
+            return None
+        return f"first request to {url} returned HTTP {outcome.status}: {_snippet(outcome.body)}"
+    if not outcome.streamed:
+        raise LoadtestError(
+            f"POST {url} answered HTTP 200 with Content-Type {outcome.content_type or '(none)'!r}, not a stream of "
+            "server-sent events (text/event-stream): the server ignored \"stream\": true, so no time to first "
+            "token can be measured; point --url at an OpenAI-compatible server that streams (e.g. vLLM)")
+    timeline = outcome.timeline
+    kind = timeline.failure()
+    if kind == "stream_error":
+        return f"first request to {url} failed in its stream: {timeline.error}"
+    if kind is not None:
+        return (f"first request to {url} gave a broken stream ({kind}: {timeline.content_events} content events, "
+                f"[DONE] {'seen' if timeline.done else 'missing'})")
+    if not timeline.tokens_from_usage:
+        return (f"the stream from {url} carried no usage (stream_options.include_usage ignored): output tokens "
+                "are counted as content events, one token each")
     return None
 
 
@@ -292,6 +406,8 @@ class StepRunner:
 
     def _bodies_for(self, target: Target) -> list[bytes]:
         workload, n = self.workload, self.inputs
+        if target.generates:
+            return [target.body(t, workload.output_tokens(i)) for i, t in enumerate(workload.texts)]
         if n == 1:
             return [target.body(t) for t in workload.texts]
         texts = workload.texts  # request i sends texts i*n .. i*n+n-1 of the pool, as one list
@@ -310,6 +426,9 @@ class StepRunner:
             own = self.by_model[self.models[m]]
             own.sent += 1
             rec = _Both(rec, own)
+        if self.target.generates:
+            await self._one_stream(index, rec, window_start, self._endpoints[m], body)
+            return
         t0 = time.perf_counter()
         try:
             status, content = await asyncio.wait_for(fetch(self.client, "POST", self._endpoints[m], body), self.timeout_s)
@@ -341,6 +460,38 @@ class StepRunner:
         else:
             rec.ok((t1 - t0) * 1000.0, sum(self.workload.estimated_tokens(index * self.inputs + k)
                                            for k in range(self.inputs)), False)
+
+    async def _one_stream(self, index: int, rec, window_start: float, endpoint: str, body: bytes) -> None:
+        try:
+            outcome = await asyncio.wait_for(fetch_stream(self.client, endpoint, body), self.timeout_s)
+        except asyncio.CancelledError:
+            if rec is not None:
+                rec.transport_error("cancelled")
+                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            raise
+        except self._errors as exc:
+            if rec is not None:
+                rec.transport_error(error_kind(exc))
+                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            return
+        if rec is None:
+            return
+        rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+        if not 200 <= outcome.status < 300:
+            rec.http_error(outcome.status)
+            return
+        if not outcome.streamed:
+            rec.transport_error("not_streamed")
+            return
+        timeline = outcome.timeline
+        kind = timeline.failure()
+        if kind is not None:
+            rec.transport_error(kind)
+            return
+        if timeline.prompt_tokens is not None:
+            rec.generated(as_generation(timeline), timeline.prompt_tokens, True)
+        else:
+            rec.generated(as_generation(timeline), self.workload.estimated_tokens(index), False)
 
     async def closed_loop(self, concurrency: int, warmup_s: float, duration_s: float, label: str) -> StepResult:
         rec = self._new_step()

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROUTES = ("embeddings", "classify", "v2", "rerank", "sparse")
+ROUTES = ("embeddings", "classify", "v2", "rerank", "sparse", "chat", "completions")
+# Routes that generate text: streamed, timed token by token (TTFT, ITL), priced per output token.
+GENERATE_ROUTES = ("chat", "completions")
+# Per-request SLOs `--goodput` accepts, in ms (vLLM `bench serve`'s ttft, tpot and e2el, and itl).
+GOODPUT_METRICS = ("ttft", "tpot", "itl", "e2el")
+DEFAULT_OUTPUT_TOKENS = "128"
 ARRIVALS = ("poisson", "constant")
 BUILTIN_WORKLOADS = ("short", "mixed", "long")
 
@@ -91,6 +96,69 @@ def normalise_url(url: str) -> str:
     return base
 
 
+@dataclass(frozen=True)
+class LengthRange:
+    """A length distribution: fixed (lo == hi) or uniform over lo..hi inclusive."""
+
+    lo: int
+    hi: int
+
+    def sample(self, rng) -> int:
+        return self.lo if self.lo == self.hi else rng.randint(self.lo, self.hi)
+
+    def __str__(self) -> str:
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
+
+
+def parse_length(text: str, *, name: str, minimum: int = 1) -> LengthRange:
+    """`128` (fixed) or `64-512` / `64:512` (uniform, inclusive).
+
+    >>> parse_length("128", name="--output-tokens"), parse_length("64-512", name="--output-tokens")
+    (LengthRange(lo=128, hi=128), LengthRange(lo=64, hi=512))
+    """
+    hint = "give N (fixed) or LO-HI (uniform), e.g. 128 or 64-512"
+    parts = re.split(r"\s*[-:]\s*", str(text).strip())
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"{name} {text!r} is not a length; {hint}") from None
+    if len(values) not in (1, 2):
+        raise UsageError(f"{name} {text!r} is not a length; {hint}")
+    lo, hi = values[0], values[-1]
+    if lo < minimum or hi < lo:
+        raise UsageError(f"{name} {text!r}: lengths must be >= {minimum} and LO <= HI; {hint}")
+    return LengthRange(lo, hi)
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
+    """`--goodput ttft:500 tpot:50`: per-request SLOs in ms (vLLM `bench serve`'s syntax); a request
+    is good when it meets all of them.
+
+    >>> parse_goodput(["ttft:500", "tpot:50"])
+    {'ttft': 500.0, 'tpot': 50.0}
+    """
+    if not items:
+        return None
+    slos: dict[str, float] = {}
+    for item in items:
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.strip().partition(":")
+            key = key.strip().lower()
+            try:
+                ms = float(value)
+            except ValueError:
+                ms = float("nan")
+            if not sep or key not in GOODPUT_METRICS or not (ms > 0 and math.isfinite(ms)):
+                raise UsageError(f"--goodput {part.strip()!r} is not METRIC:MS with METRIC one of "
+                                 f"{', '.join(GOODPUT_METRICS)} and MS > 0, e.g. --goodput ttft:500 tpot:50")
+            if key in slos:
+                raise UsageError(f"--goodput names {key} twice")
+            slos[key] = ms
+    return slos or None
+
+
 @dataclass
 class LoadtestConfig:
     url: str
@@ -114,6 +182,15 @@ class LoadtestConfig:
     api_key: str | None = field(default=None, repr=False)  # sent as a Bearer token; never written out
     inputs_per_request: int = 1
     mix: list[tuple[str, float]] | None = None  # --model a=0.8,b=0.2: each request's model, by weight
+    # Generation routes (chat, completions) only:
+    prompt_tokens: LengthRange | None = None  # generated prompts of this length instead of --workload's texts
+    output_tokens: LengthRange | None = None  # max_tokens of each request (None: a prompt file's own, else 128)
+    ignore_eos: bool = False
+    goodput: dict[str, float] | None = None
+
+    @property
+    def generates(self) -> bool:
+        return self.route in GENERATE_ROUTES
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -193,7 +270,11 @@ def config_from_args(args) -> LoadtestConfig:
         raise UsageError(f"--arrival {args.arrival!r} is not one of {', '.join(ARRIVALS)}")
     duration_s = parse_duration(args.duration, name="--duration")
     warmup_s = parse_duration(args.warmup, name="--warmup", allow_zero=True)
-    timeout_s = parse_duration(args.timeout_s, name="--timeout-s")
+    generates = args.route in GENERATE_ROUTES
+    timeout = getattr(args, "timeout_s", None)
+    if timeout is None:  # a generation takes seconds where an embedding takes milliseconds
+        timeout = "300" if generates else "30"
+    timeout_s = parse_duration(timeout, name="--timeout-s")
     if args.slo_p99_ms is not None and not args.slo_p99_ms > 0:
         raise UsageError(f"--slo-p99-ms must be > 0 (got {args.slo_p99_ms})")
     if args.instance_type and args.price_per_hour_usd is not None:
@@ -207,6 +288,24 @@ def config_from_args(args) -> LoadtestConfig:
         raise UsageError(f"--inputs-per-request must be >= 1 (got {inputs})")
     if args.max_outstanding is not None and args.max_outstanding <= 0:
         raise UsageError(f"--max-outstanding must be > 0 (got {args.max_outstanding})")
+    prompt_tokens = output_tokens = goodput = None
+    ignore_eos = bool(getattr(args, "ignore_eos", False))
+    if generates:
+        if inputs != 1:
+            raise UsageError(f"--inputs-per-request {inputs}: --route {args.route} sends one prompt per request")
+        if getattr(args, "prompt_tokens", None) is not None:
+            prompt_tokens = parse_length(args.prompt_tokens, name="--prompt-tokens")
+        if getattr(args, "output_tokens", None) is not None:
+            output_tokens = parse_length(args.output_tokens, name="--output-tokens")
+        goodput = parse_goodput(getattr(args, "goodput", None))
+    else:
+        given = [flag for flag, value in (("--prompt-tokens", getattr(args, "prompt_tokens", None)),
+                                          ("--output-tokens", getattr(args, "output_tokens", None)),
+                                          ("--goodput", getattr(args, "goodput", None)),
+                                          ("--ignore-eos", ignore_eos or None)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only for the generation routes (--route chat or completions); "
+                             f"--route {args.route} sends texts to an encoder")
     workload = args.workload
     if workload not in BUILTIN_WORKLOADS and not Path(workload).is_file():
         raise UsageError(
@@ -242,4 +341,8 @@ def config_from_args(args) -> LoadtestConfig:
         progress=False if args.no_progress else None,
         api_key=api_key_from(getattr(args, "api_key", None)),
         inputs_per_request=inputs,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        ignore_eos=ignore_eos,
+        goodput=goodput,
     )

@@ -40,6 +40,8 @@ def _tokens_cell(step: dict) -> str:
 
 
 def markdown_table(steps: list[dict]) -> str:
+    if any(s.get("generation") for s in steps):
+        return generation_table(steps)
     has_slo = any(s.get("slo_p99_ms") is not None for s in steps)
     has_cost = any(s.get("price_per_hour_usd") is not None for s in steps)
     head = ["step", "offered/s", "achieved/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "tokens/s",
@@ -67,6 +69,51 @@ def markdown_table(steps: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def generation_table(steps: list[dict]) -> str:
+    """The table of a generation sweep: TTFT, ITL and TPOT percentiles, end to end, output tokens/s,
+    goodput and $ per 1M output tokens.
+
+    >>> gen = {"ttft_ms": {"p50": 80.0, "p90": 90.0, "p99": 99.0}, "itl_ms": {"p50": 20.0, "p90": 21.0, "p99": 25.0},
+    ...        "tpot_ms": {"p50": 20.5}, "output_tokens_per_s": 400.0, "output_tokens_source": "usage",
+    ...        "goodput_rps": None, "usd_per_1m_output_tokens": None}
+    >>> step = {"mode": "concurrency", "value": 8, "offered_rps": 2.0, "achieved_rps": 2.0, "succeeded": 40,
+    ...         "throttled": 0, "errors_by_status": {}, "errors_by_kind": {}, "client_cpu_percent": 3.0,
+    ...         "latency_ms": {"p50": 1000.0, "p99": 1200.0}, "generation": gen}
+    >>> print(generation_table([step]).splitlines()[2])
+    | c=8 | 2.00 | 2.00 | 80.00 | 90.00 | 99.00 | 20.00 | 21.00 | 25.00 | 20.50 | 1,000.00 | 1,200.00 | 400.0 | 40 | 0 | 0 | 3% |
+    """
+    has_goodput = any((s.get("generation") or {}).get("goodput_rps") is not None for s in steps)
+    has_cost = any(s.get("price_per_hour_usd") is not None for s in steps)
+    head = ["step", "offered/s", "req/s", "TTFT p50", "TTFT p90", "TTFT p99", "ITL p50", "ITL p90", "ITL p99",
+            "TPOT p50", "e2e p50", "e2e p99", "out tok/s", "ok", "throttled", "errors"]
+    if has_goodput:
+        head += ["goodput/s", "good %"]
+    if has_cost:
+        head += ["$/1M out tok"]
+    head += ["client CPU"]
+    rows = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for s in steps:
+        g = s.get("generation") or {}
+        ttft, itl, tpot = g.get("ttft_ms", {}), g.get("itl_ms", {}), g.get("tpot_ms", {})
+        out = _num(g.get("output_tokens_per_s"), 1)
+        if g.get("output_tokens_source") in ("chunks", "mixed"):
+            out = "~" + out
+        cells = [step_label(s), _num(s["offered_rps"]), _num(s["achieved_rps"]),
+                 _num(ttft.get("p50")), _num(ttft.get("p90")), _num(ttft.get("p99")),
+                 _num(itl.get("p50")), _num(itl.get("p90")), _num(itl.get("p99")), _num(tpot.get("p50")),
+                 _num(s["latency_ms"].get("p50")), _num(s["latency_ms"].get("p99")), out,
+                 str(s["succeeded"]), str(s["throttled"]), _errors_cell(s)]
+        if has_goodput:
+            good = g.get("good_requests")
+            cells += [_num(g.get("goodput_rps")),
+                      "-" if good is None or not s["succeeded"] else f"{100.0 * good / s['succeeded']:.0f}%"]
+        if has_cost:
+            cells += [_num(g.get("usd_per_1m_output_tokens"), 4)]
+        cells.append(f"{s['client_cpu_percent']:.0f}%" + (" (!)" if s.get("client_saturated") else ""))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def warnings_for(steps: list[dict]) -> list[str]:
     notes = []
     for s in steps:
@@ -87,6 +134,10 @@ def warnings_for(steps: list[dict]) -> list[str]:
         if lag.get("p99") is not None and lag["p99"] > 10.0:
             notes.append(f"{label}: p99 send lag {lag['p99']:.2f} ms behind the arrival schedule; "
                          "the client could not keep the offered rate")
+        gen = s.get("generation") or {}
+        if gen.get("output_tokens_source") in ("chunks", "mixed"):
+            notes.append(f"{label}: the stream carried no usage (stream_options.include_usage) for some or all "
+                         "requests: their output tokens were counted as content events, one token each (marked ~)")
         if s["mode"] == "rate" and s["offered_rps"] and s["achieved_rps"] < 0.9 * s["offered_rps"]:
             notes.append(f"{label}: achieved {s['achieved_rps']:.2f}/s of {s['offered_rps']:.2f}/s offered")
     return notes
@@ -101,6 +152,26 @@ def tokens_note(steps: list[dict]) -> str:
     if sources:
         return "tokens/s: server `usage.prompt_tokens` where present, else words x 1.3 (marked ~)."
     return "tokens/s: no successful responses."
+
+
+def generation_notes(meta: dict) -> list[str]:
+    """The report's lines on how a generation sweep was measured."""
+    w = meta.get("workload", {})
+    lines = [f"- output lengths (max_tokens): {w.get('max_tokens')} (min/median/max {w.get('max_tokens_min')}/"
+             f"{w.get('max_tokens_median')}/{w.get('max_tokens_max')})"
+             + ("; ignore_eos sent" if meta.get("ignore_eos") else "")]
+    slos = meta.get("goodput_slo_ms")
+    if slos:
+        lines.append("- goodput SLOs: " + ", ".join(f"{k} <= {v:g} ms" for k, v in slos.items())
+                     + "; goodput = requests/s meeting all of them (itl: the request's largest gap)")
+    return lines
+
+
+GENERATION_LEGEND = (
+    "Times in ms, of successful requests, streamed. TTFT: from sending to the first content event; ITL: "
+    "gaps between content events (all requests' gaps pooled); TPOT: (e2e - TTFT) / (output tokens - 1) per "
+    "request; e2e: until `data: [DONE]`. Output tokens from the stream's usage (`completion_tokens`); "
+    "~ marks counts of content events where a stream had no usage. $/1M out tok = 1e6 / out tok/s x price / 3600.")
 
 
 def render_report(sweep: dict) -> str:
@@ -121,12 +192,18 @@ def render_report(sweep: dict) -> str:
         f"- started: {meta['started_at']}; client machine: {machine.get('platform')} "
         f"({machine.get('cpu_count')} CPUs, Python {machine.get('python')})",
     ]
-    if meta.get("slo_p99_ms") is not None:
+    generation = any(step.get("generation") for step in steps)
+    if generation:
+        lines += generation_notes(meta)
+    if meta.get("slo_p99_ms") is not None and not generation:
         lines.append(f"- SLO: p99 <= {meta['slo_p99_ms']:g} ms; goodput = successful requests/s under it")
     if meta.get("price_per_hour_usd") is not None:
         lines.append(f"- price: ${meta['price_per_hour_usd']:g}/hour from {meta.get('price_source')}; "
                      "$/1M req = 1e6 / achieved/s x price / 3600")
-    lines += ["", markdown_table(steps), "", f"Latencies are of successful requests, in ms. {tokens_note(steps)}"]
+    if generation:
+        lines += ["", markdown_table(steps), "", GENERATION_LEGEND]
+    else:
+        lines += ["", markdown_table(steps), "", f"Latencies are of successful requests, in ms. {tokens_note(steps)}"]
     if any(step.get("models") for step in steps):
         lines += ["", "## Per model", "", models_table(steps), "",
                   "Each model's cost is the price apportioned by its share of the step's tokens."]
@@ -251,7 +328,39 @@ def _figure(width: float = 7.5, height: float = 4.8):
     return fig
 
 
+def plot_generation_vs_throughput(steps: list[dict], path: Path, title: str) -> None:
+    """TTFT and ITL percentiles against output tokens/s, one panel each."""
+    fig = _figure(width=9.5)
+    ok_steps = [s for s in steps if (s.get("generation") or {}).get("ttft_ms", {}).get("p50") is not None]
+    for i, (key, name) in enumerate((("ttft_ms", "time to first token (ms)"), ("itl_ms", "inter-token latency (ms)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        if ok_steps:
+            xs = [s["generation"]["output_tokens_per_s"] for s in ok_steps]
+            for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+                ax.plot(xs, [s["generation"][key][q] for s in ok_steps], style, label=q)
+            for s, x in zip(ok_steps, xs):
+                y = s["generation"][key]["p99"]
+                if y is not None:
+                    ax.annotate(step_label(s), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            slo = (ok_steps[0].get("generation") or {}).get("goodput_slo_ms") or {}
+            limit = slo.get("ttft") if key == "ttft_ms" else slo.get("itl")
+            if limit:
+                ax.axhline(limit, color="red", linewidth=0.8, linestyle="-.", label=f"SLO {limit:g} ms")
+            ax.legend(loc="upper left")
+        else:
+            ax.text(0.5, 0.5, "no successful requests", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("output tokens/s")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def plot_latency_vs_throughput(steps: list[dict], path: Path, title: str) -> None:
+    if any(s.get("generation") for s in steps):
+        plot_generation_vs_throughput(steps, path, title)
+        return
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     ok_steps = [s for s in steps if s["latency_ms"]["p50"] is not None]

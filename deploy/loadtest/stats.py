@@ -29,6 +29,51 @@ def _r(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(x, digits)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One successful streamed generation, in ms (see `stream.StreamTimeline` for the rules)."""
+
+    e2e_ms: float
+    ttft_ms: float | None  # None: no token had content (e.g. only an end-of-sequence token)
+    itls_ms: tuple[float, ...]
+    output_tokens: int
+    tokens_from_usage: bool
+
+    @property
+    def tpot_ms(self) -> float | None:
+        """(end to end - TTFT) / (output tokens - 1), vLLM's definition; None under two tokens.
+
+        >>> Generation(e2e_ms=500.0, ttft_ms=100.0, itls_ms=(), output_tokens=5, tokens_from_usage=True).tpot_ms
+        100.0
+        """
+        if self.ttft_ms is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1)
+
+    def meets(self, slos: dict[str, float]) -> bool:
+        """Whether it meets every SLO (ms): ttft, tpot, e2el, and itl (its largest gap). A metric
+        the request has no value for (TPOT of a one-token answer) does not fail it.
+
+        >>> g = Generation(e2e_ms=500.0, ttft_ms=100.0, itls_ms=(90.0, 120.0), output_tokens=3, tokens_from_usage=True)
+        >>> g.meets({"ttft": 100, "tpot": 200}), g.meets({"itl": 100}), g.meets({"e2el": 499})
+        (True, False, False)
+        """
+        values = {"ttft": self.ttft_ms, "tpot": self.tpot_ms, "e2el": self.e2e_ms,
+                  "itl": max(self.itls_ms) if self.itls_ms else None}
+        return all(values[k] is None or values[k] <= limit for k, limit in slos.items())
+
+
+def distribution(values: list[float]) -> dict:
+    """p50/p90/p99, mean and max of values (ms, 2 decimals); all None when empty.
+
+    >>> distribution([10.0, 20.0, 30.0, 40.0])
+    {'p50': 25.0, 'p90': 37.0, 'p99': 39.7, 'mean': 25.0, 'max': 40.0}
+    """
+    xs = sorted(values)
+    return {**{f"p{q}": _r(percentile(xs, q)) for q in PERCENTILES},
+            "mean": _r(sum(xs) / len(xs)) if xs else None, "max": _r(xs[-1]) if xs else None}
+
+
 @dataclass
 class StepRecorder:
     """Everything measured in one step's window (warm-up traffic never reaches it)."""
@@ -46,6 +91,7 @@ class StepRecorder:
     last_end_s: float = 0.0  # latest completion, seconds after the window start
     send_lags_ms: list[float] = field(default_factory=list)  # open loop: actual send - scheduled time
     stopped_s: float | None = None  # when --max-requests ended issuing early, seconds into the window
+    generations: list["Generation"] = field(default_factory=list)  # generation routes: one per success
 
     def stop_issuing(self, at_s: float) -> None:
         if self.stopped_s is None:
@@ -59,6 +105,11 @@ class StepRecorder:
         else:
             self.tokens_estimated += tokens
             self.n_estimated_tokens += 1
+
+    def generated(self, g: "Generation", prompt_tokens: float, prompt_from_server: bool) -> None:
+        """A successful streamed generation: its end-to-end latency counts as the request's."""
+        self.ok(g.e2e_ms, prompt_tokens, prompt_from_server)
+        self.generations.append(g)
 
     def http_error(self, status: int) -> None:
         if status == 429:
@@ -90,9 +141,43 @@ def cost_per_million(rps: float | None, price_per_hour_usd: float | None) -> flo
     return 1e6 / rps * price_per_hour_usd / 3600.0
 
 
+def generation_summary(gens: list[Generation], elapsed_s: float, price_per_hour_usd: float | None,
+                       goodput: dict[str, float] | None) -> dict:
+    """The generation block of a step: TTFT, ITL (every gap of every request), TPOT (one per
+    request), output tokens and their rate and cost, and goodput under the per-request SLOs."""
+    out_tokens = sum(g.output_tokens for g in gens)
+    from_usage = sum(1 for g in gens if g.tokens_from_usage)
+    if gens and from_usage == len(gens):
+        source = "usage"
+    elif from_usage:
+        source = "mixed"
+    else:
+        source = "chunks" if gens else "none"
+    out_per_s = out_tokens / elapsed_s
+    record = {
+        "ttft_ms": distribution([g.ttft_ms for g in gens if g.ttft_ms is not None]),
+        "itl_ms": distribution([x for g in gens for x in g.itls_ms]),
+        "tpot_ms": distribution([g.tpot_ms for g in gens if g.tpot_ms is not None]),
+        "output_tokens": out_tokens,
+        "output_tokens_mean": _r(out_tokens / len(gens)) if gens else None,
+        "output_tokens_source": source,
+        "output_tokens_per_s": round(out_per_s, 2),
+        "usd_per_1m_output_tokens": _r(cost_per_million(out_per_s, price_per_hour_usd), 4),
+        "goodput_slo_ms": goodput,
+        "good_requests": None,
+        "goodput_rps": None,
+    }
+    if goodput:
+        good = sum(1 for g in gens if g.meets(goodput))
+        record["good_requests"] = good
+        record["goodput_rps"] = round(good / elapsed_s, 2)
+    return record
+
+
 def summarize(rec: StepRecorder, *, mode: str, value: float, arrival: str | None, warmup_s: float,
               duration_s: float, slo_p99_ms: float | None, price_per_hour_usd: float | None,
-              client_cpu_s: float, client_wall_s: float) -> dict:
+              client_cpu_s: float, client_wall_s: float, generation: bool = False,
+              goodput: dict[str, float] | None = None) -> dict:
     """The step's report record (latencies in ms with 2 decimals, rates per second)."""
     lat = sorted(rec.latencies_ms)
     # Requests issued in the window may finish after it; count the time they took. A step cut
@@ -158,6 +243,9 @@ def summarize(rec: StepRecorder, *, mode: str, value: float, arrival: str | None
         record["goodput_rps"] = round(within / elapsed_s, 2)
         p99 = record["latency_ms"]["p99"]
         record["slo_met"] = p99 is not None and p99 <= slo_p99_ms
+    if generation:
+        # tokens_per_s above counts prompt tokens (the server's usage.prompt_tokens, else words x 1.3).
+        record["generation"] = generation_summary(rec.generations, elapsed_s, price_per_hour_usd, goodput)
     return record
 
 

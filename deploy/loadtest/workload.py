@@ -7,6 +7,11 @@ Built-in workloads are deterministic for a seed and use only a built-in word lis
 - `mixed`: 80% short sentences, 20% paragraphs with lognormal lengths (median ~70 words)
   clipped to 21-300 words: the long tail that decides bucket choice and padding.
 - `long`: paragraphs of 150-400 words (documents chunked for retrieval).
+
+For the generation routes (chat, completions) the texts are prompts, and each request also has an
+output length (its `max_tokens`): `load_generation_workload`. `--prompt-tokens N` or `LO-HI`
+generates prompts of that many words instead; the words are common English ones, about one token
+each for the BPE tokenizers of current LLMs (the report gives the server's own prompt_tokens).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuronserve.deploy.loadtest.config import BUILTIN_WORKLOADS, UsageError
+from neuronserve.deploy.loadtest.config import BUILTIN_WORKLOADS, DEFAULT_OUTPUT_TOKENS, LengthRange, UsageError, parse_length
 
 POOL_SIZE = 1024
 TOKENS_PER_WORD = 1.3
@@ -58,9 +63,14 @@ class Workload:
     name: str
     texts: list[str]
     word_counts: list[int]
+    max_tokens: list[int] | None = None  # generation: each request's output length
+    output_spec: str | None = None  # how max_tokens was chosen, for the report
 
     def text(self, index: int) -> str:
         return self.texts[index % len(self.texts)]
+
+    def output_tokens(self, index: int) -> int | None:
+        return None if self.max_tokens is None else self.max_tokens[index % len(self.max_tokens)]
 
     def estimated_tokens(self, index: int) -> float:
         return self.word_counts[index % len(self.word_counts)] * TOKENS_PER_WORD
@@ -74,7 +84,13 @@ class Workload:
             "words_median": counts[len(counts) // 2],
             "words_max": counts[-1],
             "words_mean": round(sum(counts) / len(counts), 2),
+            **(self._describe_outputs() if self.max_tokens else {}),
         }
+
+    def _describe_outputs(self) -> dict:
+        out = sorted(self.max_tokens)
+        return {"max_tokens": self.output_spec, "max_tokens_min": out[0], "max_tokens_median": out[len(out) // 2],
+                "max_tokens_max": out[-1], "max_tokens_mean": round(sum(out) / len(out), 2)}
 
 
 def _sentence(rng: random.Random, n_words: int) -> str:
@@ -144,3 +160,82 @@ def load_workload(spec: str, *, seed: int = 0) -> Workload:
     if spec in BUILTIN_WORKLOADS:
         return generate(spec, seed=seed)
     return load_jsonl(spec)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+def generate_prompts(length: LengthRange, *, count: int = POOL_SIZE, seed: int = 0) -> Workload:
+    """Prompts of `length` words each (fixed, or uniform over the range), deterministic for a seed.
+
+    >>> w = generate_prompts(LengthRange(30, 30), count=2)
+    >>> w.word_counts, [len(t.split()) for t in w.texts]
+    ([30, 30], [30, 30])
+    """
+    rng = random.Random(f"prompts:{length}:{seed}")
+    lengths = [length.sample(rng) for _ in range(count)]
+    texts = [_sentence(rng, n) if n <= 20 else _paragraph(rng, n) for n in lengths]
+    return Workload(name=f"prompts of {length} words", texts=texts, word_counts=lengths)
+
+
+def load_prompts(path: str | Path) -> tuple[list[str], list[int | None]]:
+    """Prompts from a JSONL file, one per non-blank line: a JSON string, or an object with a
+    "prompt" (or "text") string and optionally "max_tokens" (that request's output length)."""
+    from neuronserve.common.jsonl import json_lines
+
+    expected = 'a JSON string or {"prompt": ..., "max_tokens": N}'
+    texts: list[str] = []
+    outputs: list[int | None] = []
+    try:
+        for lineno, item in json_lines(path, expected):
+            max_tokens = None
+            if isinstance(item, dict):
+                max_tokens = item.get("max_tokens")
+                item = item.get("prompt", item.get("text"))
+                if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                               or max_tokens < 1):
+                    raise UsageError(f"workload: {path}:{lineno}: \"max_tokens\" must be a whole number >= 1, "
+                                     f"got {max_tokens!r}")
+            if not isinstance(item, str) or not item.strip():
+                raise UsageError(f"workload: {path}:{lineno}: expected a non-empty JSON string or an object with "
+                                 'a "prompt" string')
+            texts.append(item)
+            outputs.append(max_tokens)
+    except ValueError as exc:
+        raise UsageError(f"workload: {exc}") from None
+    if not texts:
+        raise UsageError(f"workload file {str(path)!r} has no prompts; put one JSON string or "
+                         '{"prompt": ..., "max_tokens": N} per line')
+    return texts, outputs
+
+
+def load_generation_workload(spec: str, *, seed: int = 0, prompt_tokens: LengthRange | None = None,
+                             output_tokens: LengthRange | None = None) -> Workload:
+    """Prompts and output lengths for the chat and completions routes.
+
+    Prompts: `prompt_tokens` words each if given, else the built-in workload's texts or the
+    file's prompts. Output lengths (`max_tokens`): `output_tokens` if given, else a prompt file's
+    per-line "max_tokens" (128 where a line has none), else 128.
+
+    >>> w = load_generation_workload("short", output_tokens=LengthRange(16, 64), seed=1)
+    >>> 16 <= min(w.max_tokens) and max(w.max_tokens) <= 64, len(w.max_tokens) == len(w.texts)
+    (True, True)
+    """
+    default = parse_length(DEFAULT_OUTPUT_TOKENS, name="default output tokens")
+    file_outputs: list[int | None] = []
+    if prompt_tokens is not None:
+        base = generate_prompts(prompt_tokens, seed=seed)
+    elif spec in BUILTIN_WORKLOADS:
+        base = generate(spec, seed=seed)
+    else:
+        texts, file_outputs = load_prompts(spec)
+        base = Workload(name=str(spec), texts=texts, word_counts=[len(t.split()) for t in texts])
+    rng = random.Random(f"outputs:{output_tokens}:{seed}")
+    if output_tokens is not None:
+        outputs, how = [output_tokens.sample(rng) for _ in base.texts], str(output_tokens)
+    elif any(n is not None for n in file_outputs):
+        outputs = [default.lo if n is None else n for n in file_outputs]
+        how = "from the prompt file"
+    else:
+        outputs, how = [default.lo] * len(base.texts), str(default)
+    return Workload(name=base.name, texts=base.texts, word_counts=base.word_counts, max_tokens=outputs,
+                    output_spec=how)
