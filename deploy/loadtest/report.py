@@ -198,8 +198,9 @@ def render_report(sweep: dict) -> str:
     if meta.get("slo_p99_ms") is not None and not generation:
         lines.append(f"- SLO: p99 <= {meta['slo_p99_ms']:g} ms; goodput = successful requests/s under it")
     if meta.get("price_per_hour_usd") is not None:
+        per = "$/1M out tok = 1e6 / out tok/s" if generation else "$/1M req = 1e6 / achieved/s"
         lines.append(f"- price: ${meta['price_per_hour_usd']:g}/hour from {meta.get('price_source')}; "
-                     "$/1M req = 1e6 / achieved/s x price / 3600")
+                     f"{per} x price / 3600")
     if generation:
         lines += ["", markdown_table(steps), "", GENERATION_LEGEND]
     else:
@@ -273,6 +274,19 @@ def render_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
         ("errors", lambda s: s.get("failed")),
         ("$/1M req", lambda s: s.get("usd_per_1m_requests")),
     ]
+    if any(s.get("generation") for s in (*a["steps"], *b["steps"])):
+        def gen(s):
+            return s.get("generation") or {}
+
+        metrics = [
+            ("out tok/s", lambda s: gen(s).get("output_tokens_per_s")),
+            ("TTFT p50", lambda s: gen(s).get("ttft_ms", {}).get("p50")),
+            ("TTFT p99", lambda s: gen(s).get("ttft_ms", {}).get("p99")),
+            ("ITL p50", lambda s: gen(s).get("itl_ms", {}).get("p50")),
+            ("ITL p99", lambda s: gen(s).get("itl_ms", {}).get("p99")),
+            ("errors", lambda s: s.get("failed")),
+            ("$/1M out tok", lambda s: gen(s).get("usd_per_1m_output_tokens")),
+        ]
     head = ["step"]
     for name, _ in metrics:
         head += [f"{name} A", f"{name} B", "B/A"]
@@ -302,7 +316,8 @@ def render_compare(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> st
             lines.append(f"Only in A: {', '.join(only_a)}")
         if only_b:
             lines.append(f"Only in B: {', '.join(only_b)}")
-    lines += ["", "Ratios are B/A: above 1 is better for achieved/s, below 1 is better for latency, errors and $."]
+    lines += ["", "Ratios are B/A: above 1 is better for throughput (achieved/s, out tok/s), below 1 is better for "
+              "latency, errors and $."]
     return "\n".join(lines) + "\n"
 
 

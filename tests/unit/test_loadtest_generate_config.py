@@ -118,16 +118,25 @@ def test_generation_report_and_warnings():
                          "max_tokens_max": 128},
             "seed": 0, "mode": "concurrency", "values": [8], "warmup_s": 1.0, "duration_s": 2.0,
             "started_at": "2026-01-01T00:00:00+0000", "machine": {}, "notes": [],
-            "goodput_slo_ms": {"ttft": 100.0, "tpot": 30.0}, "ignore_eos": True}
+            "goodput_slo_ms": {"ttft": 100.0, "tpot": 30.0}, "ignore_eos": True,
+            "price_per_hour_usd": 0.7582, "price_source": "price table (inf2.xlarge)"}
     text = render_report({"metadata": meta, "steps": [gen_step(source="mixed", goodput={"ttft": 100.0})]})
     assert "ttft <= 100 ms, tpot <= 30 ms" in text and "ignore_eos sent" in text and "TTFT p99" in text
     assert "data: [DONE]" in text and "counted as content events" in text
+    assert "$/1M out tok = 1e6 / out tok/s x price / 3600" in text
     assert not any("usage" in n for n in warnings_for([gen_step()]))
 
 
 def test_generation_step_json_round_trips_through_compare(tmp_path):
     from neuronserve.deploy.loadtest.report import load_result, render_compare
 
-    path = tmp_path / "step.json"
-    path.write_text(json.dumps({**gen_step(), "metadata": {}}))
-    assert "| c=8 |" in render_compare(load_result(path), load_result(path))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({**gen_step(), "metadata": {}}))
+    faster = gen_step()
+    faster["generation"] = {**faster["generation"], "output_tokens_per_s": 800.0,
+                            "ttft_ms": {**faster["generation"]["ttft_ms"], "p50": 40.0}}
+    b.write_text(json.dumps({**faster, "metadata": {}}))
+    text = render_compare(load_result(a), load_result(b))
+    assert "out tok/s A" in text and "TTFT p50 A" in text and "achieved/s A" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| c=8 |"))
+    assert "| 400.00 | 800.00 | 2.00x |" in row and "| 80.00 | 40.00 | 0.50x |" in row
