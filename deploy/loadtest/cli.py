@@ -63,6 +63,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--prompt-tokens", metavar="N|LO-HI", default=None,
                      help="prompts of N words, or uniform in LO..HI, instead of --workload's texts (common words: "
                           "about one token each; the report gives the server's prompt_tokens)")
+    gen.add_argument("--tokenizer", metavar="DIR", default=None,
+                     help="size --prompt-tokens in this tokenizer's tokens (the served model's folder) "
+                          "instead of words")
     gen.add_argument("--output-tokens", metavar="N|LO-HI", default=None,
                      help="each request's max_tokens: N, or uniform in LO..HI (default: a prompt file's "
                           "\"max_tokens\" per line, else 128)")
@@ -197,7 +200,7 @@ def _loadtest(config: LoadtestConfig, headers: dict[str, str]) -> int:
     price, price_source = resolve_price(config.instance_type, config.price_per_hour_usd)
     if config.generates:
         workload = load_generation_workload(config.workload, seed=config.seed, prompt_tokens=config.prompt_tokens,
-                                            output_tokens=config.output_tokens)
+                                            output_tokens=config.output_tokens, tokenizer=config.tokenizer)
     else:
         workload = load_workload(config.workload, seed=config.seed)
     try:

@@ -187,6 +187,7 @@ class LoadtestConfig:
     output_tokens: LengthRange | None = None  # max_tokens of each request (None: a prompt file's own, else 128)
     ignore_eos: bool = False
     goodput: dict[str, float] | None = None
+    tokenizer: str | None = None  # sizes --prompt-tokens in this tokenizer's tokens instead of words
 
     @property
     def generates(self) -> bool:
@@ -298,11 +299,17 @@ def config_from_args(args) -> LoadtestConfig:
         if getattr(args, "output_tokens", None) is not None:
             output_tokens = parse_length(args.output_tokens, name="--output-tokens")
         goodput = parse_goodput(getattr(args, "goodput", None))
+        if getattr(args, "tokenizer", None) and prompt_tokens is None:
+            raise UsageError("--tokenizer sizes the prompts of --prompt-tokens; give --prompt-tokens N or LO-HI too")
+        if args.slo_p99_ms is not None:
+            raise UsageError(f"--slo-p99-ms is for the encoder routes; for --route {args.route} give per-request SLOs "
+                             f"with --goodput, e.g. --goodput e2el:{args.slo_p99_ms:g} ttft:500 tpot:50")
     else:
         given = [flag for flag, value in (("--prompt-tokens", getattr(args, "prompt_tokens", None)),
                                           ("--output-tokens", getattr(args, "output_tokens", None)),
                                           ("--goodput", getattr(args, "goodput", None)),
-                                          ("--ignore-eos", ignore_eos or None)) if value]
+                                          ("--ignore-eos", ignore_eos or None),
+                                          ("--tokenizer", getattr(args, "tokenizer", None))) if value]
         if given:
             raise UsageError(f"{', '.join(given)}: only for the generation routes (--route chat or completions); "
                              f"--route {args.route} sends texts to an encoder")
@@ -345,4 +352,5 @@ def config_from_args(args) -> LoadtestConfig:
         output_tokens=output_tokens,
         ignore_eos=ignore_eos,
         goodput=goodput,
+        tokenizer=getattr(args, "tokenizer", None) if generates else None,
     )

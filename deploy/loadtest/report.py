@@ -160,6 +160,9 @@ def generation_notes(meta: dict) -> list[str]:
     lines = [f"- output lengths (max_tokens): {w.get('max_tokens')} (min/median/max {w.get('max_tokens_min')}/"
              f"{w.get('max_tokens_median')}/{w.get('max_tokens_max')})"
              + ("; ignore_eos sent" if meta.get("ignore_eos") else "")]
+    if w.get("tokens_min") is not None:
+        lines.append(f"- prompt lengths in the tokenizer's tokens (without special tokens or a chat template): "
+                     f"min/median/max {w['tokens_min']}/{w['tokens_median']}/{w['tokens_max']}")
     slos = meta.get("goodput_slo_ms")
     if slos:
         lines.append("- goodput SLOs: " + ", ".join(f"{k} <= {v:g} ms" for k, v in slos.items())

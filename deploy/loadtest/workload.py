@@ -11,7 +11,8 @@ Built-in workloads are deterministic for a seed and use only a built-in word lis
 For the generation routes (chat, completions) the texts are prompts, and each request also has an
 output length (its `max_tokens`): `load_generation_workload`. `--prompt-tokens N` or `LO-HI`
 generates prompts of that many words instead; the words are common English ones, about one token
-each for the BPE tokenizers of current LLMs (the report gives the server's own prompt_tokens).
+each for the BPE tokenizers of current LLMs (the report gives the server's own prompt_tokens), or
+of that many tokens exactly with `--tokenizer` (the served model's folder).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class Workload:
     word_counts: list[int]
     max_tokens: list[int] | None = None  # generation: each request's output length
     output_spec: str | None = None  # how max_tokens was chosen, for the report
+    token_counts: list[int] | None = None  # prompts sized with a tokenizer: their lengths in its tokens
 
     def text(self, index: int) -> str:
         return self.texts[index % len(self.texts)]
@@ -73,6 +75,8 @@ class Workload:
         return None if self.max_tokens is None else self.max_tokens[index % len(self.max_tokens)]
 
     def estimated_tokens(self, index: int) -> float:
+        if self.token_counts is not None:
+            return self.token_counts[index % len(self.token_counts)]
         return self.word_counts[index % len(self.word_counts)] * TOKENS_PER_WORD
 
     def describe(self) -> dict:
@@ -85,7 +89,12 @@ class Workload:
             "words_max": counts[-1],
             "words_mean": round(sum(counts) / len(counts), 2),
             **(self._describe_outputs() if self.max_tokens else {}),
+            **(self._describe_tokens() if self.token_counts else {}),
         }
+
+    def _describe_tokens(self) -> dict:
+        counts = sorted(self.token_counts)
+        return {"tokens_min": counts[0], "tokens_median": counts[len(counts) // 2], "tokens_max": counts[-1]}
 
     def _describe_outputs(self) -> dict:
         out = sorted(self.max_tokens)
@@ -164,8 +173,11 @@ def load_workload(spec: str, *, seed: int = 0) -> Workload:
 
 # --- generation -------------------------------------------------------------------------------
 
-def generate_prompts(length: LengthRange, *, count: int = POOL_SIZE, seed: int = 0) -> Workload:
-    """Prompts of `length` words each (fixed, or uniform over the range), deterministic for a seed.
+def generate_prompts(length: LengthRange, *, count: int = POOL_SIZE, seed: int = 0, tokenizer=None,
+                     tokenizer_name: str | None = None) -> Workload:
+    """Prompts of `length` words each (fixed, or uniform over the range), deterministic for a seed;
+    with a tokenizer (Hugging Face), of `length` tokens of that tokenizer instead (special tokens
+    and a chat template, which the server adds, not counted).
 
     >>> w = generate_prompts(LengthRange(30, 30), count=2)
     >>> w.word_counts, [len(t.split()) for t in w.texts]
@@ -174,7 +186,42 @@ def generate_prompts(length: LengthRange, *, count: int = POOL_SIZE, seed: int =
     rng = random.Random(f"prompts:{length}:{seed}")
     lengths = [length.sample(rng) for _ in range(count)]
     texts = [_sentence(rng, n) if n <= 20 else _paragraph(rng, n) for n in lengths]
-    return Workload(name=f"prompts of {length} words", texts=texts, word_counts=lengths)
+    if tokenizer is None:
+        return Workload(name=f"prompts of {length} words", texts=texts, word_counts=lengths)
+    fitted = [fit_to_tokens(tokenizer, text, n, rng) for text, n in zip(texts, lengths)]
+    return Workload(name=f"prompts of {length} tokens ({tokenizer_name or 'tokenizer'})",
+                    texts=[t for t, _ in fitted], word_counts=[len(t.split()) for t, _ in fitted],
+                    token_counts=[c for _, c in fitted])
+
+
+def fit_to_tokens(tokenizer, text: str, n: int, rng: random.Random) -> tuple[str, int]:
+    """`text` lengthened or cut to `n` tokens; returns the text and its token count once decoded
+    and encoded again (a cut inside a word can re-encode to a token more or less)."""
+    def encode(t: str) -> list[int]:
+        return tokenizer.encode(t, add_special_tokens=False)
+
+    ids = encode(text)
+    for _ in range(n):  # bounded: each round adds at least one token
+        if len(ids) >= n:
+            break
+        text = text + " " + _sentence(rng, 8)
+        ids = encode(text)
+    text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+    return text, len(encode(text))
+
+
+def load_tokenizer(spec: str):
+    """A Hugging Face tokenizer from a local model folder (or a hub id, if the hub is reachable)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError("--tokenizer needs the transformers package (pip install transformers)") from None
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except Exception as exc:  # transformers raises OSError, ValueError and others for a bad folder or id
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--tokenizer {spec!r}: cannot load a tokenizer ({first}); give the served model's "
+                         "folder (with tokenizer.json or tokenizer_config.json)") from None
 
 
 def load_prompts(path: str | Path) -> tuple[list[str], list[int | None]]:
@@ -209,7 +256,7 @@ def load_prompts(path: str | Path) -> tuple[list[str], list[int | None]]:
 
 
 def load_generation_workload(spec: str, *, seed: int = 0, prompt_tokens: LengthRange | None = None,
-                             output_tokens: LengthRange | None = None) -> Workload:
+                             output_tokens: LengthRange | None = None, tokenizer: str | None = None) -> Workload:
     """Prompts and output lengths for the chat and completions routes.
 
     Prompts: `prompt_tokens` words each if given, else the built-in workload's texts or the
@@ -223,7 +270,8 @@ def load_generation_workload(spec: str, *, seed: int = 0, prompt_tokens: LengthR
     default = parse_length(DEFAULT_OUTPUT_TOKENS, name="default output tokens")
     file_outputs: list[int | None] = []
     if prompt_tokens is not None:
-        base = generate_prompts(prompt_tokens, seed=seed)
+        base = generate_prompts(prompt_tokens, seed=seed, tokenizer=load_tokenizer(tokenizer) if tokenizer else None,
+                                tokenizer_name=tokenizer)
     elif spec in BUILTIN_WORKLOADS:
         base = generate(spec, seed=seed)
     else:
@@ -238,4 +286,4 @@ def load_generation_workload(spec: str, *, seed: int = 0, prompt_tokens: LengthR
     else:
         outputs, how = [default.lo] * len(base.texts), str(default)
     return Workload(name=base.name, texts=base.texts, word_counts=base.word_counts, max_tokens=outputs,
-                    output_spec=how)
+                    output_spec=how, token_counts=base.token_counts)

@@ -39,6 +39,7 @@ def test_generation_flags(tmp_path):
     (["--route", "chat", "--goodput", "ttft:-1"], "MS > 0"),
     (["--route", "chat", "--goodput", "ttft:5", "ttft:6"], "ttft twice"),
     (["--route", "chat", "--inputs-per-request", "4"], "one prompt per request"),
+    (["--route", "chat", "--slo-p99-ms", "900"], "--goodput e2el:900"),
 ])
 def test_generation_usage_errors(argv, message, tmp_path):
     with pytest.raises(UsageError, match=message):
@@ -140,3 +141,42 @@ def test_generation_step_json_round_trips_through_compare(tmp_path):
     assert "out tok/s A" in text and "TTFT p50 A" in text and "achieved/s A" not in text
     row = next(line for line in text.splitlines() if line.startswith("| c=8 |"))
     assert "| 400.00 | 800.00 | 2.00x |" in row and "| 80.00 | 40.00 | 0.50x |" in row
+
+
+def bpe_tokenizer(folder):
+    """A small byte-level BPE tokenizer (the kind Llama-family models use), trained offline on the
+    workload's own words and saved like a model's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from neuronserve.deploy.loadtest.workload import generate
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(generate("long", count=50, seed=9).texts,
+                            trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                special_tokens=["<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def test_prompt_lengths_in_a_tokenizers_tokens(tmp_path):
+    counter = bpe_tokenizer(tmp_path / "tok")
+    w = load_generation_workload("short", prompt_tokens=LengthRange(20, 200), tokenizer=str(tmp_path / "tok"), seed=4)
+    # Counted again here with the tokenizers library directly, not through the workload.
+    counts = [len(counter.encode(t, add_special_tokens=False).ids) for t in w.texts[:200]]
+    targets = [n for n in w.token_counts[:200]]
+    assert counts == targets
+    rng_lengths = generate_prompts(LengthRange(20, 200), count=len(w.texts), seed=4).word_counts
+    off = [abs(c - n) for c, n in zip(counts, rng_lengths)]
+    assert max(off) <= 2 and sum(1 for d in off if d == 0) >= 150  # a cut inside a word may re-encode +-1
+    assert w.describe()["tokens_min"] >= 18 and "tokens" in w.name
+    assert w.estimated_tokens(0) == counts[0]  # without usage, prompt tokens are the tokenizer's count
+
+
+def test_a_bad_tokenizer_or_one_without_prompt_tokens_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="--tokenizer .*cannot load a tokenizer"):
+        load_generation_workload("short", prompt_tokens=LengthRange(5, 5), tokenizer=str(tmp_path / "none"))
+    with pytest.raises(UsageError, match="give --prompt-tokens"):
+        cfg("--route", "chat", "--tokenizer", str(tmp_path), tmp_path=tmp_path)
