@@ -9,6 +9,13 @@ An artifact is a directory::
                            serving process compiles with TorchNeuron from the packaged cache
     neuron-cache/          trn2/trn3: TorchNeuron's NEFF cache filled by the compile, so serving never compiles
 
+A generative model (task `generate`, served by vLLM) has no graphs of ours: its artifact holds the
+checked model and what vLLM needs to run it without compiling (`Generation`)::
+
+    manifest.json          `Manifest` with `generation` set and no buckets
+    model/                 the causal LM's files (config, weights, tokenizer), each hashed in `files`
+    neuron-compiled/       inf2/trn1/trn2/trn3: the graphs vLLM loads through NEURON_COMPILED_ARTIFACTS
+
 Nothing here imports torch: the manifest is read by tools (deploy, metrics) that never run a model.
 """
 
@@ -26,7 +33,7 @@ from pydantic import BaseModel, Field
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-Task = Literal["embed", "classify", "rerank", "sparse"]
+Task = Literal["embed", "classify", "rerank", "sparse", "generate"]
 Target = Literal["cpu", "inf2", "trn1", "trn2", "trn3"]
 Precision = Literal["fp32", "bf16"]
 TARGETS: tuple[str, ...] = ("cpu", "inf2", "trn1", "trn2", "trn3")
@@ -230,6 +237,44 @@ class DeviceMemory(BaseModel):
                    graphs_bytes=graphs)
 
 
+# Which vLLM runs a generative model, chosen from the artifact's target (`models.generation`):
+# vLLM's CPU backend; the vLLM Neuron plugin (trn2/trn3); vLLM over NxD Inference (inf2/trn1).
+Engine = Literal["vllm-cpu", "vllm-neuron", "vllm-nxdi"]
+
+
+class Generation(BaseModel):
+    """A generative model's engine settings, fixed at compile time: on Neuron every one of them is
+    part of the compiled graphs (shapes, buckets, KV-cache size), so serving must use exactly these.
+    `neuronserve.models.generation.vllm_engine_config` turns them into vLLM's engine arguments."""
+
+    engine: Engine
+    architecture: str = Field(description="the causal-LM class config.json names, e.g. LlamaForCausalLM")
+    model_dir: str = Field(default="model", description="the model's files, relative to the artifact dir")
+    dtype: Literal["float32", "bfloat16", "float16"]
+    tp_degree: int = Field(ge=1, description="tensor-parallel degree: NeuronCores (Neuron) or CPU ranks per replica")
+    max_model_len: int = Field(ge=1, description="longest prompt plus output, in tokens")
+    max_num_seqs: int = Field(ge=1, description="sequences decoded together (the largest decode batch)")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens in one prefill step "
+                                               "(vllm-neuron: the largest num_batched_tokens bucket)")
+    num_batched_tokens_buckets: list[int] | None = Field(default=None, description="vllm-neuron: compiled "
+                                                          "prefill token counts")
+    num_seqs_buckets: list[int] | None = Field(default=None, description="vllm-neuron: compiled decode batch sizes")
+    context_encoding_buckets: list[int] | None = Field(default=None, description="vllm-nxdi: compiled prompt "
+                                                        "(context encoding) lengths")
+    token_generation_buckets: list[int] | None = Field(default=None, description="vllm-nxdi: compiled decode "
+                                                        "(token generation) sequence lengths")
+    block_size: int | None = Field(default=None, description="vllm-neuron: tokens per KV-cache block")
+    num_gpu_blocks_override: int | None = Field(default=None, description="vllm-neuron: KV-cache blocks, part "
+                                                "of the compiled graphs' shapes")
+    kv_cache_bytes_per_token: int = Field(ge=0, description="KV-cache bytes one token takes in all layers at dtype")
+    kv_cache_space_gib: int | None = Field(default=None, description="vllm-cpu: VLLM_CPU_KVCACHE_SPACE, room for "
+                                           "max_num_seqs sequences of max_model_len tokens")
+    compiled_dir: str | None = Field(default=None, description="Neuron targets: the precompiled graphs "
+                                     "(NEURON_COMPILED_ARTIFACTS), relative to the artifact dir")
+    eos_token_id: int | list[int] | None = None
+    chat_template: bool = Field(default=False, description="whether the tokenizer carries a chat template")
+
+
 class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     model: ModelInfo
@@ -259,7 +304,8 @@ class Manifest(BaseModel):
     neuron_cache_dir: str | None = Field(default=None, description="trn2/trn3: TorchNeuron's NEFF cache, relative "
                                          "to the artifact dir")
     versions: dict[str, str] = Field(default_factory=dict, description="library and SDK versions used")
-    buckets: list[BucketEntry]
+    buckets: list[BucketEntry] = Field(description="compiled encoder shapes; empty for task generate")
+    generation: Generation | None = Field(default=None, description="task generate: the vLLM engine settings")
     packed: PackedGraph | None = Field(default=None, description="graph for packed batches (CPU embed), if compiled")
     weights_file: str | None = Field(default=None, description="Neuron graphs traced with their weights kept out of "
                                      "the NEFF: the one copy of the weights every bucket's graph is given at load")
