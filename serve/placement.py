@@ -445,3 +445,65 @@ def cpu_layout(cpus: int, args: AppArgs) -> tuple[int, int, int]:
     cores = max(1, cpus // replicas)
     forwards = args.max_concurrent_batches if "max_concurrent_batches" in fixed else cores
     return replicas, max(1, cores // forwards), forwards
+
+
+# --- generative models (task generate, served by vLLM) ---------------------------------------------
+def generate_replicas(neuron_cores: int, tp_degree: int) -> int:
+    """Replicas of a generative model on `neuron_cores` NeuronCores: each replica is one
+    tensor-parallel group of `tp_degree` cores (Ray's `neuron_cores` resource; NxD Inference and the
+    vLLM Neuron plugin drive all of a group's cores from one process). Cores that no whole group
+    fills would sit idle, so that is refused rather than rounded down.
+
+    >>> generate_replicas(32, 8), generate_replicas(2, 2)
+    (4, 1)
+    >>> generate_replicas(24, 16)
+    Traceback (most recent call last):
+    ...
+    ValueError: 24 NeuronCores do not split into tensor-parallel groups of 16 (tp_degree): 8 would sit idle; use a tp_degree that divides 24 (1, 2, 3, 4, 6, 8, 12, 24), or another instance type
+    """
+    if tp_degree < 1:
+        raise ValueError(f"tp_degree {tp_degree}: must be >= 1")
+    if neuron_cores < 1:
+        raise ValueError(f"no NeuronCores to place a tensor-parallel group of {tp_degree} on")
+    divisors = ", ".join(str(d) for d in range(1, neuron_cores + 1) if neuron_cores % d == 0)
+    if neuron_cores < tp_degree:
+        raise ValueError(f"{neuron_cores} NeuronCores cannot hold one tensor-parallel group of {tp_degree} "
+                         f"(tp_degree): recompile with a tp_degree of at most {neuron_cores} ({divisors}), or use an "
+                         "instance type with more NeuronCores")
+    if neuron_cores % tp_degree:
+        raise ValueError(f"{neuron_cores} NeuronCores do not split into tensor-parallel groups of {tp_degree} "
+                         f"(tp_degree): {neuron_cores % tp_degree} would sit idle; use a tp_degree that divides "
+                         f"{neuron_cores} ({divisors}), or another instance type")
+    return neuron_cores // tp_degree
+
+
+def generate_cpu_layout(cpus: int, tp_degree: int) -> tuple[int, int]:
+    """(replicas, CPUs per replica) of a generative model on `cpus` CPUs: one replica takes them all
+    (vLLM batches continuously inside it; a second replica would hold a second copy of the weights and
+    KV cache and halve each one's threads), split among its `tp_degree` ranks by
+    VLLM_CPU_OMP_THREADS_BIND (`neuronserve.models.generation.cpu_threads_bind`), so threads never
+    outnumber cores.
+
+    >>> generate_cpu_layout(15, 1), generate_cpu_layout(8, 2)
+    ((1, 15), (1, 8))
+    """
+    if cpus < tp_degree:
+        raise ValueError(f"{cpus} CPUs cannot hold {tp_degree} tensor-parallel ranks (tp_degree): each rank needs "
+                         "at least one CPU; recompile with a smaller --tp-degree or use more CPUs")
+    return 1, cpus
+
+
+def generate_actor_options(tp_degree: int, *, neuron: bool, cpus: int = 0, env: Mapping[str, str] | None = None) -> dict:
+    """Ray actor options of one generative replica: a Neuron replica asks for its tensor-parallel
+    group (`tp_degree` NeuronCores; Ray sets NEURON_RT_VISIBLE_CORES to them) and shares the host's
+    CPUs; a CPU replica reserves the `cpus` its ranks' threads are bound to.
+
+    >>> generate_actor_options(8, neuron=True)
+    {'num_cpus': 0, 'resources': {'neuron_cores': 8}}
+    >>> generate_actor_options(1, neuron=False, cpus=15, env={"A": "1"})
+    {'num_cpus': 15, 'runtime_env': {'env_vars': {'A': '1'}}}
+    """
+    actor: dict = {"num_cpus": 0, "resources": {"neuron_cores": tp_degree}} if neuron else {"num_cpus": cpus}
+    if env is not None:
+        actor["runtime_env"] = {"env_vars": dict(env)}
+    return actor
