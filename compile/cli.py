@@ -16,7 +16,7 @@ def add_subcommand(subparsers) -> None:
             "Trace a Hugging Face encoder for a target into one graph per bucket, check every bucket against "
             "the eager fp32 model, and write an artifact directory (manifest.json, tokenizer/, graphs/). "
             "With --task generate, check a causal LM and write the artifact vLLM serves it from: the model and "
-            "its engine settings, plus on Neuron the precompiled graphs (docs/generation.md). "
+            "its engine settings, plus on Neuron the precompiled graphs (docs/generation-artifacts.md). "
             "An unchanged compile is a cache hit and returns at once."
         ),
     )

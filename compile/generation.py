@@ -221,7 +221,7 @@ def require_nxdi(target: str) -> None:
         raise CompileError(
             f"compiling a generative model for {target} needs NxD Inference (neuronx-distributed-inference, Neuron "
             f"SDK 2.27-2.31, with neuronx-cc), which is not installed here: run `neuronserve compile --task generate "
-            f"--target {target}` in the vLLM+NxDI image (deploy/docker, docs/generation.md) or on a Neuron DLAMI; "
+            f"--target {target}` in the vLLM+NxDI image (deploy/docker, docs/generation-artifacts.md) or on a Neuron DLAMI; "
             f"{NXDI_DOCS}") from None
 
 
@@ -242,7 +242,7 @@ def require_plugin(target: str) -> None:
             raise CompileError(
                 f"compiling a generative model for {target} needs vLLM with the vLLM Neuron plugin (vllm-neuron, "
                 f"Neuron SDK 2.33+); {module} is not installed here: run the compile in the vLLM Neuron image "
-                f"(docs/generation.md)") from None
+                f"(docs/generation-artifacts.md)") from None
 
 
 def compile_nxdi(model_dir: Path, compiled_dir: Path, neuron_config: dict, architecture: str) -> None:

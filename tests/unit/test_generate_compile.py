@@ -80,7 +80,8 @@ def test_the_engine_arguments_point_at_the_artifacts_copy_of_the_model(llama, tm
                                               generation=GenerationOptions("cpu", max_model_len=64, kv_cache_gib=3)))
     config = vllm_engine_config(result.manifest, tmp_path / "a", cpu_ids=[0, 1])
     assert config.args["model"] == str(tmp_path / "a" / "model") and config.args["max_model_len"] == 64
-    assert config.env == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    assert {k: config.env[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "HF_HUB_OFFLINE")} == {
+        "VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0-1", "HF_HUB_OFFLINE": "1"}
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(config.args["model"]).architectures == ["LlamaForCausalLM"]
@@ -247,7 +248,8 @@ def test_inf2_compiles_with_the_neuron_config_vllm_is_given_at_serving_time(llam
     assert engine.args["additional_config"] == {"override_neuron_config": calls["NeuronConfig"]}
     assert engine.args["tensor_parallel_size"] == 2 and engine.args["max_num_seqs"] == 4
     assert engine.env == {"NEURON_COMPILED_ARTIFACTS": str(tmp_path / "a" / "neuron-compiled"),
-                          "VLLM_NEURON_FRAMEWORK": "neuronx-distributed-inference"}
+                          "VLLM_NEURON_FRAMEWORK": "neuronx-distributed-inference",
+                          "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
     assert nxdi_neuron_config(g) == calls["NeuronConfig"]
 
 

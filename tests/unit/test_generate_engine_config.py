@@ -43,7 +43,8 @@ def test_cpu_kv_cache_space_fits_every_sequence_and_threads_split_by_rank(tmp_pa
                           "LlamaForCausalLM")
     assert big.kv_cache_space_gib == 64  # 512 KiB/token x 2048 x 64
     c = vllm_engine_config(manifest("cpu", tp_degree=2), tmp_path, cpu_ids=range(8), kv_cache_space_gib=5)
-    assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "5", "VLLM_CPU_OMP_THREADS_BIND": "0-3|4-7"}
+    assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "5", "VLLM_CPU_OMP_THREADS_BIND": "0-3|4-7", "OMP_NUM_THREADS": "4",
+                     "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
     assert "additional_config" not in c.args
 
 
