@@ -137,15 +137,23 @@ def read_tokenizer(path: Path) -> tuple[object, bool]:
 
 
 def sdk_versions(engine: str) -> dict[str, str]:
-    """Installed versions of the engine's stack, from package metadata (nothing is imported)."""
+    """Installed versions of the engine's stack, from package metadata (nothing is imported). The
+    compiler and torch-neuronx are recorded under the keys the encoders' artifacts use
+    (`neuron_sdk.KEY_TORCH_NEURONX`, `KEY_NEURONX_CC`, `KEY_SDK`), so a store pull refuses graphs
+    compiled by another Neuron SDK release the same way (`compile.store.check_fits_here`)."""
+    from neuronserve.common.neuron_sdk import KEY_NEURONX_CC, KEY_SDK, KEY_TORCH_NEURONX, NOT_INSTALLED, SDK_RELEASES
+
     dists = {"vllm-cpu": ("vllm",), "vllm-neuron": ("vllm", "vllm-neuron", "neuronx-cc", "torch-neuronx"),
              "vllm-nxdi": ("vllm", "vllm-neuron", "neuronx-distributed-inference", "neuronx-cc", "torch-neuronx")}
+    keys = {"torch-neuronx": KEY_TORCH_NEURONX, "neuronx-cc": KEY_NEURONX_CC}
     versions = {}
     for dist in dists[engine]:
         try:
-            versions[dist] = metadata.version(dist)
+            versions[keys.get(dist, dist)] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
+            versions[keys.get(dist, dist)] = NOT_INSTALLED
+    if engine != "vllm-cpu":
+        versions[KEY_SDK] = SDK_RELEASES.get((versions[KEY_TORCH_NEURONX], versions[KEY_NEURONX_CC]), "unknown")
     return versions
 
 

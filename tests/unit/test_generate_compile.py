@@ -312,3 +312,16 @@ def test_tp_degree_must_divide_the_attention_heads_on_neuron(llama, tmp_path, de
         compile_generate(GenerateOptions(model=str(llama), target="trn2", out=tmp_path / "a",
                                          generation=GenerationOptions("trn2", tp_degree=3)))
     assert fake_vllm.calls == []
+
+
+def test_a_pull_refuses_neuron_graphs_of_another_sdk_release(llama, tmp_path, fake_nxdi, monkeypatch):
+    from neuronserve.compile import store
+
+    m = compile_generate(GenerateOptions(model=str(llama), target="inf2", out=tmp_path / "a")).manifest
+    assert {"torch_neuronx", "neuronx_cc", "neuron_sdk", "neuronx-distributed-inference"} <= set(m.versions)
+    installed = {"torch_neuronx": m.versions["torch_neuronx"], "neuronx_cc": m.versions["neuronx_cc"]}
+    monkeypatch.setattr(store, "installed_neuron_sdk", lambda: dict(installed))
+    store.check_fits_here(m, "s3://b/k")  # the same toolchain: fine
+    monkeypatch.setattr(store, "installed_neuron_sdk", lambda: {"torch_neuronx": "2.9.0.2.99", "neuronx_cc": "9.9"})
+    with pytest.raises(store.StoreError, match="do not load across SDK releases"):
+        store.check_fits_here(m, "s3://b/k")

@@ -1,0 +1,58 @@
+"""A generative artifact through the shared store (a real S3-compatible server on loopback):
+`compile --task generate --push` uploads the model's files under the cache key, a pull verifies every
+one of them, and a changed weight file in the bucket is refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from neuronserve import cli
+from neuronserve.compile import store
+from neuronserve.models.artifact import MANIFEST_NAME, load_manifest, sha256_file
+from tests.fixtures.s3_server import BUCKET, start_s3_server
+from tests.fixtures.tiny_llama import make_tiny_llama
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = start_s3_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(s3, monkeypatch, tmp_path):
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for k, v in s3.env("writer").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_push_then_pull_verifies_the_models_files(s3, aws, tmp_path, capsys, monkeypatch):
+    model = make_tiny_llama(tmp_path / "llama")
+    capsys.readouterr()
+    code = cli.main(["compile", "--model", str(model), "--task", "generate", "--out", str(tmp_path / "art"),
+                     "--push", f"s3://{BUCKET}/generate"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    uri = out.strip()
+    manifest = load_manifest(tmp_path / "art")
+    assert uri == f"s3://{BUCKET}/generate/{manifest.cache_key}"
+    pulled = store.pull(uri)
+    assert pulled.downloaded
+    for rel in [*manifest.files, MANIFEST_NAME]:
+        assert sha256_file(pulled.path / rel) == sha256_file(tmp_path / "art" / rel), rel
+    assert load_manifest(pulled.path).generation == manifest.generation
+
+    # A weight file changed in the bucket after the push: the next pull (a fresh cache) refuses it.
+    s3_client = store.client()
+    key = f"generate/{manifest.cache_key}/model/model.safetensors"
+    s3_client.put_object(Bucket=BUCKET, Key=key, Body=b"tampered")
+    monkeypatch.setenv("NEURONSERVE_CACHE_DIR", str(tmp_path / "cache2"))
+    with pytest.raises(store.StoreError, match="model/model.safetensors does not match its manifest"):
+        store.pull(uri)
