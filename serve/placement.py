@@ -507,3 +507,30 @@ def generate_actor_options(tp_degree: int, *, neuron: bool, cpus: int = 0, env: 
     if env is not None:
         actor["runtime_env"] = {"env_vars": dict(env)}
     return actor
+
+
+def place_generate(target: str, tp_degree: int, *, cpus: int, neuron_cores: int | None,
+                   num_replicas: int | str = "auto", env: Mapping[str, str] | None = None) -> tuple[int, dict]:
+    """(replicas, Ray actor options of one replica) of a generative artifact compiled for `target`
+    with `tp_degree`, on a cluster of `cpus` CPUs and `neuron_cores` NeuronCores (None: unknown, one
+    replica): what the local server and `deploy render` both lay out. A fixed `num_replicas` is kept,
+    but never more tensor-parallel groups than the cores hold.
+
+    >>> place_generate("trn1", 8, cpus=128, neuron_cores=32)
+    (4, {'num_cpus': 0, 'resources': {'neuron_cores': 8}})
+    >>> place_generate("cpu", 1, cpus=2, neuron_cores=None)
+    (1, {'num_cpus': 2})
+    """
+    if target == "cpu":
+        replicas, per_replica = generate_cpu_layout(cpus, tp_degree)
+        if num_replicas != "auto":
+            replicas = int(num_replicas)
+            per_replica = cpus // replicas
+            generate_cpu_layout(per_replica, tp_degree)  # each replica's ranks need a CPU each
+        return replicas, generate_actor_options(tp_degree, neuron=False, cpus=per_replica, env=env)
+    fits = generate_replicas(neuron_cores, tp_degree) if neuron_cores else 1
+    if num_replicas != "auto" and neuron_cores and int(num_replicas) > fits:
+        raise ValueError(f"{num_replicas} replicas of tp_degree {tp_degree} need {int(num_replicas) * tp_degree} "
+                         f"NeuronCores; the cluster has {neuron_cores}: use at most {fits} replicas")
+    replicas = fits if num_replicas == "auto" else int(num_replicas)
+    return replicas, generate_actor_options(tp_degree, neuron=True, env=env)

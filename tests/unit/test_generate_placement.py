@@ -44,3 +44,19 @@ def test_a_cpu_replica_reserves_every_cpu_it_binds_and_no_more(cpus, tp):
 def test_more_ranks_than_cpus_is_refused():
     with pytest.raises(ValueError, match="2 CPUs cannot hold 4 tensor-parallel ranks"):
         generate_cpu_layout(2, 4)
+
+
+def test_place_generate_lays_out_groups_and_keeps_a_fixed_count_that_fits():
+    from neuronserve.serve.placement import place_generate
+
+    assert place_generate("inf2", 2, cpus=96, neuron_cores=12) == (6, {"num_cpus": 0, "resources": {"neuron_cores": 2}})
+    assert place_generate("inf2", 2, cpus=96, neuron_cores=12, num_replicas=3)[0] == 3
+    assert place_generate("trn2", 16, cpus=8, neuron_cores=None)[0] == 1  # no Ray yet: one group
+    with pytest.raises(ValueError, match="need 16 NeuronCores; the cluster has 12: use at most 6 replicas"):
+        place_generate("inf2", 2, cpus=96, neuron_cores=12, num_replicas=8)
+    with pytest.raises(ValueError, match="do not split"):
+        place_generate("inf2", 8, cpus=96, neuron_cores=12)
+    replicas, actor = place_generate("cpu", 2, cpus=16, neuron_cores=None, num_replicas=2, env={"A": "1"})
+    assert replicas * actor["num_cpus"] <= 16 and actor["runtime_env"] == {"env_vars": {"A": "1"}}
+    with pytest.raises(ValueError, match="cannot hold 2 tensor-parallel ranks"):
+        place_generate("cpu", 2, cpus=2, neuron_cores=None, num_replicas=2)

@@ -147,3 +147,15 @@ def test_encoder_artifacts_render_as_before(tmp_path):
     _, _, dep, worker = parts(objs)
     assert dep["ray_actor_options"]["resources"] == {"neuron_cores": 1}
     assert "annotations" not in worker["template"]["metadata"]
+
+
+@pytest.mark.parametrize("instance_type,target,tp,per_node", CASES)
+def test_render_lays_out_replicas_as_the_server_does(tmp_path, instance_type, target, tp, per_node):
+    from neuronserve.serve.placement import place_generate
+
+    o = opts(make_generate_artifact(tmp_path / "a", target, tp), instance_type)
+    p = plan(o)
+    _, _, dep, _ = parts(render_objects(o))
+    replicas, actor = place_generate(target, tp, cpus=p.pod_cpus - 1, neuron_cores=p.instance.neuron_cores)
+    assert p.replicas_per_node == replicas == per_node
+    assert {k: v for k, v in dep["ray_actor_options"].items() if k != "runtime_env"} == actor
