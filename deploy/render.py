@@ -502,12 +502,14 @@ GENERATION_STACKS: dict[str, dict[str, str]] = {
     "vllm-neuron": {
         "stack": "the vLLM Neuron plugin (vllm-neuron 0.29.0.1.2.0, Neuron SDK 2.33: TorchNeuron, neuronx-cc, the "
                  "Neuron runtime) for trn2/trn3",
-        "base": "the AWS Neuron vLLM deep learning container for SDK 2.33 (vllm-inference-neuronx), plus ray[serve]==2.60.0",
+        # The Neuron docs' DLC for SDK 2.33 (Python 3.14, Ubuntu 26.04), plus ray[serve]==2.60.0 and neuronserve.
+        "base": "public.ecr.aws/neuron/pytorch-inference-vllm-neuronx:0.29.0.1.2.0-neuronx-py314-sdk2.33.0-ubuntu26.04",
     },
     "vllm-nxdi": {
-        "stack": "vLLM over NxD Inference (vLLM 0.13 with the vllm-neuron plugin in NxDI mode, "
+        "stack": "vLLM over NxD Inference (vLLM 0.13.x with the Neuron plugin in NxDI mode, "
                  "neuronx-distributed-inference, Neuron SDK 2.27-2.31) for inf2/trn1",
-        "base": "the AWS Neuron vLLM deep learning container for SDK 2.31 (vllm-inference-neuronx), plus ray[serve]==2.60.0",
+        # NxDI is in maintenance: the vLLM DLC of the SDK the artifact was compiled with (2.27-2.31).
+        "base": "public.ecr.aws/neuron/pytorch-inference-vllm-neuronx (the tag of your SDK 2.27-2.31 release)",
     },
 }
 STACK_ANNOTATION = "neuronserve.io/vllm-stack"
