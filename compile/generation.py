@@ -166,16 +166,16 @@ def cache_key(lm: CausalLM, target: str, gen_fields: dict, versions: dict) -> st
 
 
 def copy_model(src: Path, dest: Path) -> dict[str, str]:
-    """The model's files into `dest` (hard links where the filesystem allows, else copies);
-    relative path -> sha256."""
+    """The model's top-level files into `dest` (hard links where the filesystem allows, else
+    copies); relative path -> sha256. vLLM reads config, weights and tokenizer from the top level;
+    subfolders (e.g. a Llama checkpoint's `original/` copy of the weights) are left out."""
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
-    for path in sorted(src.rglob("*")):
+    for path in sorted(src.iterdir()):
         rel = path.relative_to(src)
-        if not path.is_file() or rel.parts[0].startswith(".") or str(rel) in SKIPPED:
+        if not path.is_file() or path.name.startswith(".") or path.name in SKIPPED:
             continue
         target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(path, target)
         except OSError:

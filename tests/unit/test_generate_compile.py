@@ -96,6 +96,21 @@ def test_encoders_are_refused_in_one_line(tmp_path, capsys, task):
     assert not (tmp_path / "a" / "manifest.json").exists()
 
 
+def test_only_the_models_top_level_files_are_copied(llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "with-extras"
+    shutil.copytree(llama, model)
+    (model / "original").mkdir()
+    (model / "original" / "consolidated.00.pth").write_bytes(b"a second copy of the weights")
+    (model / ".cache").mkdir()
+    (model / "README.md").write_text("card")
+    m = compile_generate(GenerateOptions(model=str(model), out=tmp_path / "a")).manifest
+    assert not any(rel.startswith("model/original") or rel == "model/README.md" for rel in m.files)
+    assert sorted(p.name for p in (tmp_path / "a" / "model").iterdir()) == sorted(
+        rel.split("/", 1)[1] for rel in m.files)
+
+
 def test_an_unknown_architecture_is_refused(llama, tmp_path, capsys):
     import shutil
 
