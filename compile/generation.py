@@ -56,6 +56,7 @@ Log = Callable[[str], None]
 
 # Files of a model folder that are not the model (never copied into the artifact).
 SKIPPED = (".gitattributes", "README.md", "LICENSE", "LICENSE.txt")
+LINK_MIN_BYTES = 16 << 20  # model files at least this large are hard-linked, not copied (copy_model)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -92,12 +93,13 @@ class CausalLM:
     config: dict = field(repr=False)
     architecture: str
     sha256: str
+    files: dict[str, str] = field(default_factory=dict, repr=False)  # top-level file -> sha256
 
 
 def inspect_causal_lm(model: str) -> CausalLM:
     """The model at `model`, checked to be a causal LM transformers knows: its config loads with
     AutoConfig and names a causal-LM architecture (encoders and unknown architectures are refused)."""
-    from neuronserve.models.loading import ModelError, model_hash, resolve_model_path
+    from neuronserve.models.loading import ModelError, resolve_model_path
 
     if model == "default":
         raise ModelError("--task generate needs a causal LM directory (--model DIR): the default model is an encoder")
@@ -120,7 +122,18 @@ def inspect_causal_lm(model: str) -> CausalLM:
         raise ModelError(f"{path} is not a causal LM: config.json names {named} (model_type "
                          f"{getattr(config, 'model_type', '?')}); --task generate takes a *ForCausalLM model, "
                          "use --task embed|classify|rerank|sparse for encoders")
-    return CausalLM(path=path, name=name, config=config.to_dict(), architecture=found[0], sha256=model_hash(path))
+    files = model_files(path)
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return CausalLM(path=path, name=name, config=config.to_dict(), architecture=found[0], sha256=digest, files=files)
+
+
+def model_files(src: Path) -> dict[str, str]:
+    """The model's top-level files with their sha256: what the artifact copies. vLLM reads config,
+    weights, tokenizer and chat template from the top level; subfolders (e.g. a Llama checkpoint's
+    `original/` copy of the weights) are left out. Every file is in the model's hash, so a changed
+    chat template or generation config is a new compile, not a cache hit."""
+    return {p.name: sha256_file(p) for p in sorted(src.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.name not in SKIPPED}
 
 
 def read_tokenizer(path: Path) -> tuple[object, bool]:
@@ -165,22 +178,29 @@ def cache_key(lm: CausalLM, target: str, gen_fields: dict, versions: dict) -> st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def copy_model(src: Path, dest: Path) -> dict[str, str]:
-    """The model's top-level files into `dest` (hard links where the filesystem allows, else
-    copies); relative path -> sha256. vLLM reads config, weights and tokenizer from the top level;
-    subfolders (e.g. a Llama checkpoint's `original/` copy of the weights) are left out."""
+def copy_model(src: Path, dest: Path, hashes: dict[str, str]) -> dict[str, str]:
+    """The model's files (`hashes`: name -> sha256, from `model_files`) into `dest`; artifact-relative
+    path -> sha256. Large files (weights) are hard-linked where the filesystem allows, so a compile
+    neither doubles the disk a model takes nor spends minutes copying it; small ones (config,
+    tokenizer, chat template: what people edit in place, which would write through a link) are
+    copied. Copies are checked against their hash; a weight file changed later in place is caught by
+    the artifact's own check (`is_cache_hit`, a push, a pull)."""
     dest.mkdir(parents=True, exist_ok=True)
     files = {}
-    for path in sorted(src.iterdir()):
-        rel = path.relative_to(src)
-        if not path.is_file() or path.name.startswith(".") or path.name in SKIPPED:
-            continue
-        target = dest / rel
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)
-        files[f"{dest.name}/{rel.as_posix()}"] = sha256_file(target)
+    for name, digest in hashes.items():
+        source, target = src / name, dest / name
+        linked = False
+        if source.stat().st_size >= LINK_MIN_BYTES:
+            try:
+                os.link(source, target)
+                linked = True
+            except OSError:
+                pass
+        if not linked:
+            shutil.copy2(source, target)
+            if sha256_file(target) != digest:
+                raise CompileError(f"{source} changed while it was copied into {dest}: compile again")
+        files[f"{dest.name}/{name}"] = digest
     return files
 
 
@@ -341,7 +361,7 @@ def compile_generate(opts: GenerateOptions, log: Log | None = None) -> CompileRe
     (out / "manifest.json").unlink(missing_ok=True)
     for stale in (MODEL_DIR, COMPILED_DIR, "graphs", "tokenizer", "neuron-cache"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    files = copy_model(lm.path, out / MODEL_DIR)
+    files = copy_model(lm.path, out / MODEL_DIR, lm.files)
     manifest = Manifest(
         model=ModelInfo(
             source=opts.model, name=lm.name, family=str(lm.config.get("model_type", "unknown")), sha256=lm.sha256,

@@ -59,7 +59,7 @@ def test_a_changed_model_file_fails_the_pull_check(llama, tmp_path):
     weights = tmp_path / "a" / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
-    weights.unlink()  # a hard link to the source model: replace, never write through it
+    weights.unlink()  # may be a hard link to the source model: replace it, never write through it
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="model/model.safetensors does not match its manifest"):
         verify_files(tmp_path / "a", result.manifest, "test")
@@ -73,6 +73,31 @@ def test_an_unchanged_compile_is_a_cache_hit_and_a_changed_setting_is_not(llama,
     other = compile_generate(GenerateOptions(model=str(llama), out=tmp_path / "a",
                                              generation=GenerationOptions("cpu", max_num_seqs=2)))
     assert not other.cache_hit and other.manifest.cache_key != first.manifest.cache_key
+
+
+def test_a_changed_chat_template_is_a_new_compile(llama, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(llama, model)
+    first = compile_generate(GenerateOptions(model=str(model), out=tmp_path / "a"))
+    (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    again = compile_generate(GenerateOptions(model=str(model), out=tmp_path / "a"))
+    assert not again.cache_hit and again.manifest.cache_key != first.manifest.cache_key
+    assert (tmp_path / "a" / "model" / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"
+    # Small files are copies: editing the source in place leaves the artifact as compiled.
+    (model / "chat_template.jinja").write_text("edited again")
+    assert (tmp_path / "a" / "model" / "chat_template.jinja").read_text() != "edited again"
+
+
+def test_large_files_are_hard_linked_small_ones_copied(llama, tmp_path, monkeypatch):
+    from neuronserve.compile import generation
+
+    monkeypatch.setattr(generation, "LINK_MIN_BYTES", (llama / "model.safetensors").stat().st_size)
+    compile_generate(GenerateOptions(model=str(llama), out=tmp_path / "a"))
+    art = tmp_path / "a" / "model"
+    assert (art / "model.safetensors").stat().st_ino == (llama / "model.safetensors").stat().st_ino
+    assert (art / "config.json").stat().st_ino != (llama / "config.json").stat().st_ino
 
 
 def test_the_engine_arguments_point_at_the_artifacts_copy_of_the_model(llama, tmp_path):
