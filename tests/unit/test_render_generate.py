@@ -159,3 +159,31 @@ def test_render_lays_out_replicas_as_the_server_does(tmp_path, instance_type, ta
     replicas, actor = place_generate(target, tp, cpus=p.pod_cpus - 1, neuron_cores=p.instance.neuron_cores)
     assert p.replicas_per_node == replicas == per_node
     assert {k: v for k, v in dep["ray_actor_options"].items() if k != "runtime_env"} == actor
+
+
+def render_cli(capsys, *argv) -> tuple[int, str, str]:
+    from neuronserve import cli
+
+    capsys.readouterr()
+    code = cli.main(["deploy", "render", "--image", "img:1", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_command_renders_a_generative_artifact_and_refuses_bad_groups_in_one_line(tmp_path, capsys):
+    art = make_generate_artifact(tmp_path / "a", "inf2", 4)
+    code, out, err = render_cli(capsys, "--artifacts", art, "--instance-type", "inf2.24xlarge")
+    assert code == 0, err
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert docs[0]["kind"] == "RayService"
+    code, out, err = render_cli(capsys, "--artifacts", art, "--instance-type", "inf2.xlarge")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "2 NeuronCores cannot hold one tensor-parallel group of 4" in err
+
+
+def test_an_s3_generative_artifact_is_sized_from_its_manifest(tmp_path):
+    art = make_generate_artifact(tmp_path / "a", "trn1", 16)
+    uri = "s3://models/llm/" + "a" * 64
+    p = plan(opts(uri, "trn1.32xlarge", manifest_file=str(tmp_path / "a" / "manifest.json")))
+    assert p.s3_uri == uri and p.replicas_per_node == 2 and p.cores_per_replica == 16
+    assert art
