@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import time
@@ -134,6 +135,24 @@ def model_files(src: Path) -> dict[str, str]:
     chat template or generation config is a new compile, not a cache hit."""
     return {p.name: sha256_file(p) for p in sorted(src.iterdir())
             if p.is_file() and not p.name.startswith(".") and p.name not in SKIPPED}
+
+
+def parameter_count(path: Path) -> int | None:
+    """Parameters of the model's safetensors files, read from their JSON headers (no weights loaded,
+    no torch); None without safetensors (a .bin checkpoint's size is not known without loading it)."""
+    total, found = 0, False
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError) as e:
+            raise CompileError(f"{f} is not a readable safetensors file: {e}") from None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += math.prod(entry.get("shape") or [1])
+                found = True
+    return total if found else None
 
 
 def read_tokenizer(path: Path) -> tuple[object, bool]:
@@ -262,7 +281,7 @@ def require_plugin(target: str) -> None:
             f"compiling a generative model for {target} needs a Neuron device and this host has none "
             f"({neuron_sdk.NEURON_DEVICE} absent): the vLLM Neuron plugin compiles its graphs while the engine warms "
             f"up on the device; run `neuronserve compile --task generate --target {target}` on a {target} instance "
-            f"(e.g. the compile Job, k8s/compile-job); {PLUGIN_DOCS}")
+            f"(e.g. the compile Job, k8s/compile-job, on a {target} node in the vLLM Neuron image); {PLUGIN_DOCS}")
     for module in ("vllm", "vllm_neuron"):
         try:
             importlib.import_module(module)
@@ -332,7 +351,8 @@ def compile_generate(opts: GenerateOptions, log: Log | None = None) -> CompileRe
     lm = inspect_causal_lm(opts.model)
     eos, chat = read_tokenizer(lm.path)
     try:
-        gen = plan_generation(gen_opts, lm.config, lm.architecture, eos_token_id=eos, chat_template=chat)
+        gen = plan_generation(gen_opts, lm.config, lm.architecture, eos_token_id=eos, chat_template=chat,
+                              parameters=parameter_count(lm.path))
     except ArtifactError as e:
         raise CompileError(str(e)) from None
     if engine == "vllm-nxdi":

