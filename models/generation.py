@@ -50,6 +50,7 @@ SERVING_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_T
 # are powers of two from 128 up to max_num_batched_tokens, decode batch sizes powers of two from 1
 # up to max_num_seqs; the largest of each must equal that maximum.
 MIN_PREFILL_BUCKET = 128
+CPU_MIN_BATCHED_TOKENS = 2048
 DEFAULT_BLOCK_SIZE = 32
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -379,6 +380,9 @@ def vllm_engine_config(manifest: Manifest, artifact_dir: str | Path, *, cpu_ids:
     }
     env: dict[str, str] = dict(SERVING_ENV)
     if gen.engine == "vllm-cpu":
+        # Tokens per scheduler step: a whole prompt of max_model_len fits one step (vLLM refuses a
+        # max_model_len above it without chunked prefill), and at least vLLM's usual 2048.
+        args["max_num_batched_tokens"] = gen.max_num_batched_tokens or max(gen.max_model_len, CPU_MIN_BATCHED_TOKENS)
         space = kv_cache_space_gib or gen.kv_cache_space_gib or 1
         env[CPU_KVCACHE_ENV] = str(space)
         env[CPU_BIND_ENV] = cpu_threads_bind(cpu_ids, gen.tp_degree)

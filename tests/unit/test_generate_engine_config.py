@@ -46,6 +46,10 @@ def test_cpu_kv_cache_space_fits_every_sequence_and_threads_split_by_rank(tmp_pa
     assert c.env == {"VLLM_CPU_KVCACHE_SPACE": "5", "VLLM_CPU_OMP_THREADS_BIND": "0-3|4-7", "OMP_NUM_THREADS": "4",
                      "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
     assert "additional_config" not in c.args
+    assert c.args["max_num_batched_tokens"] == 2048
+    long = manifest("cpu")
+    long.generation.max_model_len = 3000  # a whole prompt fits one step
+    assert vllm_engine_config(long, tmp_path).args["max_num_batched_tokens"] == 3000
 
 
 def test_threads_bind_never_gives_two_ranks_one_cpu():
