@@ -354,30 +354,97 @@ def run_haproxy(argv: list[str]) -> None:
 VITAL = ("gcs_server", "raylet")  # without either, Serve cannot answer, drain or stop
 
 
+# Ray worker processes a local server's Serve needs at once: its controller, its fallback proxy, the
+# HAProxy manager and the first replica.
+SERVE_WORKERS = 4
+
+
+def serve_workers_env(environ: dict | None = None) -> dict[str, str]:
+    """Environment for the raylet of a local server that starts SERVE_WORKERS workers ahead of time
+    (`lean_local_ray`): Ray stops idle workers beyond its soft limit (by default, the CPUs not in
+    use) after a second, before Serve's actors could take them. A value already set is kept.
+
+    >>> serve_workers_env({})
+    {'RAY_num_workers_soft_limit': '4'}
+    >>> serve_workers_env({"RAY_num_workers_soft_limit": "8"})
+    {}
+    """
+    environ = os.environ if environ is None else environ
+    return {} if "RAY_num_workers_soft_limit" in environ else {"RAY_num_workers_soft_limit": str(SERVE_WORKERS)}
+
+
+def with_prestarted_workers(command: list[str], workers: int) -> list[str]:
+    """A raylet command line that starts at least `workers` worker processes ahead of time, all at
+    once (the raylet starts the first ones only up to its start-up concurrency, and never the rest).
+
+    >>> with_prestarted_workers(["raylet", "--maximum_startup_concurrency=2", "--num_prestart_python_workers=2"], 4)
+    ['raylet', '--maximum_startup_concurrency=4', '--num_prestart_python_workers=4']
+    >>> with_prestarted_workers(["raylet", "--maximum_startup_concurrency=8", "--num_prestart_python_workers=8"], 4)
+    ['raylet', '--maximum_startup_concurrency=8', '--num_prestart_python_workers=8']
+    """
+    flags = ("--num_prestart_python_workers=", "--maximum_startup_concurrency=")
+    out = []
+    for arg in command:
+        flag = next((f for f in flags if arg.startswith(f)), None)
+        out.append(arg if flag is None else f"{flag}{max(workers, int(arg[len(flag):]))}")
+    return out
+
+
 @contextmanager
-def ray_in_own_sessions():
-    """Start the Ray processes spawned inside the block (GCS, raylet, dashboard, ...) in sessions of
-    their own, out of the command's process group.
+def lean_local_ray(prestart_workers: int = SERVE_WORKERS, lean: bool = True):
+    """`ray.init` of a local server inside the block.
 
-    A supervisor that stops a group (supervisord's `killasgroup`, `kill -- -PGID`) or Ctrl-C in a
-    terminal then signals the command alone, which drains through a Ray still running; in the
-    command's group they died at once, taking in-flight requests with them, and the command hung
-    in Serve's shutdown. They still die with the command should it be killed outright (Ray starts
-    them with the kernel's parent-death signal)."""
-    from ray._private import services
+    Ray's processes (GCS, raylet, agents, ...) start in sessions of their own, out of the command's
+    process group. A supervisor that stops a group (supervisord's `killasgroup`, `kill -- -PGID`) or
+    Ctrl-C in a terminal then signals the command alone, which drains through a Ray still running;
+    in the command's group they died at once, taking in-flight requests with them, and the command
+    hung in Serve's shutdown. They still die with the command should it be killed outright (Ray
+    starts them with the kernel's parent-death signal).
 
-    original = services.ConsolePopen
+    With `lean`, the local Ray runs only what one machine's server uses:
 
-    class OwnSession(original):
-        def __init__(self, *args, **kwargs):
+    - no dashboard process and no autoscaler monitor: with include_dashboard=False the dashboard
+      loads no module a local server uses, yet `ray.init` starts it and waits for it (seconds of a
+      small machine's CPU), and one machine has no nodes to add;
+    - the dashboard agent's HTTP port chosen by the OS instead of Ray's fixed 52365, which any other
+      Ray on the machine already holds: the agent then retries for seconds, and the raylet waits
+      for the agent before it starts;
+    - `prestart_workers` worker processes started with the raylet, all at once, instead of one per
+      CPU up to the CPUs and the rest on demand: each takes a second or more to start on a small
+      machine, and Serve needs SERVE_WORKERS of them before the first replica loads. Ray keeps them
+      until Serve's actors take them with `serve_workers_env` set.
+
+    Ray offers no options for these in `ray.init`; they are the parameters `ray start` takes
+    (`--no-monitor`, `--dashboard-agent-listen-port`) and the raylet's own flags, set on the way
+    (`with_prestarted_workers`). Numbers: docs/decisions.md, "A lean local Ray"."""
+    from ray._private import node, parameter, services
+
+    original_popen = services.ConsolePopen
+    original_params = parameter.RayParams.__init__
+    original_api_server = node.Node.start_api_server
+
+    class OwnSession(original_popen):
+        def __init__(self, args, *rest, **kwargs):
             kwargs.setdefault("start_new_session", True)
-            super().__init__(*args, **kwargs)
+            if lean and prestart_workers and isinstance(args, list) and args and Path(args[0]).name == "raylet":
+                args = with_prestarted_workers(args, prestart_workers)
+            super().__init__(args, *rest, **kwargs)
+
+    def params(self, *args, **kwargs):
+        original_params(self, *args, **kwargs)
+        self.no_monitor = True
+        self.dashboard_agent_listen_port = 0
 
     services.ConsolePopen = OwnSession
+    if lean:
+        parameter.RayParams.__init__ = params
+        node.Node.start_api_server = lambda self, **_: None
     try:
         yield
     finally:
-        services.ConsolePopen = original
+        services.ConsolePopen = original_popen
+        parameter.RayParams.__init__ = original_params
+        node.Node.start_api_server = original_api_server
 
 
 class LocalRayProcesses:

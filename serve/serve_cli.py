@@ -109,16 +109,35 @@ class _Compile:
         return self.outcome
 
 
-def _preload() -> None:
-    """Import what the command needs once Ray is up (an import that fails here fails again, with
-    its error, where the name is bound)."""
-    try:
-        import ray.serve  # noqa: F401
+class _Preload:
+    """What the command needs once Ray is up, imported on a thread of its own while `ray.init` waits
+    for Ray's processes: Serve and the application's modules, and (for a local Ray) the check of
+    Serve's HAProxy template. Ray itself must be imported before (see `run`)."""
 
-        import neuronserve.serve.app  # noqa: F401
-        import neuronserve.serve.placement  # noqa: F401
-    except Exception:
-        pass
+    def __init__(self, local: bool):
+        self.problem: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(local,), name="preload", daemon=True)
+        self._thread.start()
+
+    def _run(self, local: bool) -> None:
+        try:
+            if local:  # first: `ray.init` imports them (aiohttp, ...) right before it starts the raylet
+                import ray.dashboard.optional_deps  # noqa: F401
+            import ray.serve  # noqa: F401
+
+            import neuronserve.serve.app  # noqa: F401
+            import neuronserve.serve.placement  # noqa: F401
+        except Exception:  # an import that fails here fails again, with its error, where the name is bound
+            return
+        if local:
+            from neuronserve.serve.local_ray import check_haproxy_template
+
+            self.problem = check_haproxy_template()
+
+    def wait(self) -> str | None:
+        """Once the imports are done: why this Ray's HAProxy cannot serve a local server, or None."""
+        self._thread.join()
+        return self.problem
 
 
 class _ServeStart:
@@ -335,15 +354,13 @@ def run(args) -> int:
             err("second signal: stopping now, without waiting for in-flight requests")
         stop.set()
 
-    # Serve and the application's modules load on a thread of their own while Ray starts (seconds
-    # of imports on a small machine, which ray.init does not need); their names are bound below,
-    # once Ray is up.
-    threading.Thread(target=_preload, name="preload", daemon=True).start()
+    # Ray is imported here, on this thread, before anything else imports it: a second thread importing
+    # it (or Serve) at the same time can be handed a half-initialised module by Python's import locks.
     import ray
 
     from neuronserve.common import logs
-    from neuronserve.serve.local_ray import (LocalRayProcesses, check_haproxy_template, local_ray_env, quiet_ray_console,
-                                             ray_in_own_sessions, stop_haproxy)
+    from neuronserve.serve.local_ray import (LocalRayProcesses, lean_local_ray, local_ray_env, quiet_ray_console,
+                                             serve_workers_env, stop_haproxy)
 
     if logs.default_level() != "debug":
         quiet_ray_console()
@@ -356,23 +373,23 @@ def run(args) -> int:
     serve = None
     try:
         mark = time.monotonic()
+        # Serve and the application's modules load on a thread of their own while Ray starts (seconds
+        # of imports on a small machine, which ray.init does not need).
+        preload = _Preload(local=not (command.address or os.environ.get("RAY_ADDRESS")))
         if metrics_dir:
             exporter = _start_exporter(metrics_dir, probe.metrics_port, command.host)
         address = command.address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            problem = check_haproxy_template()
-            if problem:
-                code = fail(problem)
-                return code
             from neuronserve.serve.placement import inherited_replica_env
 
             os.environ.update(local_ray_env(access_log=probe.access_log))  # read by the Ray processes started next
             os.environ.update(inherited_replica_env(os.environ))  # the replicas' too, so they need no runtime_env
+            os.environ.update(serve_workers_env(os.environ))
             # "local" always starts a fresh Ray for this server instead of joining a stray one. No
             # runtime_env: Serve's actors then start in the worker processes Ray has started already.
-            with ray_in_own_sessions():
+            with lean_local_ray():
                 ray.init(address="local", include_dashboard=False, logging_level="WARNING")
             node_id = ray.get_runtime_context().get_node_id()
             local = LocalRayProcesses.of_this_driver()
@@ -380,6 +397,10 @@ def run(args) -> int:
         # After ray.init, which installs its own SIGTERM handler (exit at once): ours drains first.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
+        problem = preload.wait()
+        if problem is not None:
+            code = fail(problem)
+            return code
         steps["Ray"], mark = time.monotonic() - mark, time.monotonic()
         from ray import serve
 
@@ -389,13 +410,11 @@ def run(args) -> int:
         if logs.default_level() != "debug":
             quiet_ray_console()  # again: Serve's import sets its logger up
         starting = _ServeStart(serve, {"host": command.host, "port": command.port}, serve_logging_config())
-        problem = starting.wait_for_controller(stop)
-        if problem is not None:
-            code = fail(problem) if not stop.is_set() else 130
-            return code
-        serve_s = time.monotonic() - mark
+        # The application is built while Serve's controller starts; it is deployed once both are done.
         if compiling is not None:
+            waited = time.monotonic()
             outcome = compiling.wait(stop)
+            mark += time.monotonic() - waited  # Serve's step counts its own time, not the compile's
             if outcome is None:  # a signal while compiling
                 code = 130
                 return code
@@ -406,18 +425,21 @@ def run(args) -> int:
             steps = {"artifact (beside Ray)": compiling.seconds, **steps}
         app_args = _app_args(args, artifacts if isinstance(artifacts, list) or is_remote(str(artifacts))
                              else Path(artifacts).resolve(), metrics_dir)
-        mark = time.monotonic()
         try:
             app = build_app(app_args)
         except ValueError as e:  # settings that contradict each other only with the artifact known
             code = fail(str(e), code=2)
+            return code
+        problem = starting.wait_for_controller(stop)
+        if problem is not None:
+            code = fail(problem) if not stop.is_set() else 130
             return code
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         problem = starting.wait_for_proxies(stop)
         if problem is not None:
             code = fail(problem) if not stop.is_set() else 130
             return code
-        steps["Serve"], mark = serve_s + time.monotonic() - mark, time.monotonic()
+        steps["Serve"], mark = time.monotonic() - mark, time.monotonic()
         url = f"http://{command.host}:{command.port}"
         ready = wait_ready(url, command.ready_timeout_s, stop, replica_count())
         steps["replicas"] = time.monotonic() - mark

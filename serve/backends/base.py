@@ -7,11 +7,12 @@ A backend loads the graphs an artifact lists and runs them. It never compiles (t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from neuronserve.models.artifact import Bucket, Manifest, sha256_file
+
+if TYPE_CHECKING:  # annotations only: the serve command imports this module before Ray starts, torch after
+    import torch
 
 
 class BackendError(Exception):

@@ -218,3 +218,61 @@ def test_haproxy_answers_a_dead_replica_with_a_json_503(tmp_path, monkeypatch):
     assert f"Content-Length: {len(body.encode())}" in lines
     assert json.loads(body)["error"]["type"] == "service_unavailable"
     assert (tmp_path / "errors" / "504.http").read_bytes().decode().startswith("HTTP/1.1 504 Gateway Timeout\r\n")
+
+
+def test_lean_local_ray_sets_ray_start_parameters_only_inside_the_block():
+    from ray._private import node, parameter
+
+    from neuronserve.serve.local_ray import lean_local_ray
+
+    before = parameter.RayParams()
+    assert before.no_monitor is False and before.dashboard_agent_listen_port == 52365  # Ray's defaults
+    start_api_server = node.Node.start_api_server
+    with lean_local_ray():
+        inside = parameter.RayParams()
+        assert inside.no_monitor is True and inside.dashboard_agent_listen_port == 0
+        assert node.Node.start_api_server is not start_api_server
+        assert node.Node.start_api_server(object(), include_dashboard=False, raise_on_failure=False) is None
+    after = parameter.RayParams()
+    assert after.no_monitor is False and after.dashboard_agent_listen_port == 52365
+    assert node.Node.start_api_server is start_api_server
+    with lean_local_ray(lean=False):  # sessions of their own only
+        assert parameter.RayParams().no_monitor is False and node.Node.start_api_server is start_api_server
+
+
+def test_lean_local_ray_starts_processes_in_sessions_of_their_own_and_raises_the_raylets_prestart():
+    import subprocess
+    import sys
+
+    from ray._private import services
+
+    from neuronserve.serve.local_ray import lean_local_ray
+
+    seen = []
+
+    class Recording(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            seen.append(list(args))
+            super().__init__(args, *rest, **kwargs)
+
+    original = services.ConsolePopen
+    services.ConsolePopen = Recording
+    try:
+        with lean_local_ray(prestart_workers=5):
+            child = services.ConsolePopen([sys.executable, "-c", "import time; time.sleep(5)"])
+            try:
+                assert os.getsid(child.pid) == child.pid != os.getsid(0)
+            finally:
+                child.kill()
+                child.wait()
+            # Not run (no such program): what the raylet would be started with.
+            try:
+                services.ConsolePopen(["/nonexistent/raylet", "--maximum_startup_concurrency=2",
+                                       "--num_prestart_python_workers=2", "--head"])
+            except OSError:
+                pass
+        assert services.ConsolePopen is Recording
+    finally:
+        services.ConsolePopen = original
+    assert seen[-1] == ["/nonexistent/raylet", "--maximum_startup_concurrency=5", "--num_prestart_python_workers=5",
+                        "--head"]
