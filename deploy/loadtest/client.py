@@ -34,6 +34,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from neuronserve.deploy.loadtest.workload import Workload
 
 
+def _failed(rec, kind: str, window_start: float) -> None:
+    """Count a request that got no answer (`kind`: the transport error, or 'cancelled')."""
+    if rec is not None:
+        rec.transport_error(kind)
+        rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+
+
 @dataclass
 class Target:
     """How to turn a text into a request for one route, and read tokens back from the response."""
@@ -433,14 +440,10 @@ class StepRunner:
         try:
             status, content = await asyncio.wait_for(fetch(self.client, "POST", self._endpoints[m], body), self.timeout_s)
         except asyncio.CancelledError:
-            if rec is not None:
-                rec.transport_error("cancelled")
-                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            _failed(rec, "cancelled", window_start)
             raise
         except self._errors as exc:
-            if rec is not None:
-                rec.transport_error(error_kind(exc))
-                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            _failed(rec, error_kind(exc), window_start)
             return
         t1 = time.perf_counter()
         if rec is None:
@@ -465,14 +468,10 @@ class StepRunner:
         try:
             outcome = await asyncio.wait_for(fetch_stream(self.client, endpoint, body), self.timeout_s)
         except asyncio.CancelledError:
-            if rec is not None:
-                rec.transport_error("cancelled")
-                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            _failed(rec, "cancelled", window_start)
             raise
         except self._errors as exc:
-            if rec is not None:
-                rec.transport_error(error_kind(exc))
-                rec.last_end_s = max(rec.last_end_s, time.perf_counter() - window_start)
+            _failed(rec, error_kind(exc), window_start)
             return
         if rec is None:
             return

@@ -111,6 +111,7 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from neuronserve.deploy.loadtest.cli import build_parser, main, run  # noqa: E402
+from tests.fixtures.fake_server import script_server  # noqa: E402
 from tests.fixtures.ports import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -120,30 +121,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def fake_server():
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port)], cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.poll() is not None else "timed out"
-                pytest.fail(f"fake server did not start: {err}")
-            time.sleep(0.1)
+    with script_server(__file__) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def _control(url: str, **values) -> None:

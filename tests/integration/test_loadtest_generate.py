@@ -118,38 +118,15 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 from neuronserve.deploy.loadtest.cli import main  # noqa: E402
-from tests.fixtures.ports import free_port  # noqa: E402
+from tests.fixtures.fake_server import script_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def fake_llm():
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--port", str(port)], cwd=str(REPO),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/v1/models", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.poll() is not None else "timed out"
-                pytest.fail(f"fake server did not start: {err}")
-            time.sleep(0.1)
+    with script_server(__file__) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 def test_the_fake_server_streams_as_the_openai_client_expects(fake_llm):
