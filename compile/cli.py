@@ -153,13 +153,8 @@ def run(args) -> int:
     except ValueError as e:
         return fail(str(e), code=2)
     push = getattr(args, "push", None)
-    if push:
-        from neuronserve.compile.store import S3Uri, StoreError
-
-        try:
-            S3Uri.parse(push)  # a bad URI fails before the compile, not after it
-        except StoreError as e:
-            return fail(f"--push: {e}", code=2)
+    if push and (problem := bad_push_uri(push)):
+        return fail(problem, code=2)
     from neuronserve.compile.compiler import CompileError, CompileOptions, compile_artifact
     from neuronserve.models.families import UnsupportedModelError
     from neuronserve.models.loading import ModelError
@@ -196,6 +191,17 @@ def finish(result, push: str | None) -> int:
     return 0
 
 
+def bad_push_uri(push: str) -> str | None:
+    """What is wrong with `--push URI`, checked before the compile, not after it."""
+    from neuronserve.compile.store import S3Uri, StoreError
+
+    try:
+        S3Uri.parse(push)
+    except StoreError as e:
+        return f"--push: {e}"
+    return None
+
+
 def run_generate(args) -> int:
     """`neuronserve compile --task generate`: a causal LM's artifact for vLLM (compile.generation)."""
     from neuronserve.common.console import err, fail
@@ -205,13 +211,8 @@ def run_generate(args) -> int:
     except ValueError as e:
         return fail(str(e), code=2)
     push = getattr(args, "push", None)
-    if push:
-        from neuronserve.compile.store import S3Uri, StoreError
-
-        try:
-            S3Uri.parse(push)
-        except StoreError as e:
-            return fail(f"--push: {e}", code=2)
+    if push and (problem := bad_push_uri(push)):
+        return fail(problem, code=2)
     from neuronserve.compile.compiler import CompileError
     from neuronserve.compile.generation import GenerateOptions, compile_generate
     from neuronserve.models.loading import ModelError
