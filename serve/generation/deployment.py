@@ -1,0 +1,104 @@
+"""The Ray Serve application for a causal LM: one replica hosts one vLLM engine and the OpenAI
+routes over it (docs/generation.md says why this is our own replica and not `ray.serve.llm`).
+
+    app = build_generation_app(engine_args, env, model_name="tiny", num_cpus=2)
+    serve.run(app, name="generate", route_prefix="/")
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from ray import serve
+
+from neuronserve.serve.errors import ServeError
+from neuronserve.serve.generation.openai_api import OpenAIGeneration, error_body
+
+DEPLOYMENT_NAME = "NeuronServeGeneration"
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="neuronserve generation", docs_url=None, redoc_url=None)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(e: ServeError) -> Response:
+    return Response(error_body(e), status_code=e.status, media_type="application/json", headers=e.headers)
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(api)
+class GenerationServer:
+    """One vLLM engine (continuous batching across every request this replica takes)."""
+
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str], model_name: str):
+        from neuronserve.serve.generation.engine import GenerationEngine
+
+        started = time.monotonic()
+        self.engine = GenerationEngine.start(engine_args, env)
+        self.startup_s = time.monotonic() - started
+        self.openai = OpenAIGeneration(self.engine, model_name)
+
+    async def _serve(self, kind: str, request: Request) -> Response:
+        prepare = self.openai.prepare_completion if kind == "completion" else self.openai.prepare_chat
+        try:
+            r, ids, sampling = prepare(await request.body())
+            if r.stream:
+                return StreamingResponse(self.openai.stream(kind, r, ids, sampling), media_type="text/event-stream",
+                                         headers=_SSE_HEADERS)
+            return Response(orjson.dumps(await self.openai.complete(kind, r, ids, sampling)),
+                            media_type="application/json")
+        except ServeError as e:
+            return _error(e)
+        except Exception as e:  # a bug or a dead engine: logged, and answered in the protocol's shape
+            logger.exception("generation request failed")
+            return _error(ServeError(f"the request failed: {type(e).__name__}: {e}"))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve("completion", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve("chat", request)
+
+    @api.get("/v1/models")
+    async def models(self) -> Response:
+        return Response(orjson.dumps(self.openai.models()), media_type="application/json")
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        return Response(b"", status_code=200)
+
+    @api.get("/v1/generation/stats")
+    async def stats(self) -> Response:
+        """The engine's unfinished sequences (vLLM's count), sequences aborted because their client
+        left, and how long the engine took to start."""
+        try:
+            return Response(orjson.dumps({"unfinished": self.engine.running(), "aborted": self.engine.aborted,
+                                          "startup_s": round(self.startup_s, 3)}), media_type="application/json")
+        except Exception as e:
+            logger.exception("stats failed")
+            return _error(ServeError(f"stats failed: {type(e).__name__}: {e}"))
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def build_generation_app(engine_args: dict[str, Any], env: dict[str, str], model_name: str, *, num_cpus: float = 1,
+                         num_replicas: int = 1, max_ongoing_requests: int = 256):
+    """The application: `num_replicas` replicas, each reserving `num_cpus` of Ray's CPUs for its
+    engine (whose threads the env binds to as many cores)."""
+    return GenerationServer.options(
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": dict(env)}},
+    ).bind(dict(engine_args), dict(env), model_name)

@@ -1,0 +1,189 @@
+"""vLLM's V1 async engine (`AsyncLLM`) behind a small interface: token ids in, deltas out.
+
+The engine is configured by a plain dict of vLLM engine arguments (`AsyncEngineArgs` fields) and a
+dict of environment variables for vLLM's process (the CPU backend reads its KV-cache size and thread
+binding from the environment). Building those per target from an artifact's manifest is not this
+module's business; `cpu_engine_config` gives the CPU defaults.
+
+vLLM is imported when an engine starts, never at import time: `neuronserve serve` for an encoder
+must not pay for (or depend on) it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from neuronserve.serve.errors import InputError
+
+
+class EngineUnavailable(RuntimeError):
+    """vLLM is not installed, or its engine could not start; the message says which and the fix."""
+
+
+def cpu_engine_config(model: str, *, dtype: str = "float32", max_model_len: int = 2048, max_num_seqs: int = 16,
+                      kv_cache_gib: int = 1, threads: int | None = None,
+                      first_core: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
+    """vLLM engine arguments and environment for the CPU backend.
+
+    `threads` (default: the cores this process may use) are bound to consecutive cores from
+    `first_core`, one thread per core, so that a replica never oversubscribes the cores it is given.
+
+    >>> args, env = cpu_engine_config("/m", dtype="bfloat16", max_model_len=256, threads=2, kv_cache_gib=2)
+    >>> args["model"], args["dtype"], args["max_model_len"], args["max_num_seqs"]
+    ('/m', 'bfloat16', 256, 16)
+    >>> env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"], env["OMP_NUM_THREADS"]
+    ('2', '0-1', '2')
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r} is not one vLLM's CPU backend runs well: use float32 or bfloat16")
+    if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
+        raise ValueError(f"kv_cache_gib is {kv_cache_gib}; vLLM's CPU backend takes whole GiB (1 or more)")
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, int(threads))
+    args = {
+        "model": model,
+        "tokenizer": model,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        # The KV cache's size comes from VLLM_CPU_KVCACHE_SPACE on CPU; batched tokens per step
+        # bound the prefill chunk (chunked prefill keeps a long prompt from stalling running decodes).
+        "max_num_batched_tokens": max(max_model_len, 2048),
+        "enforce_eager": True,
+        "disable_log_stats": False,
+        "seed": 0,
+    }
+    binding = f"{first_core}-{first_core + threads - 1}" if threads > 1 else str(first_core)
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # whole GiB: vLLM parses an int
+        "VLLM_CPU_OMP_THREADS_BIND": binding,
+        "OMP_NUM_THREADS": str(threads),
+        "VLLM_TARGET_DEVICE": "cpu",
+        # No usage reports, no downloads: the model is a local folder.
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return args, env
+
+
+@dataclass(slots=True)
+class Sampling:
+    """What a request asks of the sampler, in OpenAI's terms (validated by the protocol layer)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(slots=True)
+class Delta:
+    """New output of one sequence since the last delta; `finish_reason` set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    output_tokens: int  # so far, this delta included
+
+
+def _vllm():
+    try:
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise EngineUnavailable(
+            f"generation needs vLLM, which is not importable here ({e}); install the generate extra: "
+            "pip install -c constraints-generate.txt -e '.[generate]'") from e
+    return AsyncLLM, AsyncEngineArgs, SamplingParams, RequestOutputKind
+
+
+class GenerationEngine:
+    """One vLLM engine: continuous batching over every sequence it is given.
+
+    `start` builds it (vLLM runs its engine core in a process of its own); `generate` streams one
+    sequence's deltas and aborts the sequence in the engine if the caller stops listening (a
+    cancelled task: the client went away); `shutdown` stops the engine core.
+    """
+
+    def __init__(self, engine, tokenizer, max_model_len: int, model: str):
+        self._engine = engine
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.model = model
+        self.aborted = 0
+
+    @classmethod
+    def start(cls, engine_args: dict[str, Any], env: dict[str, str] | None = None) -> "GenerationEngine":
+        # vLLM reads its environment when its engine core starts (and the core inherits it).
+        os.environ.update(env or {})
+        AsyncLLM, AsyncEngineArgs, _, _ = _vllm()
+        args = AsyncEngineArgs(**engine_args)
+        engine = AsyncLLM.from_engine_args(args)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(engine_args.get("tokenizer") or engine_args["model"])
+        max_model_len = engine.model_config.max_model_len
+        return cls(engine, tokenizer, max_model_len, engine_args["model"])
+
+    def running(self) -> int:
+        """Sequences the engine holds (running or waiting): vLLM's own count."""
+        return self._engine.output_processor.get_num_unfinished_requests()
+
+    def check_prompt(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens >= self.max_model_len:
+            raise InputError(
+                f"the prompt has {prompt_tokens} tokens; the model's context is {self.max_model_len} tokens "
+                "(prompt and output together); send a shorter prompt", param="messages")
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise InputError(
+                f"max_tokens is {max_tokens} and the prompt has {prompt_tokens} tokens; together they exceed "
+                f"the model's context of {self.max_model_len} tokens; ask for at most "
+                f"{self.max_model_len - prompt_tokens} tokens", param="max_tokens")
+
+    def _params(self, s: Sampling):
+        _, _, SamplingParams, RequestOutputKind = _vllm()
+        return SamplingParams(
+            n=1, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            stop=s.stop or None, ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            output_kind=RequestOutputKind.DELTA, detokenize=True,
+        )
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], sampling: Sampling) -> AsyncIterator[Delta]:
+        self.check_prompt(len(prompt_token_ids), sampling.max_tokens)
+        produced = 0
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, self._params(sampling),
+                                                   request_id):
+                c = out.outputs[0]
+                produced += len(c.token_ids)
+                finished = out.finished
+                yield Delta(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason if out.finished else None,
+                            prompt_tokens=len(prompt_token_ids), output_tokens=produced)
+        finally:
+            # A consumer that stops early (a disconnected client: its task is cancelled, or the
+            # generator closed) leaves the sequence running in the engine unless it is aborted.
+            if not finished:
+                self.aborted += 1
+                await self._engine.abort(request_id)
+
+    def check_health(self) -> None:
+        """Raise if the engine core died (Serve then replaces the replica)."""
+        if self._engine.errored:
+            raise RuntimeError(f"the vLLM engine is dead: {self._engine.dead_error}")
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()

