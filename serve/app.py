@@ -788,6 +788,10 @@ def build_app(args: AppArgs):
     config's `args` into `AppArgs`."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
+    from neuronserve.serve.generation import deployment as generation
+
+    if generation.generative(args):  # a causal LM: vLLM's engine behind the OpenAI routes
+        return generation.build_from_args(args)
     options, args = deployment_options(args)
     # Keys given here (flag, or this process' environment) travel as digests only: Serve keeps the
     # bound arguments and shows them. Each replica also reads its own environment and key file.

