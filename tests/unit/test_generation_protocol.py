@@ -210,3 +210,41 @@ def test_an_engine_without_vllm_names_the_extra_to_install(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "pip install -c constraints-generate.txt" in out.stdout and "no vllm here" in out.stdout, out.stderr
+
+
+@pytest.fixture(scope="module")
+def generative_artifact(tmp_path_factory):
+    from tests.fixtures.tiny_models import make_tiny_causal_lm
+
+    model = make_tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+    out = tmp_path_factory.mktemp("art") / "a"
+    subprocess.run([sys.executable, "-m", "neuronserve", "compile", "--model", str(model), "--task", "generate",
+                    "--target", "cpu", "--out", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+    return out
+
+
+def test_serve_builds_the_generation_app_for_a_generative_artifact(generative_artifact):
+    from neuronserve.serve.app import build_app
+    from neuronserve.serve.generation.deployment import DEPLOYMENT_NAME
+    from neuronserve.serve.settings import AppArgs
+
+    app = build_app(AppArgs(artifacts=str(generative_artifact), model_name="llm"))
+    deployment = app._bound_deployment
+    assert deployment.name == DEPLOYMENT_NAME
+    engine_args, env, name = deployment.init_args
+    assert name == "llm" and engine_args["model"] == str(generative_artifact / "model")
+    assert engine_args["max_model_len"] == 256
+    actor = deployment.ray_actor_options
+    cpus = os.cpu_count()
+    assert actor["num_cpus"] == cpus
+    threads = min(cpus, len(os.sched_getaffinity(0)))  # the CPUs this process may use, as many as reserved
+    assert env["OMP_NUM_THREADS"] == str(threads) and actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"]
+
+
+def test_api_keys_are_refused_for_a_generative_artifact_not_ignored(generative_artifact):
+    from neuronserve.serve.app import build_app
+    from neuronserve.serve.settings import AppArgs
+
+    with pytest.raises(ValueError, match="API keys are not applied to generative artifacts"):
+        build_app(AppArgs(artifacts=str(generative_artifact), api_key="k" * 32))
