@@ -11,10 +11,14 @@ from neuronserve.common.neuron_sdk import NEURON_TARGETS
 def add_subcommand(subparsers) -> None:
     p = subparsers.add_parser(
         "compile",
-        help="trace a model into one graph per (batch, seq_len) bucket, validate it, write an artifact",
+        help="trace a model into one graph per (batch, seq_len) bucket, validate the graphs, write an artifact",
         description=(
-            "Trace a Hugging Face encoder for a target into one graph per bucket, check every bucket against "
+            "Trace a Hugging Face encoder for a target into one graph per bucket, check the graphs against "
             "the eager fp32 model, and write an artifact directory (manifest.json, tokenizer/, graphs/). "
+            "On Neuron every bucket's graph is checked (on a host with a NeuronCore); on cpu one graph serves "
+            "every bucket, and a grid of more than 32 buckets (the default has 121) runs it on the largest batch "
+            "of each sequence length and on each batch size, which covers the other buckets (the manifest names, "
+            "per bucket, the buckets that cover it). "
             "With --task generate, check a causal LM and write the artifact vLLM serves it from: the model and "
             "its engine settings, plus on Neuron the precompiled graphs (docs/generation-artifacts.md). "
             "An unchanged compile is a cache hit and returns at once."

@@ -1,7 +1,9 @@
 """Compile a model into an artifact: trace per bucket, check against the eager reference, cache.
 
 On `cpu` one traced graph serves every bucket (the trace is shape-polymorphic for these encoders,
-so weights are stored once); it is still validated bucket by bucket. On inf2/trn1 every bucket is
+so weights are stored once); a grid of more than 32 buckets is validated on the largest batch of
+every sequence length and on every batch size, which covers every bucket (`parity_plan`; the
+manifest records how each bucket is covered), a smaller one bucket by bucket. On inf2/trn1 every bucket is
 its own `torch_neuronx.trace` (static shapes), so each bucket has its own file. On trn2/trn3 every
 bucket is its own exported program, compiled with TorchNeuron on the device into the artifact's
 NEFF cache (`compile.torchneuron`), so serving loads NEFFs and never compiles.
@@ -294,49 +296,96 @@ def sample_inputs(tokenizer, spec: ModelSpec, bucket: Bucket, pad_id: int):
 
 
 class References:
-    """The eager fp32 model's output for each bucket's sample batch (`sample_inputs`).
+    """The eager fp32 model's output for each sample row (`sample_inputs`), run alone without padding.
 
-    A row's output does not depend on the batch it is in (padding is masked), and the sample rows
-    of a smaller batch at one sequence length are rows of the largest batch at that length (for
-    batch sizes that divide it, as the default grids' powers of two do). So the model runs once on
-    the largest batch per sequence length and smaller buckets take their rows from it: every
-    bucket is still compared with the eager model on its own rows, for about half the eager work
-    (a compile of the default 121-bucket artifact spent ~45% of its time there)."""
+    A row's output does not depend on its batch or its padding (padding is masked; that is what
+    serving relies on), so the reference for a row is the model on that row alone, trimmed to its
+    tokens: each distinct row runs once, however many buckets hold it, and rows of one length run
+    together, with no padded token at all. On the default 121-bucket CPU grid that is 117 distinct
+    rows of 8.7k tokens against 49k padded tokens for the largest batch of each sequence length
+    (docs/decisions.md, "CPU parity per sequence length and batch size"). Rows must be padded on
+    the right, as `sample_inputs` pads them."""
 
-    def __init__(self, module, inputs: Callable, buckets: list[Bucket]):
+    def __init__(self, module, input_names):
         self.module = module
-        self.inputs = inputs
-        self.largest = {}
-        for b in buckets:
-            self.largest[b.seq_len] = max(self.largest.get(b.seq_len, b), b)
-        self.rows: dict[tuple, object] = {}  # a row of every graph input -> its output row
-        self.ran: set[Bucket] = set()  # largest batches run ahead for smaller ones
+        self.mask_at = list(input_names).index("attention_mask")
+        self.rows: dict[tuple, object] = {}  # a row of every graph input, trimmed -> its output row
+        self.runs = 0
 
-    def _run(self, example):
+    def of(self, example):
+        """The reference output of every row of `example` (a batch of graph inputs), in order."""
         import torch
 
-        with torch.inference_mode():
-            out = self.module(*example)
-        for i in range(out.shape[0]):
-            self.rows[self._key(example, i)] = out[i]
-        return out
+        keys = [self._trimmed(example, i) for i in range(example[0].shape[0])]
+        by_length: dict[int, list[tuple]] = {}
+        for key in dict.fromkeys(k for k in keys if k not in self.rows):
+            by_length.setdefault(len(key[0]), []).append(key)
+        for group in by_length.values():
+            batch = tuple(torch.tensor([key[j] for key in group]) for j in range(len(example)))
+            with torch.inference_mode():
+                out = self.module(*batch)
+            self.runs += 1
+            for key, row in zip(group, out):
+                self.rows[key] = row
+        return torch.stack([self.rows[k] for k in keys])
 
-    def of(self, bucket: Bucket, example):
-        import torch
+    def _trimmed(self, example, i: int) -> tuple:
+        """Row `i` of every graph input, cut to its tokens: what its output depends on."""
+        mask = example[self.mask_at][i]
+        n = int(mask.sum())
+        if n and not bool(mask[:n].all()):
+            raise ValueError(f"sample row {i} is not padded on the right: {mask.tolist()}")
+        return tuple(tuple(t[i, :n].tolist()) for t in example)
 
-        largest = self.largest.get(bucket.seq_len, bucket)
-        if largest != bucket and largest not in self.ran:
-            self.ran.add(largest)
-            self._run(self.inputs(largest))
-        keys = [self._key(example, i) for i in range(bucket.batch_size)]
-        if all(k in self.rows for k in keys):
-            return torch.stack([self.rows[k] for k in keys])
-        return self._run(example)
 
-    @staticmethod
-    def _key(example, i: int) -> tuple:
-        """Row `i` of every graph input: what its output depends on."""
-        return tuple(tuple(t[i].tolist()) for t in example)
+# A CPU grid of at most this many buckets runs the graph on every bucket (cheap); a larger one
+# on the buckets of `parity_plan`.
+PARITY_EVERY_BUCKET_UP_TO = 32
+
+
+def parity_plan(buckets: list[Bucket], rows: Callable[[Bucket], list[tuple]],
+                every_up_to: int = PARITY_EVERY_BUCKET_UP_TO) -> dict[Bucket, tuple[Bucket, ...]]:
+    """Which buckets of a CPU artifact the parity check runs the graph on, and how it covers the others.
+
+    On CPU one traced graph serves every bucket: the same operations at every shape, with anything
+    the trace fixed from its example's shape a constant of the graph. A shape-dependent mistake
+    therefore shows at a sequence length or a batch size, and a masking mistake in a row. So the
+    graph runs on (1) the largest batch at every sequence length, which holds the sample rows
+    (`rows`) of every smaller bucket at that length whose batch size divides it, and (2) for every
+    batch size not already in (1), its shortest bucket; (3) any bucket whose rows are not all rows
+    of the largest batch at its length runs too. A grid of at most `every_up_to` buckets runs on
+    every bucket. Returns ``{bucket: ()}`` for a bucket the graph
+    runs on and ``{bucket: (largest at its length, the run bucket of its batch size)}`` for one it
+    covers (docs/decisions.md, "CPU parity per sequence length and batch size").
+
+    >>> from neuronserve.models.artifact import parse_buckets
+    >>> by_length = lambda b: [max(2, round(b.seq_len * (i + 1) / b.batch_size)) for i in range(b.batch_size)]
+    >>> plan = parity_plan(parse_buckets("1x8,2x8,4x8,1x16,2x16,4x16,3x16"), by_length, every_up_to=0)
+    >>> sorted(str(b) for b, via in plan.items() if not via)
+    ['1x8', '2x8', '3x16', '4x16', '4x8']
+    >>> [str(b) for b in plan[Bucket(2, 16)]]
+    ['4x16', '2x8']
+    """
+    if len(buckets) <= every_up_to:
+        return {b: () for b in sorted(buckets)}
+    largest: dict[int, Bucket] = {}
+    for b in buckets:
+        largest[b.seq_len] = max(largest.get(b.seq_len, b), b)
+    direct = set(largest.values())
+    for b in buckets:
+        if b not in direct and not set(rows(b)) <= set(rows(largest[b.seq_len])):
+            direct.add(b)
+    of_size: dict[int, Bucket] = {}  # the shortest run bucket of each batch size
+    for b in sorted(buckets, key=lambda b: (b.seq_len, b.batch_size)):
+        if b.batch_size not in of_size and (b in direct or not any(d.batch_size == b.batch_size for d in direct)):
+            of_size[b.batch_size] = b
+            direct.add(b)
+    return {b: () if b in direct else (largest[b.seq_len], of_size[b.batch_size]) for b in sorted(buckets)}
+
+
+def sample_rows(example) -> list[tuple]:
+    """Each row of a batch of graph inputs, as a key (`parity_plan` compares buckets' rows)."""
+    return [tuple(tuple(t[i].tolist()) for t in example) for i in range(example[0].shape[0])]
 
 
 def measure_parity(task: str, got, ref, auto_cast: str) -> Parity:
@@ -400,19 +449,31 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     shared = shares_weights(opts, buckets)
     if shared:  # the one copy every bucket's graph is given at load
         torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, str(out / WEIGHTS_FILE))
-    references = References(module, lambda b: sample_inputs(tokenizer, spec, b, pad_id), buckets)
+    references = References(module, spec.family.inputs)
+    examples: dict[Bucket, tuple] = {}
+
+    def example_of(b: Bucket) -> tuple:
+        if b not in examples:
+            examples[b] = sample_inputs(tokenizer, spec, b, pad_id)
+        return examples[b]
+
+    # CPU: one graph for every bucket, run on the buckets that cover the rest (`parity_plan`);
+    # Neuron: every bucket is a graph of its own, so every bucket runs.
+    plan = (parity_plan(buckets, lambda b: sample_rows(example_of(b)), PARITY_EVERY_BUCKET_UP_TO) if opts.target == "cpu"
+            else {b: () for b in buckets})
     cpu_graph = None
     for i, bucket in enumerate(buckets, 1):
         t0 = time.perf_counter()
-        example = sample_inputs(tokenizer, spec, bucket, pad_id)
-        reference = references.of(bucket, example)
+        example = example_of(bucket)
+        via = plan[bucket]
+        reference = None if via else references.of(example)
         if opts.target == "cpu":
             file = "graphs/cpu.pt"
             if cpu_graph is None:
                 largest = max(buckets, key=lambda b: b.padded_tokens)
                 with torch.no_grad(), warnings.catch_warnings():
-                    # Shape-dependent branches in transformers warn at trace time; the per-bucket
-                    # parity check below is what proves the trace right for every shape.
+                    # Shape-dependent branches in transformers warn at trace time; the parity
+                    # check below (`parity_plan`) is what proves the trace right for every shape.
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     warnings.simplefilter("ignore", FutureWarning)
                     cpu_graph = torch.jit.trace(module, sample_inputs(tokenizer, spec, largest, pad_id), check_trace=False)
@@ -438,6 +499,12 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
                 raise CompileError(f"bucket {bucket}: {e}") from e
             torch.jit.save(graph, str(out / file))
         traced_s = time.perf_counter() - t0
+        if via:
+            entries.append(BucketEntry(batch_size=bucket.batch_size, seq_len=bucket.seq_len, file=file, sha256="",
+                                       compile_seconds=round(traced_s, 3), parity_covered_by=[str(b) for b in via]))
+            log(f"[{i}/{len(buckets)}] {bucket}: same graph, covered by {via[0]} (its rows at its length) "
+                f"and {via[1]} (its batch size)")
+            continue
         parity = run_parity(graph, example, reference, opts, bucket, log)
         if parity is not None and not parity.passed:
             raise CompileError(
@@ -466,7 +533,12 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     hashes = {f: sha256_file(out / f) for f in {e.file for e in entries}}
     for e in entries:
         e.sha256 = hashes[e.file]
-    packed = compile_packed(module, spec, tokenizer, pad_id, buckets, opts, out, log) if packs(opts) else None
+    if opts.target == "cpu":
+        run = sum(1 for via in plan.values() if not via)
+        log(f"parity: the graph ran on {run} of {len(buckets)} buckets, covering every sequence length and batch "
+            f"size; the eager reference ran {len(references.rows)} distinct sample rows, each alone")
+    packed = (compile_packed(module, spec, tokenizer, pad_id, buckets, opts, out, log, references)
+              if packs(opts) else None)
     shutil.rmtree(out / "neuron-workdir", ignore_errors=True)
     if native(opts):
         check_neff_cache(out, buckets)
@@ -580,7 +652,7 @@ def check_neff_cache(out: Path, buckets: list[Bucket]) -> None:
 
 
 def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: list[Bucket], opts: CompileOptions,
-                   out: Path, log: Log) -> PackedGraph:
+                   out: Path, log: Log, references: References | None = None) -> PackedGraph:
     """Trace the packed graph (`neuronserve.models.tasks.PackedEncoder`) and check it: sample rows of many
     lengths, packed several per sequence, must pool to what the eager model gives each row alone."""
     import torch
@@ -595,11 +667,11 @@ def compile_packed(module, spec: ModelSpec, tokenizer, pad_id: int, buckets: lis
     packed = PackedEncoder(module.encoder, spec.family.inputs).eval()
     # Sample rows: a batch whose lengths spread from 2 tokens to the longest bucket's length.
     seq_len = max(b.seq_len for b in buckets)
-    ids, mask = sample_inputs(tokenizer, spec, Bucket(16, seq_len), pad_id)[:2]
+    sample = sample_inputs(tokenizer, spec, Bucket(16, seq_len), pad_id)
+    ids, mask = sample[:2]
     rows = [r[: int(m.sum())].tolist() for r, m in zip(ids, mask)]
-    with torch.inference_mode():
-        reference = torch.cat([module(*graph_inputs(spec.family.inputs, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)))
-                               for r in rows])
+    # Each row alone (`References`; the compile's own has them when 16 x seq_len is a bucket).
+    reference = (references or References(module, spec.family.inputs)).of(sample)
     layout, _ = pack_rows([len(r) for r in rows], bins=len(rows), capacity=seq_len)  # as many sequences as rows: all fit
     bucket = Bucket(len(layout), seq_len)
     example = tuple(torch.from_numpy(a) for a in pad_packed(rows, layout, bucket, pad_id, offset))

@@ -192,6 +192,13 @@ class BucketEntry(BaseModel):
     sha256: str
     compile_seconds: float
     parity: Parity | None = None
+    parity_covered_by: list[str] | None = Field(
+        default=None,
+        description="CPU buckets not run in the parity check: the buckets of the same traced graph, compared "
+                    "directly, that cover this one (the largest batch at its sequence length, which holds its "
+                    "sample rows, and a bucket of its batch size); None for a bucket compared directly "
+                    "(docs/decisions.md, \"CPU parity per sequence length and batch size\")",
+    )
 
     @property
     def bucket(self) -> Bucket:

@@ -247,26 +247,117 @@ def test_default_buckets_fit_the_model_and_target():
     assert len(neuron) == 15 and max(b.seq_len for b in neuron) == 512
 
 
-def test_references_reuse_the_largest_batchs_rows_and_match_the_model_run_alone(models_dir):
-    """`References`: smaller buckets at a sequence length take their eager rows from the largest
-    batch's run when those rows are theirs, and run the model themselves otherwise; either way
-    each bucket gets what the model gives its own batch."""
+@pytest.mark.parametrize("task", ["embed", "rerank"])
+def test_references_run_each_distinct_row_once_alone_and_match_the_padded_batch(models_dir, task):
+    """`References`: the eager model runs each distinct sample row once, alone and without padding
+    (rows of one length together), and every bucket gets what the model gives its padded batch."""
     from neuronserve.compile.compiler import References, sample_inputs
     from neuronserve.models.loading import build_module, inspect_model, load_tokenizer
 
-    spec = inspect_model(str(make_tiny_model(models_dir)), "embed")
+    spec = inspect_model(str(make_tiny_model(models_dir, task=task)), task)
     tokenizer, module = load_tokenizer(spec), build_module(spec)
-    inputs = lambda b: sample_inputs(tokenizer, spec, b, tokenizer.pad_token_id or 0)  # noqa: E731
-    buckets = parse_buckets("1x16,2x16,4x16,3x16,8x16,2x32")
+    buckets = parse_buckets("1x16,2x16,4x16,3x16,8x16,2x32,1x32")
+    mask_at = list(spec.family.inputs).index("attention_mask")
     runs = []
-    counted = lambda *example: runs.append(tuple(example[0].shape)) or module(*example)  # noqa: E731
-    references = References(counted, inputs, buckets)
+
+    def counted(*example):
+        assert bool(example[mask_at].all()), "a reference row was padded"
+        assert len({tuple(r.tolist()) for r in example[0]}) == example[0].shape[0], "a row ran twice in one batch"
+        runs.append(tuple(example[0].shape))
+        return module(*example)
+
+    references = References(counted, spec.family.inputs)
+    distinct = set()
     for bucket in sorted(buckets):
-        example = inputs(bucket)
-        got = references.of(bucket, example)
+        example = sample_inputs(tokenizer, spec, bucket, tokenizer.pad_token_id or 0)
+        distinct |= {tuple(tuple(t[i][: int(example[mask_at][i].sum())].tolist()) for t in example)
+                     for i in range(bucket.batch_size)}
+        got = references.of(example)
         with torch.inference_mode():
-            alone = module(*example)
-        assert got.shape == alone.shape
-        assert torch.allclose(got, alone, atol=1e-5), bucket
-    # 8x16 once for 1x16, 2x16 and 4x16 (their rows are its rows); 3x16's are not; 2x32 is the largest at 32.
-    assert sorted(runs) == [(2, 32), (3, 16), (8, 16)]
+            padded = module(*example)
+        assert got.shape == padded.shape
+        assert torch.allclose(got, padded, atol=1e-5), bucket
+    assert sum(n for n, _ in runs) == len(references.rows) == len(distinct)  # each distinct row once
+    assert len(runs) == references.runs
+
+
+def test_parity_plan_runs_every_length_and_batch_size_and_covers_the_rest(models_dir):
+    """`parity_plan` on the default CPU grid: the graph runs on the largest batch of every sequence
+    length and on every batch size; each other bucket names a run bucket at its length that holds
+    all its sample rows and a run bucket of its batch size."""
+    from neuronserve.compile.compiler import parity_plan, sample_inputs, sample_rows
+    from neuronserve.models.loading import inspect_model, load_tokenizer
+
+    spec = inspect_model(str(make_tiny_model(models_dir)), "embed")
+    tokenizer = load_tokenizer(spec)
+    rows = lambda b: sample_rows(sample_inputs(tokenizer, spec, b, tokenizer.pad_token_id or 0))  # noqa: E731
+    buckets = default_buckets("cpu", 128)
+    plan = parity_plan(buckets, rows)  # 101 buckets
+    run = {b for b, via in plan.items() if not via}
+    assert set(plan) == set(buckets)
+    assert {b.seq_len for b in run} == {b.seq_len for b in buckets}
+    assert {b.batch_size for b in run} == {b.batch_size for b in buckets}
+    for s in {b.seq_len for b in buckets}:
+        assert max(b for b in buckets if b.seq_len == s) in run
+    for bucket, via in plan.items():
+        if via:
+            at_length, of_size = via
+            assert at_length in run and at_length.seq_len == bucket.seq_len
+            assert set(rows(bucket)) <= set(rows(at_length))
+            assert of_size in run and of_size.batch_size == bucket.batch_size
+    assert len(run) < len(buckets) // 3
+    # 3 does not divide 8: 3x16's rows are not 8x16's, so it runs itself; so do the shortest (here
+    # the only) buckets of batch sizes 1 and 2.
+    odd = parity_plan(parse_buckets("1x16,2x16,3x16,8x16"), rows, every_up_to=0)
+    assert all(via == () for via in odd.values())
+    assert parity_plan(parse_buckets("1x16,1x32,2x16,2x32"), rows, every_up_to=0)[Bucket(1, 32)] == (
+        Bucket(2, 32), Bucket(1, 16))
+    small = parity_plan(parse_buckets("1x16,1x32,2x16,2x32"), rows)  # a small grid: every bucket runs
+    assert all(via == () for via in small.values())
+
+
+COVERED_GRID = parse_buckets("1x8,2x8,4x8,1x16,2x16,4x16")
+
+
+def test_cpu_manifest_records_which_buckets_ran_and_what_covers_the_others(models_dir, tmp_path, monkeypatch):
+    from neuronserve.compile import compiler
+
+    monkeypatch.setattr(compiler, "PARITY_EVERY_BUCKET_UP_TO", 0)  # the plan, as on a large grid
+    model = make_tiny_model(models_dir, family="bert", task="embed")
+    result = compile_artifact(CompileOptions(model=str(model), buckets=COVERED_GRID, out=tmp_path / "art"))
+    entries = {str(e.bucket): e for e in load_manifest(result.out_dir).buckets}
+    assert [str(b) for b in COVERED_GRID] == list(entries)  # every bucket is in the manifest
+    assert {k: e.parity_covered_by for k, e in entries.items() if e.parity_covered_by} == {
+        "1x16": ["4x16", "1x8"], "2x16": ["4x16", "2x8"]}
+    for key in ("1x8", "2x8", "4x8", "4x16"):
+        assert entries[key].parity.passed and entries[key].parity.min_cosine >= 0.9999
+        assert entries[key].parity.samples == entries[key].batch_size
+    assert entries["1x16"].parity is None and entries["2x16"].parity is None
+    engine = Engine(result.out_dir, "cpu")  # a covered bucket serves what the model gives each row alone
+    rows = engine.tokenize(TEXTS[:2])
+    got = engine.run_bucket(Bucket(2, 16), rows)
+    want = eager_outputs(model, "embed", TEXTS[:2])
+    want = want / np.linalg.norm(want, axis=1, keepdims=True)
+    assert np.abs(got / np.linalg.norm(got, axis=1, keepdims=True) - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("wrong_at, bucket", [("batch", "2x8"), ("length", "4x16")])
+def test_a_graph_wrong_at_one_batch_size_or_length_fails_the_compile(models_dir, tmp_path, monkeypatch,
+                                                                       wrong_at, bucket):
+    """The parity plan runs every batch size and every length: a graph wrong only at batch size 2,
+    or only at length 16, fails the compile at the bucket of the plan that shows it."""
+    model = make_tiny_model(models_dir, family="bert", task="embed")
+    trace = torch.jit.trace
+    dim, size = (0, 2) if wrong_at == "batch" else (1, 16)
+
+    def wrong_trace(module, example, **kwargs):
+        graph = trace(module, example, **kwargs)
+        return lambda *x: -graph(*x) if x[0].shape[dim] == size else graph(*x)
+
+    from neuronserve.compile import compiler
+
+    monkeypatch.setattr(compiler, "PARITY_EVERY_BUCKET_UP_TO", 0)  # the plan, as on a large grid
+    monkeypatch.setattr(torch.jit, "trace", wrong_trace)
+    monkeypatch.setattr(torch.jit, "save", lambda *a, **k: None)
+    with pytest.raises(CompileError, match=f"bucket {bucket} failed validation"):
+        compile_artifact(CompileOptions(model=str(model), buckets=COVERED_GRID, out=tmp_path / "art"))
