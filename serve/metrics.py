@@ -56,6 +56,14 @@ LATENCY_BUCKETS: tuple[float, ...] = _geometric_buckets(50e-6, 30.0, 1.5)
 # Rows per batch: bucket batch sizes are usually powers of two; the half-steps show partial fills.
 BATCH_ROWS_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192,
                                          256, 384, 512, 1024)
+# Generation (LLM) latencies are longer and wider than an encoder's, so they have buckets of their
+# own, x1.5 apart like LATENCY_BUCKETS: time to first token from 5 ms (a short prompt on a fast
+# device) to ~2 min (a long prompt queued behind others), 25 buckets; the gap between two tokens
+# of a sequence from 1 ms to ~30 s (a decode step stalled by prefills), 27 buckets; a whole
+# generation from 10 ms to ~20 min (thousands of tokens on CPU), 31 buckets.
+TTFT_BUCKETS: tuple[float, ...] = _geometric_buckets(5e-3, 120.0, 1.5)
+ITL_BUCKETS: tuple[float, ...] = _geometric_buckets(1e-3, 30.0, 1.5)
+GENERATION_BUCKETS: tuple[float, ...] = _geometric_buckets(10e-3, 1200.0, 1.5)
 
 
 def multiprocess_enabled() -> bool:
@@ -207,6 +215,35 @@ class Metrics:
             f"{p}_model_evictions_total",
             "Models unloaded from a replica to make room for another (least recently used first).",
             ["model"], registry=r)
+        # Generation (causal LMs served through vLLM): per sequence, timed in the replica as the
+        # engine hands its output over (so they include the engine's queueing and detokenizing).
+        self.time_to_first_token = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "From a sequence handed to the generation engine to its first output token.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Time between two output tokens of a sequence (one observation per token after the first; "
+            "tokens that arrive together share their gap).", ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.generation_duration = Histogram(
+            f"{p}_generation_duration_seconds",
+            "End-to-end time of a sequence in the generation engine: handed over to its last token.",
+            ["model"], buckets=GENERATION_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            f"{p}_prompt_tokens_total", "Prompt tokens of the sequences generation finished or aborted.",
+            ["model"], registry=r)
+        self.output_tokens = Counter(
+            f"{p}_output_tokens_total", "Tokens generated (as they are produced).", ["model"], registry=r)
+        self.sequences_running = Gauge(
+            f"{p}_sequences_running", "Sequences the generation engine is decoding or prefilling now.",
+            ["model"], multiprocess_mode="livesum", registry=r)
+        self.sequences_waiting = Gauge(
+            f"{p}_sequences_waiting", "Sequences waiting for the generation engine to schedule them.",
+            ["model"], multiprocess_mode="livesum", registry=r)
+        self.kv_cache_usage = Gauge(
+            f"{p}_kv_cache_usage_ratio",
+            "Share of the KV-cache blocks in use (0..1), of the fullest live replica (vLLM's count).",
+            ["model"], multiprocess_mode="livemax", registry=r)
         # Live replicas of this process, so the livesum gauges are set (idempotent) rather than
         # incremented: a process that reuses a dead one's pid reopens its files and would
         # otherwise add to the stale value.
@@ -485,6 +522,102 @@ class ServeMetrics:
             m.cores_in_use.labels(self.backend).set(m.core_counts[self.backend])
         self._queued.set(0)
         self._inflight.set(0)
+
+
+class GenerationMetrics(ServeMetrics):
+    """What a generation replica records: per sequence, its start, its tokens as they arrive and
+    its end; per engine step, the scheduler's counts and the KV cache's use (`scheduler`).
+
+    Busy time (`neuronserve_device_busy_seconds_total`, `neuronserve_cost_busy_usd_total`) is the
+    wall time in which the engine held at least one sequence: a continuous-batching engine runs
+    every sequence it holds in each step, so overlapping sequences do not add up. Allocated cost
+    accrues as for encoders (`tick`; the replica calls it once a second).
+
+    Per token this costs one histogram observe and one counter increment (no lock of ours, no
+    allocation); the lock is taken per sequence (start, end) and per tick.
+    """
+
+    def __init__(self, model: str, backend: str, cores: int, instance_type: str,
+                 price_per_hour_usd: float | None, cores_per_instance: int | None, *,
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
+        super().__init__(model, backend, cores, instance_type, price_per_hour_usd, cores_per_instance,
+                         clock=clock, metrics=metrics)
+        m = self._m
+        self._ttft = m.time_to_first_token.labels(model)
+        self._itl = m.inter_token_latency.labels(model)
+        self._e2e = m.generation_duration.labels(model)
+        self._prompt = m.prompt_tokens.labels(model)
+        self._output = m.output_tokens.labels(model)
+        self._running = m.sequences_running.labels(model)
+        self._waiting = m.sequences_waiting.labels(model)
+        self._kv = m.kv_cache_usage.labels(model)
+        self._active = 0
+        self._busy_since: float | None = None
+        self.now = clock
+
+    def _busy(self, sequences: int) -> float:
+        """Accrue busy time up to now, then add `sequences` (+1 started, -1 ended); returns now."""
+        with self._lock:
+            now = self._clock()
+            busy = 0.0
+            if self._busy_since is not None:
+                busy = max(0.0, now - self._busy_since)
+            self._active += sequences
+            self._busy_since = now if self._active > 0 else None
+        if busy > 0:
+            self._device_busy.inc(busy)
+            self.busy_s += busy
+            if self._cost_busy is not None:
+                self._cost_busy.inc(busy * self.price_per_core_second * self.cores)
+        return now
+
+    def sequence_started(self, prompt_tokens: int) -> float:
+        """A sequence was handed to the engine; returns the time its latencies count from."""
+        self._prompt.inc(prompt_tokens)
+        return self._busy(+1)
+
+    def first_tokens(self, seconds: float, tokens: int) -> None:
+        """A sequence's first output, `seconds` after it started, with `tokens` tokens (usually 1;
+        the others arrived with it: a gap of 0 each)."""
+        self._ttft.observe(max(0.0, seconds))
+        for _ in range(tokens - 1):
+            self._itl.observe(0.0)
+        self._output.inc(tokens)
+
+    def next_tokens(self, gap_s: float, tokens: int) -> None:
+        """`tokens` more tokens of a sequence, `gap_s` after its previous ones: each token's
+        latency is its share of the gap."""
+        each = max(0.0, gap_s) / tokens
+        for _ in range(tokens):
+            self._itl.observe(each)
+        self._output.inc(tokens)
+
+    def sequence_ended(self, started: float, finished: bool) -> None:
+        """A sequence finished (its end-to-end time is observed) or was aborted (it is not)."""
+        now = self._busy(-1)
+        if finished:
+            self._e2e.observe(max(0.0, now - started))
+
+    def answered(self, route: str, status: int) -> None:
+        """One request answered on `route` (its status; a stream counts when its response starts).
+        Its time is in the generation histograms, not `neuronserve_request_duration_seconds`,
+        whose buckets are an encoder's."""
+        self._m.requests.labels(self.model, route, str(int(status))).inc()
+
+    def scheduler(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        """The engine's scheduler after a step: sequences running and waiting, KV cache in use (0..1)."""
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv.set(kv_cache_usage)
+
+    def tick(self) -> None:
+        """Accrue allocated cost, and the busy time of sequences still running, up to now."""
+        self._busy(0)
+        super().tick()
+
+    def close(self) -> None:
+        super().close()
+        self.scheduler(0, 0, 0.0)
 
 
 def hold_cores(backend: str, cores: int, metrics: Metrics | None = None) -> None:

@@ -7,6 +7,7 @@ routes over it (docs/generation.md says why this is our own replica and not `ray
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -36,28 +37,56 @@ def _error(e: ServeError) -> Response:
 class GenerationServer:
     """One vLLM engine (continuous batching across every request this replica takes)."""
 
-    def __init__(self, engine_args: dict[str, Any], env: dict[str, str], model_name: str):
+    def __init__(self, engine_args: dict[str, Any], env: dict[str, str], model_name: str,
+                 metrics: dict[str, Any] | None = None):
         from neuronserve.serve.generation.engine import GenerationEngine
 
         started = time.monotonic()
-        self.engine = GenerationEngine.start(engine_args, env)
+        self.metrics = None
+        self.engine = GenerationEngine.start(engine_args, env, on_step=self._on_step)
         self.startup_s = time.monotonic() - started
         self.openai = OpenAIGeneration(self.engine, model_name)
+        self._ticker = None
+        if metrics is not None:
+            self._start_metrics(model_name, metrics)
+
+    def _start_metrics(self, model_name: str, m: dict[str, Any]) -> None:
+        from neuronserve.common.pricing import detect_instance_type
+        from neuronserve.serve.metrics import GenerationMetrics, use_multiproc_dir
+
+        # After the engine started: vLLM's own Prometheus metrics (created as it starts, in this
+        # process's default registry) stay out of the exporter's directory; only ours go there.
+        use_multiproc_dir(m.get("metrics_dir"))
+        instance_type = m.get("instance_type") or detect_instance_type() or "unknown"
+        self.metrics = GenerationMetrics(model_name, m.get("backend", "cpu"), int(m.get("cores", 1)), instance_type,
+                                         m.get("price_per_hour_usd"), None)
+        self.metrics.startup({"ready": self.startup_s})
+        self.engine.metrics = self.metrics
+        self._ticker = asyncio.get_running_loop().create_task(_tick_every_second(self.metrics))
+
+    def _on_step(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        if self.metrics is not None:
+            self.metrics.scheduler(running, waiting, kv_cache_usage)
 
     async def _serve(self, kind: str, request: Request) -> Response:
         prepare = self.openai.prepare_completion if kind == "completion" else self.openai.prepare_chat
+        route = "/v1/completions" if kind == "completion" else "/v1/chat/completions"
         try:
             r, ids, sampling = prepare(await request.body())
             if r.stream:
-                return StreamingResponse(self.openai.stream(kind, r, ids, sampling), media_type="text/event-stream",
-                                         headers=_SSE_HEADERS)
-            return Response(orjson.dumps(await self.openai.complete(kind, r, ids, sampling)),
-                            media_type="application/json")
+                response = StreamingResponse(self.openai.stream(kind, r, ids, sampling),
+                                             media_type="text/event-stream", headers=_SSE_HEADERS)
+            else:
+                response = Response(orjson.dumps(await self.openai.complete(kind, r, ids, sampling)),
+                                    media_type="application/json")
         except ServeError as e:
-            return _error(e)
+            response = _error(e)
         except Exception as e:  # a bug or a dead engine: logged, and answered in the protocol's shape
             logger.exception("generation request failed")
-            return _error(ServeError(f"the request failed: {type(e).__name__}: {e}"))
+            response = _error(ServeError(f"the request failed: {type(e).__name__}: {e}"))
+        if self.metrics is not None:
+            self.metrics.answered(route, response.status_code)
+        return response
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -90,6 +119,11 @@ class GenerationServer:
         self.engine.check_health()
 
     def __del__(self):
+        ticker, metrics = getattr(self, "_ticker", None), getattr(self, "metrics", None)
+        if ticker is not None:
+            ticker.cancel()
+        if metrics is not None:
+            metrics.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -97,16 +131,46 @@ class GenerationServer:
 
 def build_generation_app(engine_args: dict[str, Any], env: dict[str, str], model_name: str, *, num_cpus: float = 1,
                          num_replicas: int = 1, max_ongoing_requests: int = 256,
-                         ray_actor_options: dict | None = None):
+                         ray_actor_options: dict | None = None, metrics: dict[str, Any] | None = None):
     """The application: `num_replicas` replicas, each reserving `num_cpus` of Ray's CPUs for its
     engine (whose threads the env binds to as many cores), or the given `ray_actor_options`
-    (`serve.placement.place_generate`'s: NeuronCores for a tensor-parallel group)."""
+    (`serve.placement.place_generate`'s: NeuronCores for a tensor-parallel group).
+
+    `metrics` (None: none recorded) configures `serve.metrics.GenerationMetrics`: `backend`, the
+    `cores` a replica holds (cost), `instance_type` and `price_per_hour_usd` (None: looked up),
+    `metrics_dir` (the node exporter's directory; None: in the replica's process only)."""
     actor = dict(ray_actor_options) if ray_actor_options is not None else {"num_cpus": num_cpus}
     actor["runtime_env"] = {**actor.get("runtime_env", {}),
                             "env_vars": {**actor.get("runtime_env", {}).get("env_vars", {}), **env}}
     return GenerationServer.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, ray_actor_options=actor,
-    ).bind(dict(engine_args), dict(env), model_name)
+    ).bind(dict(engine_args), dict(env), model_name, dict(metrics) if metrics is not None else None)
+
+
+def metrics_config(args, target: str, actor: dict) -> dict[str, Any]:
+    """`build_generation_app`'s `metrics` from `neuronserve serve`'s arguments: the cores a replica
+    holds are its NeuronCores (a tensor-parallel group) or, on CPU, the CPUs it reserves.
+
+    >>> class A: instance_type, price_per_hour_usd, metrics_dir = "trn1.32xlarge", None, "/m"
+    >>> metrics_config(A, "trn1", {"num_cpus": 0, "resources": {"neuron_cores": 8}})["cores"]
+    8
+    >>> metrics_config(A, "cpu", {"num_cpus": 2})["backend"]
+    'cpu'
+    """
+    neuron = actor.get("resources", {}).get("neuron_cores")
+    return {"backend": "cpu" if target == "cpu" else "neuron", "cores": int(neuron or actor.get("num_cpus") or 1),
+            "instance_type": args.instance_type, "price_per_hour_usd": args.price_per_hour_usd,
+            "metrics_dir": args.metrics_dir}
+
+
+async def _tick_every_second(metrics) -> None:
+    """Accrue allocated cost (and the busy time of running sequences) once a second."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            metrics.tick()
+        except Exception:
+            logger.exception("metrics tick failed")
 
 
 def generative(args) -> bool:
@@ -139,4 +203,5 @@ def build_from_args(args):
         cpu_ids = sorted(os.sched_getaffinity(0))[: max(1, int(actor.get("num_cpus", 1)))]
     config = vllm_engine_config(manifest, where, cpu_ids=cpu_ids)
     return build_generation_app(config.args, config.env, name or manifest.model.name, num_replicas=replicas,
-                                max_ongoing_requests=args.max_ongoing_requests, ray_actor_options=actor)
+                                max_ongoing_requests=args.max_ongoing_requests, ray_actor_options=actor,
+                                metrics=metrics_config(args, manifest.target, actor))

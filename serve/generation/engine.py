@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from neuronserve.serve.errors import InputError
 
@@ -109,6 +109,28 @@ def _vllm():
     return AsyncLLM, AsyncEngineArgs, SamplingParams, RequestOutputKind
 
 
+def scheduler_logger(on_step: Callable[[int, int, float], None]):
+    """A vLLM stat logger (a per-engine factory: the class) that hands each step's scheduler stats
+    to `on_step(running, waiting, kv_cache_usage)`. Waiting counts what vLLM's own
+    `vllm:num_requests_waiting` counts: waiting sequences, deferred ones included."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerStatsLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                on_step(scheduler_stats.num_running_reqs,
+                        scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs,
+                        scheduler_stats.kv_cache_usage)
+
+        def log_engine_initialized(self):
+            pass
+
+    return SchedulerStatsLogger
+
+
 class GenerationEngine:
     """One vLLM engine: continuous batching over every sequence it is given.
 
@@ -123,14 +145,19 @@ class GenerationEngine:
         self.max_model_len = max_model_len
         self.model = model
         self.aborted = 0
+        # `GenerationMetrics` of the replica, set once the engine runs (None: nothing recorded).
+        self.metrics = None
 
     @classmethod
-    def start(cls, engine_args: dict[str, Any], env: dict[str, str] | None = None) -> "GenerationEngine":
+    def start(cls, engine_args: dict[str, Any], env: dict[str, str] | None = None, *,
+              on_step: Callable[[int, int, float], None] | None = None) -> "GenerationEngine":
+        """`on_step(running, waiting, kv_cache_usage)` is called with the scheduler's stats after
+        each engine step (vLLM's stat-logger interface, in this process's event loop)."""
         # vLLM reads its environment when its engine core starts (and the core inherits it).
         os.environ.update(env or {})
         AsyncLLM, AsyncEngineArgs, _, _ = _vllm()
         args = AsyncEngineArgs(**engine_args)
-        engine = AsyncLLM.from_engine_args(args)
+        engine = AsyncLLM.from_engine_args(args, stat_loggers=[scheduler_logger(on_step)] if on_step else None)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(engine_args.get("tokenizer") or engine_args["model"])
@@ -165,15 +192,27 @@ class GenerationEngine:
         self.check_prompt(len(prompt_token_ids), sampling.max_tokens)
         produced = 0
         finished = False
+        m = self.metrics
+        started = last = m.sequence_started(len(prompt_token_ids)) if m is not None else 0.0
         try:
             async for out in self._engine.generate({"prompt_token_ids": prompt_token_ids}, self._params(sampling),
                                                    request_id):
                 c = out.outputs[0]
-                produced += len(c.token_ids)
+                n = len(c.token_ids)
+                produced += n
                 finished = out.finished
+                if m is not None and n:
+                    now = m.now()
+                    if produced == n:
+                        m.first_tokens(now - started, n)
+                    else:
+                        m.next_tokens(now - last, n)
+                    last = now
                 yield Delta(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason if out.finished else None,
                             prompt_tokens=len(prompt_token_ids), output_tokens=produced)
         finally:
+            if m is not None:
+                m.sequence_ended(started, finished)
             # A consumer that stops early (a disconnected client: its task is cancelled, or the
             # generator closed) leaves the sequence running in the engine unless it is aborted.
             if not finished:

@@ -229,10 +229,14 @@ def test_serve_builds_the_generation_app_for_a_generative_artifact(generative_ar
     from neuronserve.serve.generation.deployment import DEPLOYMENT_NAME
     from neuronserve.serve.settings import AppArgs
 
-    app = build_app(AppArgs(artifacts=str(generative_artifact), model_name="llm"))
+    app = build_app(AppArgs(artifacts=str(generative_artifact), model_name="llm", instance_type="c7i.xlarge",
+                            price_per_hour_usd=0.5, metrics_dir="/tmp/m"))
     deployment = app._bound_deployment
     assert deployment.name == DEPLOYMENT_NAME
-    engine_args, env, name = deployment.init_args
+    engine_args, env, name, metrics = deployment.init_args
+    # The replica's metrics: cost over the CPUs it reserves, into the node exporter's directory.
+    assert metrics == {"backend": "cpu", "cores": os.cpu_count(), "instance_type": "c7i.xlarge",
+                       "price_per_hour_usd": 0.5, "metrics_dir": "/tmp/m"}
     assert name == "llm" and engine_args["model"] == str(generative_artifact / "model")
     assert engine_args["max_model_len"] == 256
     actor = deployment.ray_actor_options

@@ -316,7 +316,8 @@ def test_rules_reference_only_existing_series():
                 recorded.add(rule["record"])
     required = {"neuronserve:cost_per_million_requests_usd", "neuronserve:cost_per_million_tokens_usd",
                 "neuronserve:padding_ratio", "neuronserve:busy_cost_per_million_requests_usd",
-                "neuronserve:request_duration_seconds:p99"}
+                "neuronserve:request_duration_seconds:p99", "neuronserve:cost_per_million_output_tokens_usd",
+                "neuronserve:busy_cost_per_million_output_tokens_usd"}
     assert required <= recorded
     alerts = {r["alert"] for g in _rules()["groups"] for r in g["rules"] if "alert" in r}
     assert {"NeuronServeHighP99Latency", "NeuronServeHigh5xxRate", "NeuronServeHighShedRate",
@@ -333,6 +334,15 @@ def test_cost_rule_divides_dollars_by_successful_requests():
     num, den = expr.split("/", 1)
     assert "neuronserve_cost_allocated_usd_total" in num
     assert 'neuronserve_requests_total{status=~"2.."}' in den and "1e6" in den
+
+
+def test_generation_cost_rules_divide_dollars_by_output_tokens():
+    rules = {r["record"]: r["expr"] for g in _rules()["groups"] for r in g["rules"] if "record" in r}
+    for record, dollars in [("neuronserve:cost_per_million_output_tokens_usd", "neuronserve_cost_allocated_usd_total"),
+                            ("neuronserve:busy_cost_per_million_output_tokens_usd", "neuronserve_cost_busy_usd_total")]:
+        num, den = rules[record].split("/", 1)
+        assert dollars in num
+        assert "neuronserve_output_tokens_total" in den and "> 0" in den and "1e6" in den
 
 
 def test_podmonitor_selects_neuronserve_pods_on_exporter_port():
