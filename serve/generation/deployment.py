@@ -62,7 +62,17 @@ class GenerationServer:
                                          m.get("price_per_hour_usd"), None)
         self.metrics.startup({"ready": self.startup_s})
         self.engine.metrics = self.metrics
-        self._ticker = asyncio.get_running_loop().create_task(_tick_every_second(self.metrics))
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_every_second())
+
+    async def _tick_every_second(self) -> None:
+        """Accrue allocated cost (and the busy time of running sequences) once a second. A method:
+        the class is serialized as it is declared, before later module globals exist."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.metrics.tick()
+            except Exception:
+                logger.exception("metrics tick failed")
 
     def _on_step(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         if self.metrics is not None:
@@ -161,16 +171,6 @@ def metrics_config(args, target: str, actor: dict) -> dict[str, Any]:
     return {"backend": "cpu" if target == "cpu" else "neuron", "cores": int(neuron or actor.get("num_cpus") or 1),
             "instance_type": args.instance_type, "price_per_hour_usd": args.price_per_hour_usd,
             "metrics_dir": args.metrics_dir}
-
-
-async def _tick_every_second(metrics) -> None:
-    """Accrue allocated cost (and the busy time of running sequences) once a second."""
-    while True:
-        await asyncio.sleep(1.0)
-        try:
-            metrics.tick()
-        except Exception:
-            logger.exception("metrics tick failed")
 
 
 def generative(args) -> bool:

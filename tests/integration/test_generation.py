@@ -37,15 +37,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def gen_url(model_dir, tmp_path_factory):
-    """`neuronserve compile --task generate` and `neuronserve serve` on the artifact, as a user runs them."""
+def gen_server(model_dir, tmp_path_factory):
+    """`neuronserve compile --task generate` and `neuronserve serve` on the artifact, as a user runs them
+    (with an instance type, so the cost counters are written): the API's and the exporter's URLs."""
     artifact = tmp_path_factory.mktemp("art") / "tiny-llama"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run([sys.executable, "-m", "neuronserve", "compile", "--model", str(model_dir), "--task", "generate",
                     "--target", "cpu", "--out", str(artifact)], check=True, env=env, capture_output=True, timeout=300)
     port, metrics_port = free_port(), free_port()
     started = time.monotonic()
-    proc, out, _ = start_server(artifact, port, metrics_port, "--model-name", MODEL)
+    proc, out, _ = start_server(artifact, port, metrics_port, "--model-name", MODEL, "--instance-type", "c7i.xlarge")
     url = f"http://127.0.0.1:{port}"
     try:
         assert any(f"neuronserve is ready: {MODEL} (generate, cpu, vllm-cpu" in line for line in out), out
@@ -53,9 +54,14 @@ def gen_url(model_dir, tmp_path_factory):
         assert stats.status_code == 200, stats.text
         print(f"\ngeneration server ready in {time.monotonic() - started:.1f} s "
               f"(engine start {stats.json()['startup_s']} s)")
-        yield url
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def gen_url(gen_server):
+    return gen_server[0]
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +251,28 @@ def test_a_body_that_is_not_json_is_400(gen_url):
     r = httpx.post(f"{gen_url}/v1/completions", content=b"{not json", timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_the_exporter_shows_the_generation_metrics_after_a_request(gen_server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.completions.create(model=MODEL, prompt="one two three", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 8
+
+    def series() -> dict[str, float]:
+        text = httpx.get(gen_server[1], timeout=10).text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.labels.get("model") == MODEL and "le" not in s.labels and "route" not in s.labels}
+
+    deadline = time.monotonic() + 30
+    while (got := series()).get("neuronserve_cost_allocated_usd_total", 0) <= 0 and time.monotonic() < deadline:
+        time.sleep(0.5)  # allocated cost accrues once a second
+    # This module's requests so far: at least this one, with its 8 tokens and its prompt.
+    assert got["neuronserve_time_to_first_token_seconds_count"] >= 1
+    assert got["neuronserve_inter_token_latency_seconds_count"] >= 7
+    assert got["neuronserve_generation_duration_seconds_count"] >= 1
+    assert got["neuronserve_output_tokens_total"] >= 8 and got["neuronserve_prompt_tokens_total"] >= 3
+    assert got["neuronserve_cost_allocated_usd_total"] > 0 and got["neuronserve_cost_busy_usd_total"] > 0
+    assert {"neuronserve_sequences_running", "neuronserve_sequences_waiting",
+            "neuronserve_kv_cache_usage_ratio"} <= set(got)
