@@ -3,7 +3,7 @@
 same model, same machine, same requests, same load generator (`neuronserve loadtest --route completions`).
 
     python benchmarks/generate_bench.py [--size full|small] [--concurrency 1,8,32] [--requests 16,48,96]
-        [--prompt-tokens 32-256] [--output-tokens 16-128] [--step-cap-s 45,60,75] [--out benchmarks/results]
+        [--prompt-tokens 32-256] [--output-tokens 16-128] [--step-cap-s 45,60,90] [--out benchmarks/results]
 
 The model is a random-weight Llama built here from a config (`--size full`: hidden 512, 6 layers,
 8 heads of 64, MLP 1408, about 20M parameters, context 512; `small`: hidden 128, 2 layers, for
@@ -105,6 +105,8 @@ def _prefill_worker(artifact: str, prompts: list[list[int]], repeats: int, resul
     prompt alone with max_tokens=1; seconds from `generate` to the first token per attempt."""
     import asyncio
 
+    os.dup2(2, 1)  # vLLM logs on stdout; the report owns it
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from neuronserve.compile.store import read_manifest
     from neuronserve.models.generation import vllm_engine_config
     from neuronserve.serve.generation.engine import GenerationEngine, Sampling
@@ -277,7 +279,7 @@ def main() -> int:
     p.add_argument("--size", default="full", choices=sorted(SIZES))
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--requests", default="16,48,96", help="requests per step, one per concurrency")
-    p.add_argument("--step-cap-s", default="45,60,75", help="a step stops issuing after this many seconds")
+    p.add_argument("--step-cap-s", default="45,60,90", help="a step stops issuing after this many seconds")
     p.add_argument("--prompt-tokens", default="32-256")
     p.add_argument("--output-tokens", default="16-128")
     p.add_argument("--max-batch-size", type=int, default=32, help="the static server's @serve.batch max_batch_size")
