@@ -342,7 +342,7 @@ def main() -> int:
         elif name == "static":
             argv = [sys.executable, str(REPO / "benchmarks" / "static_generate_server.py"), str(model_dir), str(port),
                     "--max-batch-size", str(a.max_batch_size), "--batch-wait-s", str(a.batch_wait_s)]
-            servers.append(Server(name, argv, url, "ready", "/stats"))
+            servers.append(Server(name, argv, url, "static-generate server ready", "/stats"))
         else:
             p.error(f"unknown server {name!r}: neuronserve or static")
     rows, ready = [], {}

@@ -191,7 +191,7 @@ ray.init(address="local", include_dashboard=False, logging_level="WARNING", num_
 serve.start(http_options={"host": "127.0.0.1", "port": a.port})
 serve.run(StaticGenerate.bind(a.model, a.threads, a.max_batch_size, a.batch_wait_s), name="static-generate",
           route_prefix="/")
-print("ready", flush=True)
+print("static-generate server ready", flush=True)
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 signal.signal(signal.SIGINT, lambda *_: stop.set())
