@@ -48,6 +48,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from neuronserve.serve.placement import OPENMP_ENV  # noqa: E402
 from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
 
 TARGETS = {
@@ -167,7 +168,10 @@ class Server:
         self.tail: list[str] = []
 
     def __enter__(self):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        # The same for both servers: OpenMP's short spin between operators (serve.placement) and no
+        # tokenizer thread pool next to the forwards' threads.
+        env = {**os.environ, **OPENMP_ENV, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+               "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         for key in [k for k in env if k == "RAY_ADDRESS" or k.startswith("RAY_SERVE_HAPROXY_")]:
             env.pop(key)
         t0 = time.monotonic()
@@ -325,11 +329,14 @@ def main() -> int:
     n1 = reqs[c1] if c1 is not None else 8
     prompt_ids = [tok(workload.texts[i])["input_ids"] for i in range(n1)]
 
-    log(f"the engine's own prefill time: {n1} prompts alone, max_tokens=1, 3 times each ...")
-    prefill = engine_prefill(art, prompt_ids)
-    prefill["loadavg_after"] = loadavg()
-    log(f"  engine started in {prefill['engine_start_s']} s; prefill p50 {prefill['p50_ms']:.1f} ms "
-        f"(prompts of {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens)")
+    if "neuronserve" in a.servers.split(","):
+        log(f"the engine's own prefill time: {n1} prompts alone, max_tokens=1, 3 times each ...")
+        prefill = engine_prefill(art, prompt_ids)
+        prefill["loadavg_after"] = loadavg()
+        log(f"  engine started in {prefill['engine_start_s']} s; prefill p50 {prefill['p50_ms']:.1f} ms "
+            f"(prompts of {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens)")
+    else:
+        prefill = {"engine_start_s": None, "repeats": 0, "p50_ms": float("nan"), "per_prompt_ms": []}
 
     servers = []
     for name in a.servers.split(","):
