@@ -9,7 +9,10 @@
 requests that arrived within `--batch-wait-s` (at most `--max-batch-size`); it is padded to its
 longest prompt and decoded to its largest `max_tokens` in one `generate` call, and the next batch
 starts only when it ends: a request that arrives meanwhile waits, and a short answer's row keeps
-being computed until the batch's longest is done. That is what static batching costs.
+being computed until the batch's longest is done. That is what static batching costs. Ray 2.60's
+batch queue also cuts the next batch when its wait ends while the previous one still runs (it
+queues it behind the running one), so under load with slow batches they stay small: this is
+plain `@serve.batch` as written, not an ideal static batcher that fills while it generates.
 
 The batch streams: a streamer hands each step's tokens (one per row) to the batch's async
 generator, which Serve fans out to the requests (`@serve.batch` over an async generator), so a
