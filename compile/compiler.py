@@ -259,6 +259,22 @@ def is_cache_hit(out: Path, key: str) -> Manifest | None:
     return manifest
 
 
+def prepare_compile(opts, key: str, log: Log, started: float,
+                    hit: Callable[[Path, str], Manifest | None] = is_cache_hit) -> tuple[Path, "CompileResult | None"]:
+    """Where the compile `key` names goes (`opts.out`, or the cache's folder for the key), ready to
+    write; and, unless `opts.force`, the result when that folder already holds it (`hit` checks it:
+    encoders' graphs by default, a generative artifact's files for `compile.generation`)."""
+    out = Path(opts.out) if opts.out else cache_root() / "artifacts" / key[:16]
+    prepare_out(out)
+    if not opts.force:
+        cached = hit(out, key)
+        if cached is not None:
+            held = f"{len(cached.buckets)} buckets, " if cached.buckets else ""
+            log(f"cache hit: {out} already holds this compile ({held}key {key[:12]})")
+            return out, CompileResult(cached, out, True, time.perf_counter() - started)
+    return out, None
+
+
 SAMPLE_TEXT = (
     "Inferentia and Trainium serve transformer models at a lower price per request when the software "
     "keeps the device busy. Static shapes mean every batch is padded to a compiled bucket, so the "
@@ -425,13 +441,9 @@ def compile_artifact(opts: CompileOptions, log: Log | None = None) -> CompileRes
     args = compiler_args_for(opts)
     versions = library_versions(opts.target)
     key = cache_key(spec, opts, buckets, args, versions, lnc)
-    out = Path(opts.out) if opts.out else cache_root() / "artifacts" / key[:16]
-    prepare_out(out)
-    if not opts.force:
-        cached = is_cache_hit(out, key)
-        if cached is not None:
-            log(f"cache hit: {out} already holds this compile ({len(cached.buckets)} buckets, key {key[:12]})")
-            return CompileResult(cached, out, True, time.perf_counter() - start)
+    out, cached = prepare_compile(opts, key, log, start)
+    if cached is not None:
+        return cached
 
     import torch
 

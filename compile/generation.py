@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from neuronserve.compile.compiler import CompileError, CompileResult, cache_root, prepare_out
+from neuronserve.compile.compiler import CompileError, CompileResult, prepare_compile
 from neuronserve.models.artifact import (
     SCHEMA_VERSION,
     ArtifactError,
@@ -369,13 +369,9 @@ def compile_generate(opts: GenerateOptions, log: Log | None = None) -> CompileRe
         except ValueError as e:
             raise CompileError(str(e)) from None
     key = cache_key(lm, opts.target, {**gen.model_dump(), "lnc": lnc}, versions)
-    out = Path(opts.out) if opts.out else cache_root() / "artifacts" / key[:16]
-    prepare_out(out)
-    if not opts.force:
-        cached = is_cache_hit(out, key)
-        if cached is not None:
-            log(f"cache hit: {out} already holds this compile (key {key[:12]})")
-            return CompileResult(cached, out, True, time.perf_counter() - start)
+    out, cached = prepare_compile(opts, key, log, start, hit=is_cache_hit)
+    if cached is not None:
+        return cached
     log(f"checked {lm.name}: {lm.architecture}, {gen.engine}, tp_degree {gen.tp_degree}, max_model_len "
         f"{gen.max_model_len}, max_num_seqs {gen.max_num_seqs}, {gen.dtype} -> {out}")
     (out / "manifest.json").unlink(missing_ok=True)
