@@ -2,8 +2,8 @@
 
 The engine is configured by a plain dict of vLLM engine arguments (`AsyncEngineArgs` fields) and a
 dict of environment variables for vLLM's process (the CPU backend reads its KV-cache size and thread
-binding from the environment). Building those per target from an artifact's manifest is not this
-module's business; `cpu_engine_config` gives the CPU defaults.
+binding from the environment). Building those per target from an artifact's manifest is
+`neuronserve.models.generation.vllm_engine_config`'s business, not this module's.
 
 vLLM is imported when an engine starts, never at import time: `neuronserve serve` for an encoder
 must not pay for (or depend on) it.
@@ -20,54 +20,6 @@ from neuronserve.serve.errors import InputError
 
 class EngineUnavailable(RuntimeError):
     """vLLM is not installed, or its engine could not start; the message says which and the fix."""
-
-
-def cpu_engine_config(model: str, *, dtype: str = "float32", max_model_len: int = 2048, max_num_seqs: int = 16,
-                      kv_cache_gib: int = 1, threads: int | None = None,
-                      first_core: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
-    """vLLM engine arguments and environment for the CPU backend.
-
-    `threads` (default: the cores this process may use) are bound to consecutive cores from
-    `first_core`, one thread per core, so that a replica never oversubscribes the cores it is given.
-
-    >>> args, env = cpu_engine_config("/m", dtype="bfloat16", max_model_len=256, threads=2, kv_cache_gib=2)
-    >>> args["model"], args["dtype"], args["max_model_len"], args["max_num_seqs"]
-    ('/m', 'bfloat16', 256, 16)
-    >>> env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"], env["OMP_NUM_THREADS"]
-    ('2', '0-1', '2')
-    """
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype {dtype!r} is not one vLLM's CPU backend runs well: use float32 or bfloat16")
-    if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
-        raise ValueError(f"kv_cache_gib is {kv_cache_gib}; vLLM's CPU backend takes whole GiB (1 or more)")
-    if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, int(threads))
-    args = {
-        "model": model,
-        "tokenizer": model,
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "max_num_seqs": max_num_seqs,
-        # The KV cache's size comes from VLLM_CPU_KVCACHE_SPACE on CPU; batched tokens per step
-        # bound the prefill chunk (chunked prefill keeps a long prompt from stalling running decodes).
-        "max_num_batched_tokens": max(max_model_len, 2048),
-        "enforce_eager": True,
-        "disable_log_stats": False,
-        "seed": 0,
-    }
-    binding = f"{first_core}-{first_core + threads - 1}" if threads > 1 else str(first_core)
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # whole GiB: vLLM parses an int
-        "VLLM_CPU_OMP_THREADS_BIND": binding,
-        "OMP_NUM_THREADS": str(threads),
-        "VLLM_TARGET_DEVICE": "cpu",
-        # No usage reports, no downloads: the model is a local folder.
-        "VLLM_NO_USAGE_STATS": "1",
-        "VLLM_DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    return args, env
 
 
 @dataclass(slots=True)
