@@ -28,12 +28,14 @@ from tests.integration.conftest import start_server, stop_server  # noqa: E402
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-llama"
-CONTEXT = 256
+# Long enough that a sequence of nearly the whole context runs for seconds on this model, far longer
+# than a disconnect takes to travel from the client to the engine (the disconnect test needs that).
+CONTEXT = 2048
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm"))
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("lm"), context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +188,9 @@ def _stats(gen_url) -> dict:
 def test_a_client_that_disconnects_aborts_its_sequence(gen_url):
     before = _stats(gen_url)
     assert before["unfinished"] == 0
-    body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": 240, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    max_tokens = CONTEXT - 16
+    body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{gen_url}/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -196,7 +199,7 @@ def test_a_client_that_disconnects_aborts_its_sequence(gen_url):
                 frames += line.startswith("data: ")
                 if frames == 3:
                     break
-        # leaving the block closes the connection with 237 tokens still to generate
+        # leaving the block closes the connection with nearly all of its tokens still to generate
     deadline = time.monotonic() + 30
     while True:
         now = _stats(gen_url)
@@ -215,13 +218,15 @@ def _error(call) -> tuple[int, dict]:
 
 
 def test_a_prompt_longer_than_the_context_is_400(client):
-    status, err = _error(lambda: client.completions.create(model=MODEL, prompt="the " * 300, max_tokens=4))
+    words = CONTEXT + 44
+    status, err = _error(lambda: client.completions.create(model=MODEL, prompt="the " * words, max_tokens=4))
     assert status == 400 and err["code"] == "context_length_exceeded"
-    assert "256" in err["message"] and "301" in err["message"]  # 300 words and <s>: the value and the limit
+    # the words and <s>: the value and the limit
+    assert str(CONTEXT) in err["message"] and str(words + 1) in err["message"], err
 
 
 @pytest.mark.parametrize("max_tokens, fragment", [(0, "greater than or equal to 1"), (-5, "greater than or equal"),
-                                                  (1000, "exceed")])
+                                                  (CONTEXT * 2, "exceed")])
 def test_max_tokens_out_of_range_is_400(client, max_tokens, fragment):
     status, err = _error(lambda: client.completions.create(model=MODEL, prompt="hello", max_tokens=max_tokens))
     assert status == 400 and err["param"] == "max_tokens" and fragment in err["message"], err
