@@ -1,6 +1,9 @@
-"""Generation benchmark: neuronserve (vLLM, continuous batching) against plain Ray Serve
-`@serve.batch` calling transformers' `generate` (static batching, benchmarks/static_generate_server.py),
-same model, same machine, same requests, same load generator (`neuronserve loadtest --route completions`).
+"""Generation benchmark: neuronserve (vLLM, continuous batching) against static batching calling
+transformers' `generate` (benchmarks/static_generate_server.py) twice: plain Ray Serve `@serve.batch`
+(`static`) and a batcher that takes everything that queued while the previous batch ran
+(`static-fill`, static batching at its best). Same model, same machine, same requests, same load
+generator (`neuronserve loadtest --route completions`). The 3x target is checked against the
+stronger of the two.
 
     python benchmarks/generate_bench.py [--size full|small] [--concurrency 1,8,32] [--requests 16,48,96]
         [--prompt-tokens 32-256] [--output-tokens 16-128] [--step-cap-s 45,60,90] [--out benchmarks/results]
@@ -52,9 +55,11 @@ from neuronserve.serve.placement import OPENMP_ENV  # noqa: E402
 from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
 
 TARGETS = {
-    "vs_static_c32": 3.0,  # served output tokens/s at c=32 >= 3 x static batching
+    "vs_static_c32": 3.0,  # served output tokens/s at c=32 >= 3 x static batching (the better of the two)
     "ttft_c1_over_prefill": 1.2,  # TTFT p50 at c=1 within 20% of the engine's own prefill time
 }
+
+STATIC = ("static", "static-fill")
 
 SIZES = {
     # hidden, layers, heads (of 64), MLP, context
@@ -288,7 +293,8 @@ def main() -> int:
     p.add_argument("--output-tokens", default="16-128")
     p.add_argument("--max-batch-size", type=int, default=32, help="the static server's @serve.batch max_batch_size")
     p.add_argument("--batch-wait-s", type=float, default=0.05, help="the static server's batch_wait_timeout_s")
-    p.add_argument("--servers", default="neuronserve,static")
+    p.add_argument("--servers", default="neuronserve,static,static-fill",
+                   help="static: Ray's @serve.batch; static-fill: a static batcher that takes what queued meanwhile")
     p.add_argument("--work", type=Path, help="folder for the model, artifact and step outputs (default: a new temp one)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--label", default="", help="a note written at the top of the report (e.g. 'small settings')")
@@ -346,12 +352,13 @@ def main() -> int:
             argv = [sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(art), "--port", str(port),
                     "--metrics-port", str(free_port())]
             servers.append(Server(name, argv, url, "Ctrl-C", "/v1/generation/stats"))
-        elif name == "static":
+        elif name in ("static", "static-fill"):
             argv = [sys.executable, str(REPO / "benchmarks" / "static_generate_server.py"), str(model_dir), str(port),
-                    "--max-batch-size", str(a.max_batch_size), "--batch-wait-s", str(a.batch_wait_s)]
+                    "--max-batch-size", str(a.max_batch_size), "--batch-wait-s", str(a.batch_wait_s),
+                    "--batcher", "fill" if name == "static-fill" else "serve"]
             servers.append(Server(name, argv, url, "static-generate server ready", "/stats"))
         else:
-            p.error(f"unknown server {name!r}: neuronserve or static")
+            p.error(f"unknown server {name!r}: neuronserve, static or static-fill")
     rows, ready = [], {}
     for server in servers:
         log(f"{server.name}: starting ...")
@@ -367,12 +374,15 @@ def main() -> int:
 
     checks = {}
     for c in conc:
-        ours, base = pick("neuronserve", c), pick("static", c)
-        if ours and base and base["output_tokens_per_s"]:
-            ours["vs_static"] = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
+        ours = pick("neuronserve", c)
+        for name in STATIC:
+            base = pick(name, c)
+            if ours and base and base["output_tokens_per_s"]:
+                ours[f"vs_{name}"] = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
     top = pick("neuronserve", 32)
-    if top and "vs_static" in top:
-        checks["vs_static_c32"] = (top["vs_static"], top["vs_static"] >= TARGETS["vs_static_c32"])
+    ratios = [top[f"vs_{n}"] for n in STATIC if top and f"vs_{n}" in top]
+    if ratios:  # against the stronger static server
+        checks["vs_static_c32"] = (min(ratios), min(ratios) >= TARGETS["vs_static_c32"])
     one = pick("neuronserve", 1)
     if one:
         ratio = one["ttft_ms"]["p50"] / prefill["p50_ms"]
@@ -416,25 +426,29 @@ def main() -> int:
         f"left-padded batch (torch {cores} threads), decoded to the batch's largest max_tokens; it streams each "
         "step's token, so its TTFT is its batch's wait plus prefill; ready in "
         f"{ready.get('static', '-')} s.",
+        "- **static-fill**: the same server with `--batcher fill`: one batch at a time, each taking every request "
+        f"that queued while the previous one ran (up to {a.max_batch_size}; idle, the first waits "
+        f"{a.batch_wait_s} s for company), the static batcher at its best; ready in {ready.get('static-fill', '-')} s.",
         f"- **engine prefill**: the artifact's vLLM engine alone (started in {prefill['engine_start_s']} s), the "
         f"{len(prompt_ids)} prompts of the c=1 step one at a time with max_tokens=1, median of {prefill['repeats']} "
         f"per prompt, from `generate` to the first token: p50 {prefill['p50_ms']:.1f} ms.",
         "",
-        "| server | c | ok/sent | s | output tok/s | x static | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | TPOT p50 ms "
-        "| e2e p50 ms | e2e p99 ms | load avg after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | c | ok/sent | s | output tok/s | x static | x static-fill | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+        "| TPOT p50 ms | e2e p50 ms | e2e p99 ms | load avg after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        vs = f"{r['vs_static']:.2f}" if "vs_static" in r else "-"
+        vs = " | ".join(f"{r[f'vs_{n}']:.2f}" if f"vs_{n}" in r else "-" for n in STATIC)
         lines.append(
             f"| {r['server']} | {r['concurrency']} | {r['ok']}/{r['sent']} | {r['elapsed_s']:.1f} | "
             f"{r['output_tokens_per_s']:.1f} | {vs} | {r['ttft_ms']['p50']:.1f} | {r['ttft_ms']['p99']:.1f} | "
             f"{r['itl_ms']['p50']:.1f} | {(r['tpot_ms'] or {}).get('p50') or 0:.1f} | {r['e2e_ms']['p50']:.0f} | "
             f"{r['e2e_ms']['p99']:.0f} | {r['loadavg_after'][0]} |")
-    static_rows = [r for r in rows if r["server"] == "static" and r.get("server_stats")]
+    static_rows = [r for r in rows if r["server"] in STATIC and r.get("server_stats")]
     if static_rows:
         lines += ["", "Static batching's waste per step (from its /stats): "
-                  + "; ".join(f"c={r['concurrency']}: {r['server_stats'].get('batches', 0):.0f} batches, padded/real "
+                  + "; ".join(f"{r['server']} c={r['concurrency']}: {r['server_stats'].get('batches', 0):.0f} batches, "
+                              f"{r['server_stats'].get('rows', 0) / max(1, r['server_stats'].get('batches', 0)):.1f} rows per batch, padded/real "
                               f"prompt tokens {r['server_stats']['padded_prompt_tokens'] / max(1, r['server_stats']['prompt_tokens']):.2f}, "
                               f"computed/returned output tokens {r['server_stats']['computed_output_tokens'] / max(1, r['server_stats']['output_tokens']):.2f}"
                               for r in static_rows) + " (each step's counts include the load tester's first, unrecorded, request)."]

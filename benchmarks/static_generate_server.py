@@ -2,7 +2,7 @@
 `generate` on left-padded batches, the way a team serves a causal LM without an LLM engine.
 
     python benchmarks/static_generate_server.py MODEL_DIR PORT [--max-batch-size 32]
-                                                [--batch-wait-s 0.05] [--threads 2]
+                                                [--batch-wait-s 0.05] [--threads 2] [--batcher serve|fill]
 
 `POST /v1/completions` in OpenAI's shape (prompt text, `max_tokens`, `temperature`, `stream`,
 `stream_options.include_usage`, `ignore_eos`), `GET /v1/models`, `GET /stats`. A batch is the
@@ -11,8 +11,11 @@ longest prompt and decoded to its largest `max_tokens` in one `generate` call, a
 starts only when it ends: a request that arrives meanwhile waits, and a short answer's row keeps
 being computed until the batch's longest is done. That is what static batching costs. Ray 2.60's
 batch queue also cuts the next batch when its wait ends while the previous one still runs (it
-queues it behind the running one), so under load with slow batches they stay small: this is
-plain `@serve.batch` as written, not an ideal static batcher that fills while it generates.
+queues it behind the running one), so under load with slow batches they stay small: that is
+plain `@serve.batch` as written (`--batcher serve`). `--batcher fill` is the static batcher at its
+best: one loop that, when a batch ends, takes every request that arrived meanwhile (up to
+`--max-batch-size`; when idle it waits `--batch-wait-s` for company after the first), so under
+load each batch holds what queued while the previous one generated.
 
 The batch streams: a streamer hands each step's tokens (one per row) to the batch's async
 generator, which Serve fans out to the requests (`@serve.batch` over an async generator), so a
@@ -41,6 +44,8 @@ p.add_argument("port", type=int)
 p.add_argument("--max-batch-size", type=int, default=32)
 p.add_argument("--batch-wait-s", type=float, default=0.05)
 p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+p.add_argument("--batcher", choices=["serve", "fill"], default="serve",
+               help="serve: Ray's @serve.batch; fill: a batch takes everything that queued while the previous one ran")
 a = p.parse_args()
 
 import ray  # noqa: E402
@@ -55,7 +60,7 @@ NAME = Path(a.model).name
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": a.threads})
 @serve.ingress(api)
 class StaticGenerate:
-    def __init__(self, model: str, threads: int, max_batch_size: int, batch_wait_s: float):
+    def __init__(self, model: str, threads: int, max_batch_size: int, batch_wait_s: float, batcher: str):
         import torch
         from concurrent.futures import ThreadPoolExecutor
 
@@ -69,6 +74,8 @@ class StaticGenerate:
         self.context = self.model.config.max_position_embeddings
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.batcher, self.max_batch_size, self.batch_wait_s = batcher, max_batch_size, batch_wait_s
+        self.pending: asyncio.Queue | None = None  # fill: (request, its step queue), taken by _fill_loop
         self.pool = ThreadPoolExecutor(1)  # one generate at a time: the batches are static
         self.stats = {"batches": 0, "rows": 0, "prompt_tokens": 0, "padded_prompt_tokens": 0,
                       "output_tokens": 0, "computed_output_tokens": 0}
@@ -90,6 +97,48 @@ class StaticGenerate:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
     async def generate_batch(self, requests: list[dict]):
+        async for out in self._batch_steps(requests):
+            yield out
+
+    async def _fill_loop(self):
+        """The filling batcher: one batch at a time, each taking every request that queued meanwhile."""
+        loop = asyncio.get_running_loop()
+        while True:
+            queued = not self.pending.empty()  # requests waited while the previous batch ran
+            batch = [await self.pending.get()]
+            deadline = loop.time() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                if not self.pending.empty():
+                    batch.append(self.pending.get_nowait())
+                elif queued or loop.time() >= deadline:
+                    break  # under load the queue is taken as it stands; idle, the first waits for company
+                else:
+                    try:
+                        batch.append(await asyncio.wait_for(self.pending.get(), deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        break
+            open_ = [True] * len(batch)  # a row's stream closes when it has its tokens, not at the batch's end
+            try:
+                async for out in self._batch_steps([r for r, _ in batch]):
+                    for i, ((_, q), item) in enumerate(zip(batch, out)):
+                        if open_[i]:
+                            open_[i] = item is not StopIteration
+                            q.put_nowait(item if open_[i] else None)
+            finally:
+                for i, (_, q) in enumerate(batch):
+                    if open_[i]:
+                        q.put_nowait(None)
+
+    async def _filled(self, request: dict):
+        if self.pending is None:
+            self.pending = asyncio.Queue()
+            self._filler = asyncio.ensure_future(self._fill_loop())
+        q: asyncio.Queue = asyncio.Queue()
+        self.pending.put_nowait((request, q))
+        while (item := await q.get()) is not None:
+            yield item
+
+    async def _batch_steps(self, requests: list[dict]):
         from transformers.generation.streamers import BaseStreamer
 
         loop = asyncio.get_running_loop()
@@ -140,9 +189,9 @@ class StaticGenerate:
     async def _events(self, body: dict, ids: list[int], include_usage: bool):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         n = 0
-        gen = self.generate_batch({"ids": ids, "max_tokens": int(body.get("max_tokens", 16)),
-                                   "temperature": float(body.get("temperature", 1.0)),
-                                   "ignore_eos": bool(body.get("ignore_eos", False))})
+        request = {"ids": ids, "max_tokens": int(body.get("max_tokens", 16)),
+                   "temperature": float(body.get("temperature", 1.0)), "ignore_eos": bool(body.get("ignore_eos", False))}
+        gen = self._filled(request) if self.batcher == "fill" else self.generate_batch(request)
         async for token, finish in gen:
             n += 1
             text = self.tok.decode([token], skip_special_tokens=True)
@@ -192,7 +241,7 @@ class StaticGenerate:
 
 ray.init(address="local", include_dashboard=False, logging_level="WARNING", num_cpus=a.threads)
 serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-serve.run(StaticGenerate.bind(a.model, a.threads, a.max_batch_size, a.batch_wait_s), name="static-generate",
+serve.run(StaticGenerate.bind(a.model, a.threads, a.max_batch_size, a.batch_wait_s, a.batcher), name="static-generate",
           route_prefix="/")
 print("static-generate server ready", flush=True)
 stop = threading.Event()
