@@ -35,7 +35,8 @@ from neuronserve.serve.protocols import cohere, kserve, openai, tei
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health", "/openapi.json", "/docs",
                         "/docs/oauth2-redirect"})
 TEI_PATHS = frozenset({"/embed", "/embed_sparse", "/predict", "/rerank", "/tokenize", "/decode", "/info"})
-ROUTE_LABELS = frozenset({"/v1/embeddings", "/v1/models", "/v1/rerank", "/v2", *TEI_PATHS})
+ROUTE_LABELS = frozenset({"/v1/embeddings", "/v1/models", "/v1/rerank", "/v2", "/v1/completions",
+                          "/v1/chat/completions", *TEI_PATHS})
 _HEADER = request_ids.HEADER.encode()
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from ray import serve
 
+from neuronserve.serve.edge import Edge
 from neuronserve.serve.errors import ServeError
 from neuronserve.serve.generation.openai_api import OpenAIGeneration, error_body
 
 DEPLOYMENT_NAME = "NeuronServeGeneration"
 logger = logging.getLogger("ray.serve")
-api = FastAPI(title="neuronserve generation", docs_url=None, redoc_url=None)
+
+
+class _API(FastAPI):
+    """FastAPI behind `serve.edge.Edge`, as the encoder server is: request ids, API keys (checked
+    before a body is read or a sequence starts) and an OpenAI-shaped answer to anything that escapes."""
+
+    def build_middleware_stack(self):
+        return Edge(super().build_middleware_stack())
+
+
+api = _API(title="neuronserve generation", docs_url=None, redoc_url=None)
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -38,11 +49,23 @@ class GenerationServer:
     """One vLLM engine (continuous batching across every request this replica takes)."""
 
     def __init__(self, engine_args: dict[str, Any], env: dict[str, str], model_name: str,
-                 metrics: dict[str, Any] | None = None):
+                 metrics: dict[str, Any] | None = None, key_digests: tuple[str, ...] = (),
+                 api_key_file: str | None = None, artifact: dict[str, str] | None = None):
+        from neuronserve.serve.auth import ApiKeys
         from neuronserve.serve.generation.engine import GenerationEngine
+        from neuronserve.serve.settings import ServeSettings
 
         started = time.monotonic()
         self.metrics = None
+        # The keys: the digests the builder was given, and those of this replica's environment
+        # (NEURONSERVE_API_KEY, NEURONSERVE_API_KEY_FILE, as a Kubernetes Secret fills them) and file.
+        settings = ServeSettings(api_key_file=api_key_file) if api_key_file else ServeSettings()
+        self.keys = ApiKeys.from_keys(settings.api_keys(), key_digests)
+        if self.keys:
+            logger.info("API keys required: %d accepted", len(self.keys))
+        Edge.install(self.keys, self._observe, outer_returns_id=True)  # Serve's RequestIdMiddleware adds the id
+        if artifact is not None:  # from the store: pulled (and verified) on this node, or its cached copy
+            engine_args, env = local_engine_config(engine_args, env, artifact)
         self.engine = GenerationEngine.start(engine_args, env, on_step=self._on_step)
         self.startup_s = time.monotonic() - started
         self.openai = OpenAIGeneration(self.engine, model_name)
@@ -73,6 +96,11 @@ class GenerationServer:
                 self.metrics.tick()
             except Exception:
                 logger.exception("metrics tick failed")
+
+    def _observe(self, route: str, status: int, seconds: float) -> None:
+        """A request Edge answered itself (a refused key, an escaped error)."""
+        if self.metrics is not None:
+            self.metrics.answered(route, status)
 
     def _on_step(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         if self.metrics is not None:
@@ -139,22 +167,44 @@ class GenerationServer:
             engine.shutdown()
 
 
+def local_engine_config(engine_args: dict[str, Any], env: dict[str, str],
+                        artifact: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The engine's arguments and environment for this node: `artifact["uri"]` (s3://) is pulled
+    into the local cache and verified (a cached copy costs a stat), and paths the builder gave under
+    `artifact["root"]` (where it expected the copy) are moved under the copy this node has."""
+    from neuronserve.compile.store import resolve_artifacts
+
+    root, local = artifact["root"], str(resolve_artifacts(artifact["uri"], logger.info))
+
+    def moved(v):
+        return local + v[len(root):] if isinstance(v, str) and (v == root or v.startswith(root + os.sep)) else v
+
+    return {k: moved(v) for k, v in engine_args.items()}, {k: moved(v) for k, v in env.items()}
+
+
 def build_generation_app(engine_args: dict[str, Any], env: dict[str, str], model_name: str, *, num_cpus: float = 1,
                          num_replicas: int = 1, max_ongoing_requests: int = 256,
-                         ray_actor_options: dict | None = None, metrics: dict[str, Any] | None = None):
+                         ray_actor_options: dict | None = None, metrics: dict[str, Any] | None = None,
+                         key_digests: tuple[str, ...] = (), api_key_file: str | None = None,
+                         artifact: dict[str, str] | None = None):
     """The application: `num_replicas` replicas, each reserving `num_cpus` of Ray's CPUs for its
     engine (whose threads the env binds to as many cores), or the given `ray_actor_options`
     (`serve.placement.place_generate`'s: NeuronCores for a tensor-parallel group).
 
     `metrics` (None: none recorded) configures `serve.metrics.GenerationMetrics`: `backend`, the
     `cores` a replica holds (cost), `instance_type` and `price_per_hour_usd` (None: looked up),
-    `metrics_dir` (the node exporter's directory; None: in the replica's process only)."""
+    `metrics_dir` (the node exporter's directory; None: in the replica's process only).
+    `key_digests` (`serve.auth.digest` of each key: never a key, Serve shows bound arguments) and
+    `api_key_file` (read by each replica) turn API keys on, with the replica's own environment's.
+    `artifact` ({"uri": s3 URI, "root": the local folder the paths name}): each replica pulls the
+    artifact (`local_engine_config`) before its engine starts."""
     actor = dict(ray_actor_options) if ray_actor_options is not None else {"num_cpus": num_cpus}
     actor["runtime_env"] = {**actor.get("runtime_env", {}),
                             "env_vars": {**actor.get("runtime_env", {}).get("env_vars", {}), **env}}
     return GenerationServer.options(
         num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests, ray_actor_options=actor,
-    ).bind(dict(engine_args), dict(env), model_name, dict(metrics) if metrics is not None else None)
+    ).bind(dict(engine_args), dict(env), model_name, dict(metrics) if metrics is not None else None,
+           tuple(key_digests), api_key_file, dict(artifact) if artifact is not None else None)
 
 
 def metrics_config(args, target: str, actor: dict) -> dict[str, Any]:
@@ -185,17 +235,17 @@ def build_from_args(args):
     """`neuronserve serve --artifacts A` for a generative artifact: the engine's arguments from its
     manifest (`models.generation.vllm_engine_config`), the replicas and their resources from the
     cluster (`serve.placement.place_generate`)."""
-    from neuronserve.compile.store import read_manifest
+    from neuronserve.compile.store import S3Uri, cache_dir_for, is_remote, read_manifest
     from neuronserve.models.generation import vllm_engine_config
+    from neuronserve.serve.auth import digest, parse_keys
     from neuronserve.serve.placement import cluster_cpus, cluster_neuron_cores, place_generate
 
     name, where = args.artifact_list()[0]
-    if args.api_key or args.api_key_file:
-        raise ValueError("API keys are not applied to generative artifacts yet: serve it without --api-key "
-                         "behind a gateway that checks keys")
-    if "://" in where:
-        raise ValueError(f"{where}: a generative artifact is served from a local folder; pull it first")
-    manifest = read_manifest(where)
+    manifest = read_manifest(where)  # an s3:// artifact's manifest alone: the replicas pull the rest
+    artifact = None
+    if is_remote(where):
+        local = str(cache_dir_for(S3Uri.parse(where)))
+        artifact, where = {"uri": where, "root": local}, local
     replicas, actor = place_generate(manifest.target, manifest.generation.tp_degree, cpus=cluster_cpus(),
                                      neuron_cores=cluster_neuron_cores(), num_replicas=args.num_replicas)
     cpu_ids = None  # vLLM binds by NUMA node: right for a replica that has the node
@@ -204,4 +254,6 @@ def build_from_args(args):
     config = vllm_engine_config(manifest, where, cpu_ids=cpu_ids)
     return build_generation_app(config.args, config.env, name or manifest.model.name, num_replicas=replicas,
                                 max_ongoing_requests=args.max_ongoing_requests, ray_actor_options=actor,
-                                metrics=metrics_config(args, manifest.target, actor))
+                                metrics=metrics_config(args, manifest.target, actor),
+                                key_digests=tuple(digest(k) for k in parse_keys(args.api_key.get_secret_value()))
+                                if args.api_key else (), api_key_file=args.api_key_file, artifact=artifact)

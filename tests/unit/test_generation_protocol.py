@@ -232,7 +232,9 @@ def test_serve_builds_the_generation_app_for_a_generative_artifact(generative_ar
                             price_per_hour_usd=0.5, metrics_dir="/tmp/m"))
     deployment = app._bound_deployment
     assert deployment.name == DEPLOYMENT_NAME
-    engine_args, env, name, metrics = deployment.init_args
+    engine_args, env, name, metrics, key_digests, key_file, artifact = deployment.init_args
+    assert key_digests == () and key_file is None  # no keys: authentication off
+    assert artifact is None  # a local folder: nothing to pull
     # The replica's metrics: cost over the CPUs it reserves, into the node exporter's directory.
     assert metrics == {"backend": "cpu", "cores": os.cpu_count(), "instance_type": "c7i.xlarge",
                        "price_per_hour_usd": 0.5, "metrics_dir": "/tmp/m"}
@@ -245,9 +247,18 @@ def test_serve_builds_the_generation_app_for_a_generative_artifact(generative_ar
     assert env["OMP_NUM_THREADS"] == str(threads) and actor["runtime_env"]["env_vars"]["VLLM_CPU_KVCACHE_SPACE"]
 
 
-def test_api_keys_are_refused_for_a_generative_artifact_not_ignored(generative_artifact):
+def test_api_keys_reach_the_generation_replica_as_digests_only(generative_artifact, tmp_path):
     from neuronserve.serve.app import build_app
+    from neuronserve.serve.auth import digest
     from neuronserve.serve.settings import AppArgs
 
-    with pytest.raises(ValueError, match="API keys are not applied to generative artifacts"):
-        build_app(AppArgs(artifacts=str(generative_artifact), api_key="k" * 32))
+    key_file = tmp_path / "keys"
+    key_file.write_text("file-key-000000000000\n")
+    keys = "k" * 32 + ",second-key-0000000000"
+    app = build_app(AppArgs(artifacts=str(generative_artifact), api_key=keys, api_key_file=str(key_file)))
+    deployment = app._bound_deployment
+    *_, key_digests, key_file_arg, _ = deployment.init_args
+    assert set(key_digests) == {digest("k" * 32), digest("second-key-0000000000")}
+    assert key_file_arg == str(key_file)  # each replica reads the file itself
+    bound = repr((deployment.init_args, deployment.init_kwargs, deployment.ray_actor_options))
+    assert "k" * 32 not in bound and "second-key" not in bound and "file-key" not in bound
