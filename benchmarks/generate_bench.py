@@ -20,10 +20,13 @@ exactly that many), without a warm-up window (each server is warmed up before it
 stops issuing at its cap (`--step-cap-s`) if the requests are not all sent by then.
 
 The engine's own prefill time: before the servers, the artifact's engine (`GenerationEngine` with
-the engine arguments the server gives it) is started on its own and each prompt of the c=1 step is
-sent alone with max_tokens=1, three times; a prompt's prefill is the median of its times from
-`generate` until the first token. TTFT at c=1 is then compared with it prompt by prompt (c=1
-sends the same prompts in the same order).
+the engine arguments the server gives it, and prefix caching off) is started on its own and each
+prompt of the c=1 step is sent alone with max_tokens=1, three times; a prompt's prefill is the
+median of its times from `generate` until the first token. Prefix caching is off for this
+measurement only: with it on (vLLM's default, and the server's), the second and third attempts
+would find the prompt's blocks cached and time a fraction of the prefill, while every c=1 request
+of the benchmark is a prompt the server has not seen. TTFT at c=1 is then compared with it prompt
+by prompt (c=1 sends the same prompts in the same order).
 
 Prints a table and writes `<out>/generate-<UTC time>.md` and `.json` (machine, versions, load
 average before and after each step).
@@ -119,8 +122,10 @@ def _prefill_worker(artifact: str, prompts: list[list[int]], repeats: int, resul
 
     manifest = read_manifest(artifact)
     config = vllm_engine_config(manifest, artifact, cpu_ids=sorted(os.sched_getaffinity(0)))
+    # Every attempt computes the whole prompt (see the module's docstring).
+    args = {**config.args, "enable_prefix_caching": False}
     t0 = time.perf_counter()
-    engine = GenerationEngine.start(config.args, config.env)
+    engine = GenerationEngine.start(args, config.env)
     started = time.perf_counter() - t0
 
     async def one(rid: str, ids: list[int]) -> float:
@@ -142,7 +147,7 @@ def _prefill_worker(artifact: str, prompts: list[list[int]], repeats: int, resul
         times = asyncio.run(run())
     finally:
         engine.shutdown()
-    result.put({"engine_start_s": started, "times_s": times, "engine_args": config.args, "engine_env": config.env})
+    result.put({"engine_start_s": started, "times_s": times, "engine_args": args, "engine_env": config.env})
 
 
 def engine_prefill(artifact: Path, prompts: list[list[int]], repeats: int = 3) -> dict:
@@ -167,8 +172,10 @@ class Server:
     """A server subprocess (its own session; stopped with SIGTERM to its PID, so `neuronserve serve`
     stops its Ray and HAProxy itself)."""
 
-    def __init__(self, name: str, argv: list[str], url: str, ready_text: str, stats_path: str | None = None):
+    def __init__(self, name: str, argv: list[str], url: str, ready_text: str, stats_path: str | None = None,
+                 metrics_url: str | None = None):
         self.name, self.argv, self.url, self.ready_text, self.stats_path = name, argv, url, ready_text, stats_path
+        self.metrics_url = metrics_url
         self.proc = None
         self.tail: list[str] = []
 
@@ -227,13 +234,27 @@ class Server:
             for t in threads:
                 t.join()
 
+    def replica_ttft(self) -> tuple[float, float] | None:
+        """The replica's own TTFT histogram (sum in seconds, count): from the sequence's hand-over to
+        the engine (after HTTP, parsing and tokenizing) to its first output in the replica (before
+        SSE and the way back). None for a server without neuronserve's exporter."""
+        if not self.metrics_url:
+            return None
+        total = count = 0.0
+        for line in httpx.get(self.metrics_url, timeout=10).text.splitlines():
+            if line.startswith("neuronserve_time_to_first_token_seconds_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("neuronserve_time_to_first_token_seconds_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        return total, count
+
     def model(self) -> str:
         return httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
 
 
 def run_step(server: Server, c: int, n: int, cap_s: int, a, model_dir: Path, work: Path) -> dict:
     out = work / f"{server.name}-c{c}"
-    before_load, before_stats = loadavg(), server.stats()
+    before_load, before_stats, before_ttft = loadavg(), server.stats(), server.replica_ttft()
     cmd = [sys.executable, "-m", "neuronserve.deploy.loadtest", "--url", server.url, "--route", "completions",
            "--prompt-tokens", a.prompt_tokens, "--tokenizer", str(model_dir), "--output-tokens", a.output_tokens,
            "--ignore-eos", "--seed", "0", "--concurrency", str(c), "--warmup", "0s", "--duration", f"{cap_s}s",
@@ -252,6 +273,10 @@ def run_step(server: Server, c: int, n: int, cap_s: int, a, model_dir: Path, wor
         "ttfts_ms": raw.get("ttfts_ms"), "client_cpu_percent": step.get("client_cpu_percent"),
         "loadavg_before": before_load, "loadavg_after": loadavg(),
     }
+    after_ttft = server.replica_ttft()
+    if before_ttft and after_ttft and after_ttft[1] > before_ttft[1]:
+        # The same requests' TTFT at the client and in the replica: the difference is serving's share.
+        row["replica_ttft_mean_ms"] = (after_ttft[0] - before_ttft[0]) / (after_ttft[1] - before_ttft[1]) * 1000
     if before_stats and after_stats:
         row["server_stats"] = {k: after_stats[k] - before_stats.get(k, 0) for k in after_stats
                                if isinstance(after_stats[k], (int, float))}
@@ -349,9 +374,11 @@ def main() -> int:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         if name == "neuronserve":
+            metrics_port = free_port()
             argv = [sys.executable, "-m", "neuronserve", "serve", "--artifacts", str(art), "--port", str(port),
-                    "--metrics-port", str(free_port())]
-            servers.append(Server(name, argv, url, "Ctrl-C", "/v1/generation/stats"))
+                    "--metrics-port", str(metrics_port)]
+            servers.append(Server(name, argv, url, "Ctrl-C", "/v1/generation/stats",
+                                  f"http://127.0.0.1:{metrics_port}/metrics"))
         elif name in ("static", "static-fill"):
             argv = [sys.executable, str(REPO / "benchmarks" / "static_generate_server.py"), str(model_dir), str(port),
                     "--max-batch-size", str(a.max_batch_size), "--batch-wait-s", str(a.batch_wait_s),
@@ -431,7 +458,8 @@ def main() -> int:
         f"{a.batch_wait_s} s for company), the static batcher at its best; ready in {ready.get('static-fill', '-')} s.",
         f"- **engine prefill**: the artifact's vLLM engine alone (started in {prefill['engine_start_s']} s), the "
         f"{len(prompt_ids)} prompts of the c=1 step one at a time with max_tokens=1, median of {prefill['repeats']} "
-        f"per prompt, from `generate` to the first token: p50 {prefill['p50_ms']:.1f} ms.",
+        f"per prompt, from `generate` to the first token, prefix caching off so that each attempt computes the "
+        f"whole prompt (each c=1 request is a prompt the server has not seen): p50 {prefill['p50_ms']:.1f} ms.",
         "",
         "| server | c | ok/sent | s | output tok/s | x static | x static-fill | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
         "| TPOT p50 ms | e2e p50 ms | e2e p99 ms | load avg after |",
@@ -457,8 +485,16 @@ def main() -> int:
         lines.append(f"| {k} | {v:.2f} | {'>=' if k == 'vs_static_c32' else '<='} {TARGETS[k]} | {'yes' if ok else 'NO'} |")
     if "per_prompt_ttft_over_prefill_p50" in prefill:
         lines += ["", f"Prompt by prompt at c=1: TTFT / engine prefill, median {prefill['per_prompt_ttft_over_prefill_p50']:.2f}; "
-                  f"TTFT - prefill, median {prefill['per_prompt_ttft_minus_prefill_p50_ms']:.1f} ms (HTTP, Serve's "
-                  "routing, tokenizing, SSE)."]
+                  f"TTFT - prefill, median {prefill['per_prompt_ttft_minus_prefill_p50_ms']:.1f} ms (the engine alone "
+                  "and the server are two engines measured minutes apart on a shared machine)."]
+    served = [r for r in rows if "replica_ttft_mean_ms" in r]
+    if served:
+        lines += ["", "Serving's share of TTFT, the same requests at the client and in the replica (mean TTFT at the "
+                  "load tester; mean TTFT in the replica, from the hand-over to the engine after HTTP, parsing and "
+                  "tokenizing, to the first output before SSE): "
+                  + "; ".join(f"c={r['concurrency']}: {r['ttft_ms']['mean']:.1f} ms at the client, "
+                              f"{r['replica_ttft_mean_ms']:.1f} ms in the replica, "
+                              f"{r['ttft_ms']['mean'] - r['replica_ttft_mean_ms']:.1f} ms serving" for r in served) + "."]
     report = "\n".join(lines)
     print(report)
     a.out.mkdir(parents=True, exist_ok=True)
