@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from neuronserve.serve.errors import BadRequest, InputError, NotFound, ServeError
 from neuronserve.serve.generation.engine import GenerationEngine, Sampling
+from neuronserve.serve.protocols import openai as openai_protocol
 
 
 class StreamOptions(BaseModel):
@@ -78,12 +79,12 @@ class ChatRequest(_Sampling):
 
 
 def error_body(e: ServeError) -> bytes:
-    """OpenAI's error shape.
+    """OpenAI's error shape (`serve.protocols.openai.error_body`, the encoders' too), as JSON.
 
     >>> error_body(NotFound("no model x", param="model", code="model_not_found"))
     b'{"error":{"message":"no model x","type":"not_found_error","param":"model","code":"model_not_found"}}'
     """
-    return orjson.dumps({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+    return orjson.dumps(openai_protocol.error_body(e))
 
 
 def parse(cls: type[BaseModel], body: bytes) -> Any:
@@ -101,6 +102,11 @@ def parse(cls: type[BaseModel], body: bytes) -> Any:
         where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-after", "str", "list[")))
         param = str(first["loc"][0]) if first["loc"] else None
         raise BadRequest(f"{where}: {first['msg']}" if where else first["msg"], param=param) from None
+
+
+def _response_id(kind: str) -> str:
+    """A new response id, prefixed as OpenAI's are for `kind` (completion or chat)."""
+    return f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
 
 
 def _usage(prompt: int, output: int) -> dict:
@@ -177,7 +183,7 @@ class OpenAIGeneration:
     # -- responses -------------------------------------------------------------------------------
 
     async def complete(self, kind: str, r: _Sampling, ids: list[int], sampling: Sampling) -> dict:
-        rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        rid = _response_id(kind)
         text, token_ids, finish, produced = [], [], None, 0
         async for d in self.engine.generate(rid, ids, sampling):
             text.append(d.text)
@@ -196,7 +202,7 @@ class OpenAIGeneration:
 
     async def stream(self, kind: str, r: _Sampling, ids: list[int], sampling: Sampling) -> AsyncIterator[bytes]:
         """SSE frames; closing this generator (the client went away) aborts the sequence."""
-        rid = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+        rid = _response_id(kind)
         obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
         created = int(time.time())
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
