@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_common import cpu_name  # noqa: E402  (this folder)
 from tests.fixtures.ports import free_port  # noqa: E402
 
 CASES = {
@@ -142,13 +143,7 @@ def one_round(code: Path, scratch: Path, label: str, n: int, cached_runs: int = 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
+    return f"{cpu_name()}, {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
 
 
 def main() -> int:

@@ -54,6 +54,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_common import cpu_name, metric_totals  # noqa: E402  (this folder)
 from neuronserve.serve.placement import OPENMP_ENV  # noqa: E402
 from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
 
@@ -240,13 +241,9 @@ class Server:
         SSE and the way back). None for a server without neuronserve's exporter."""
         if not self.metrics_url:
             return None
-        total = count = 0.0
-        for line in httpx.get(self.metrics_url, timeout=10).text.splitlines():
-            if line.startswith("neuronserve_time_to_first_token_seconds_sum"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("neuronserve_time_to_first_token_seconds_count"):
-                count += float(line.rsplit(" ", 1)[1])
-        return total, count
+        t = metric_totals(self.metrics_url, {"sum": "neuronserve_time_to_first_token_seconds_sum",
+                                             "count": "neuronserve_time_to_first_token_seconds_count"})
+        return t["sum"], t["count"]
 
     def model(self) -> str:
         return httpx.get(self.url + "/v1/models", timeout=10).json()["data"][0]["id"]
@@ -296,16 +293,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -425,7 +412,7 @@ def main() -> int:
     total_s = time.monotonic() - t_start
     cores = len(os.sched_getaffinity(0))
     vers = versions()
-    machine = {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_model(), "cores": cores,
+    machine = {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu_name(), "cores": cores,
                "python": platform.python_version(), "versions": vers, "loadavg_start": load_start,
                "loadavg_end": loadavg(), "note": "load generator on the same machine"}
     s = SIZES[a.size]

@@ -6,15 +6,12 @@ padding each batch to its longest text, on the same graph and tokenizer as the a
 """
 
 import json
-import os
-import signal
 import sys
-import threading
 
 artifact, port = sys.argv[1], int(sys.argv[2])
 
 import numpy as np  # noqa: E402
-import ray  # noqa: E402
+from bench_common import serve_until_signalled  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from ray import serve  # noqa: E402
 
@@ -66,14 +63,4 @@ class PlainBatching:
         return {"real_tokens": self.real, "padded_tokens": self.padded}
 
 
-ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-serve.start(http_options={"host": "127.0.0.1", "port": port})
-serve.run(PlainBatching.bind(artifact), name="plain", route_prefix="/")
-print("ready", flush=True)
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-signal.signal(signal.SIGINT, lambda *_: stop.set())
-stop.wait()
-serve.shutdown()
-ray.shutdown()
-os._exit(0)
+serve_until_signalled(PlainBatching.bind(artifact), "plain", port, "ready")

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from bench_common import metric_totals
 
 from neuronserve.serve.placement import OPENMP_ENV
 
@@ -241,13 +242,8 @@ class Server:
 
 
 def neuronserve_stats(metrics_url: str) -> dict:
-    text = httpx.get(metrics_url, timeout=5).text
-    totals = {"real_tokens": 0.0, "padded_tokens": 0.0}
-    for line in text.splitlines():
-        for key, name in (("real_tokens", "neuronserve_tokens_real_total{"), ("padded_tokens", "neuronserve_tokens_padded_total{")):
-            if line.startswith(name):
-                totals[key] += float(line.rsplit(" ", 1)[1])
-    return totals
+    return metric_totals(metrics_url, {"real_tokens": "neuronserve_tokens_real_total",
+                                       "padded_tokens": "neuronserve_tokens_padded_total"})
 
 
 def http_stats(url: str) -> dict:

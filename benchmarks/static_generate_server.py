@@ -32,8 +32,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,7 +46,7 @@ p.add_argument("--batcher", choices=["serve", "fill"], default="serve",
                help="serve: Ray's @serve.batch; fill: a batch takes everything that queued while the previous one ran")
 a = p.parse_args()
 
-import ray  # noqa: E402
+from bench_common import serve_until_signalled  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from ray import serve  # noqa: E402
@@ -239,15 +237,5 @@ class StaticGenerate:
         return self.stats
 
 
-ray.init(address="local", include_dashboard=False, logging_level="WARNING", num_cpus=a.threads)
-serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-serve.run(StaticGenerate.bind(a.model, a.threads, a.max_batch_size, a.batch_wait_s, a.batcher), name="static-generate",
-          route_prefix="/")
-print("static-generate server ready", flush=True)
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
-signal.signal(signal.SIGINT, lambda *_: stop.set())
-stop.wait()
-serve.shutdown()
-ray.shutdown()
-os._exit(0)
+serve_until_signalled(StaticGenerate.bind(a.model, a.threads, a.max_batch_size, a.batch_wait_s, a.batcher),
+                      "static-generate", a.port, "static-generate server ready", num_cpus=a.threads)
