@@ -469,12 +469,16 @@ class ServeMetrics:
         self._rows.inc(rows)
         for w in queue_waits:
             self._queue_wait.observe(max(0.0, w))
+        self._accrue_busy(seconds)
+        if self.cost_split is None:  # shared: split once a second by device time (Replica.tick), not per batch
+            self.tick()
+
+    def _accrue_busy(self, seconds: float) -> None:
+        """`seconds` more of device-busy time, and their busy cost."""
         self._device_busy.inc(seconds)
         self.busy_s += seconds
         if self._cost_busy is not None and seconds > 0:
             self._cost_busy.inc(seconds * self.price_per_core_second * self.cores)
-        if self.cost_split is None:  # shared: split once a second by device time (Replica.tick), not per batch
-            self.tick()
 
     def batch_failed(self, bucket: str) -> None:
         """One batch's forward raised."""
@@ -565,10 +569,7 @@ class GenerationMetrics(ServeMetrics):
             self._active += sequences
             self._busy_since = now if self._active > 0 else None
         if busy > 0:
-            self._device_busy.inc(busy)
-            self.busy_s += busy
-            if self._cost_busy is not None:
-                self._cost_busy.inc(busy * self.price_per_core_second * self.cores)
+            self._accrue_busy(busy)
         return now
 
     def sequence_started(self, prompt_tokens: int) -> float:
