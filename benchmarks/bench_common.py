@@ -1,5 +1,6 @@
-"""What several benchmark scripts share: a Ray Serve anchor server's run-until-signalled life, the
-machine's CPU name for reports, and totals read from a Prometheus endpoint.
+"""What several benchmark scripts share: a Ray Serve anchor server's run-until-signalled life,
+stopping a server they started, the machine's CPU name for reports, and totals read from a
+Prometheus endpoint.
 
 Imported by scripts run as `python benchmarks/NAME.py` (this folder is then on `sys.path`).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -30,6 +32,20 @@ def serve_until_signalled(app, name: str, port: int, ready_line: str, **ray_init
     serve.shutdown()
     ray.shutdown()
     os._exit(0)
+
+
+def stop_server(proc: subprocess.Popen, wait_s: float) -> None:
+    """Stop a server started in a session of its own: SIGTERM to the command alone (it drains and
+    stops its Ray and HAProxy itself), and its whole process group killed if it is not gone within
+    `wait_s` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def cpu_name() -> str:

@@ -30,7 +30,6 @@ import platform
 import queue
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_common import cpu_name  # noqa: E402  (this folder)
+from bench_common import cpu_name, stop_server  # noqa: E402  (this folder)
 from tests.fixtures.ports import free_port  # noqa: E402
 
 CASES = {
@@ -103,13 +102,7 @@ def serve_ready(env: dict, cwd: Path) -> dict:
             if "Ctrl-C" in line:
                 break
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # to the command only: it drains and stops its Ray and HAProxy
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc, 120)  # SIGTERM to the command only: it drains and stops its Ray and HAProxy
     if ready_s is None:
         raise RuntimeError("the server did not become ready:\n" + "".join(seen[-30:]))
     return {"seconds": round(ready_s, 2), "breakdown": breakdown}

@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import queue
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_common import cpu_name, metric_totals  # noqa: E402  (this folder)
+from bench_common import cpu_name, metric_totals, stop_server  # noqa: E402  (this folder)
 from neuronserve.serve.placement import OPENMP_ENV  # noqa: E402
 from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
 
@@ -208,12 +207,8 @@ class Server:
         raise RuntimeError(f"{self.name} not ready in 300 s:\n" + "".join(self.tail[-30:]))
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            stop_server(self.proc, 90)
 
     def stats(self) -> dict | None:
         if not self.stats_path:

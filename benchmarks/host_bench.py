@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench_common import stop_server  # noqa: E402  (this folder)
 from tests.fixtures.ports import free_port  # noqa: E402  (the checkout's)
 from tests.fixtures.processes import cpu_seconds, tree  # noqa: E402
 
@@ -92,14 +92,6 @@ def start(env: dict, artifacts: str, profile: str, port: int, extra: list[str]) 
     code = proc.wait()
     log.seek(0)
     raise RuntimeError(f"server exited with {code}: {log.read()[-2000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def step(env: dict, proc: subprocess.Popen, url: str, workload: Path, inputs: int, c: int, duration: int,
@@ -227,7 +219,7 @@ def main() -> int:
                             print(json.dumps(r), flush=True)
                             rows.append(r)
             finally:
-                stop(proc)
+                stop_server(proc, 60)
     machine = (f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
                "load generator on the same cores")
     lines = [f"Host path on a SIMULATED NeuronCore ({machine}), {a.duration} s per step.", "",

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from bench_common import metric_totals
+from bench_common import metric_totals, stop_server
 
 from neuronserve.serve.placement import OPENMP_ENV
 
@@ -233,12 +232,8 @@ class Server:
         raise RuntimeError(f"{self.name} not ready")
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc:
+            stop_server(self.proc, 60)
 
 
 def neuronserve_stats(metrics_url: str) -> dict:
